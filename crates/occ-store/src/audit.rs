@@ -1,0 +1,79 @@
+//! The audit log: an append-only record of every change, written in the changing transaction.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::error::Result;
+
+/// What an audit entry is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entity {
+    Incident(Uuid),
+    Rule(Uuid),
+}
+
+impl Entity {
+    fn parts(self) -> (&'static str, Uuid) {
+        match self {
+            Entity::Incident(id) => ("incident", id),
+            Entity::Rule(id) => ("rule", id),
+        }
+    }
+}
+
+/// One change: who did what, when, with the state before and after.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    pub entity: Entity,
+    pub at: DateTime<Utc>,
+    /// The principal that made the change (`system:ingest`, `operator:alice`).
+    pub actor: String,
+    /// Dotted verb: `incident.opened`, `incident.priority_raised`, `rule.updated`.
+    pub action: String,
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
+    pub detail: String,
+}
+
+pub async fn append(conn: &mut PgConnection, entries: &[AuditEntry]) -> Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut types = Vec::with_capacity(entries.len());
+    let mut ids = Vec::with_capacity(entries.len());
+    for e in entries {
+        let (t, id) = e.entity.parts();
+        types.push(t);
+        ids.push(id);
+    }
+    let ats: Vec<DateTime<Utc>> = entries.iter().map(|e| e.at).collect();
+    let actors: Vec<&str> = entries.iter().map(|e| e.actor.as_str()).collect();
+    let actions: Vec<&str> = entries.iter().map(|e| e.action.as_str()).collect();
+    let befores: Vec<Option<serde_json::Value>> = entries.iter().map(|e| e.before.clone()).collect();
+    let afters: Vec<Option<serde_json::Value>> = entries.iter().map(|e| e.after.clone()).collect();
+    let details: Vec<&str> = entries.iter().map(|e| e.detail.as_str()).collect();
+    // WITH ORDINALITY keeps the entries' order in their identity values.
+    sqlx::query!(
+        r#"
+        INSERT INTO audit_log (entity_type, entity_id, at, actor, action, before, after, detail)
+        SELECT entity_type, entity_id, at, actor, action, before, after, detail
+          FROM UNNEST($1::text[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[],
+                      $6::jsonb[], $7::jsonb[], $8::text[])
+               WITH ORDINALITY AS u(entity_type, entity_id, at, actor, action, before, after,
+                                    detail, n)
+         ORDER BY n
+        "#,
+        &types as &[&str],
+        &ids,
+        &ats,
+        &actors as &[&str],
+        &actions as &[&str],
+        &befores as &[Option<serde_json::Value>],
+        &afters as &[Option<serde_json::Value>],
+        &details as &[&str],
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}

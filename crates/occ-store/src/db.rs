@@ -1,0 +1,63 @@
+//! Connecting, creating the database and migrating it.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgPool};
+
+use crate::error::Result;
+
+/// The migrations in `migrations/` at the top of the workspace, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// How OCC reaches PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct DbConfig {
+    pub url: String,
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+/// A pool that connects lazily: OCC starts while PostgreSQL is still down and waits for it
+/// instead of failing.
+pub fn pool(config: &DbConfig) -> Result<PgPool> {
+    let options = PgConnectOptions::from_str(&config.url)?.application_name("occ");
+    Ok(PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.acquire_timeout)
+        .connect_lazy_with(options))
+}
+
+/// Creates the database named in `url` if it does not exist yet, connecting to the server's
+/// `postgres` database to do so. Returns true when it created it.
+pub async fn create_database_if_missing(url: &str) -> Result<bool> {
+    let options = PgConnectOptions::from_str(url)?;
+    let name = options.get_database().unwrap_or("postgres").to_owned();
+    let mut conn = sqlx::PgConnection::connect_with(&options.clone().database("postgres")).await?;
+    let exists: bool =
+        sqlx::query_scalar!(r#"SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS "e!""#, name)
+            .fetch_one(&mut conn)
+            .await?;
+    if exists {
+        return Ok(false);
+    }
+    // Identifiers cannot be bound parameters; quote it as PostgreSQL's quote_ident does.
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+        .execute(&mut conn)
+        .await;
+    match created {
+        Ok(_) => Ok(true),
+        // Another instance created it at the same moment.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Applies pending migrations. Safe to run from several instances at once: sqlx holds an
+/// advisory lock while it migrates.
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! The store's errors, classified by what the caller should do about them: wait for the
+//! database, retry the transaction, or report.
+//!
+//! SQL text and driver messages stay in here and in logs; callers get a category.
+
+use occ_domain::FieldErrors;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached (down, restarting, out of connections). Wait and retry.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// The transaction lost a race (deadlock, serialization failure, or another instance opened
+    /// the same incident first). Retrying the whole transaction is safe and will succeed.
+    #[error("transaction must be retried: {0}")]
+    Retry(String),
+    #[error("{what} not found")]
+    NotFound { what: &'static str },
+    /// A unique constraint other than the ones the store handles itself.
+    #[error("{0} already exists")]
+    AlreadyExists(&'static str),
+    /// The input refers to something that does not exist (a rule naming an unknown queue).
+    #[error("{0}")]
+    Invalid(FieldErrors),
+    /// Stored data that does not parse into the domain: a bug or a hand edit.
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// True when waiting for the database and trying again is the right response.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::BeginFailed => StoreError::Unavailable(e),
+            sqlx::Error::Database(db) => match db.code().as_deref() {
+                // serialization_failure, deadlock_detected
+                Some("40001" | "40P01") => StoreError::Retry(db.message().to_owned()),
+                // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
+                // read_only_sql_transaction (a failover in progress)
+                Some("57P01" | "57P02" | "57P03" | "53300" | "25006") => {
+                    StoreError::Unavailable(e)
+                }
+                // connection_exception class
+                Some(code) if code.starts_with("08") => StoreError::Unavailable(e),
+                _ => StoreError::Database(e),
+            },
+            _ => StoreError::Database(e),
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -1,0 +1,291 @@
+//! Committing a batch of ingested events: events, dead letters, the incidents they open or join
+//! and the audit entries, all in one transaction.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use chrono::Utc;
+use occ_domain::{
+    Candidate, Event, EventId, IncidentId, IncidentNumber, RuleHit, RuleSet, plan_correlation,
+};
+use serde_json::json;
+use sqlx::{PgConnection, PgPool};
+
+use crate::audit::{self, AuditEntry, Entity};
+use crate::dead_letters::{self, DeadLetter};
+use crate::error::{Result, StoreError};
+use crate::events::{self, Transport};
+use crate::incidents::{self, NewIncident};
+
+/// The actor named in audit entries for changes the rules make.
+pub const RULES_ACTOR: &str = "system:rules";
+
+/// How many times a batch is retried after losing a race before the error is returned.
+const MAX_RETRIES: u32 = 8;
+
+/// What a batch holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub events: &'a [Event],
+    pub transport: Transport,
+    pub dead_letters: &'a [DeadLetter],
+}
+
+/// An incident an event opened or joined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncidentLink {
+    pub id: IncidentId,
+    pub number: IncidentNumber,
+    /// True for the event that opened the incident.
+    pub opened: bool,
+}
+
+/// What became of one event of the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventOutcome {
+    Accepted {
+        event_id: EventId,
+        incidents: Vec<IncidentLink>,
+    },
+    /// Already stored (a redelivery): nothing changed. `existing` is the stored event's id.
+    Duplicate { existing: Option<EventId> },
+}
+
+/// What a committed batch did, event by event in the batch's order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub events: Vec<EventOutcome>,
+    pub incidents_opened: usize,
+    pub incidents_joined: usize,
+}
+
+impl BatchOutcome {
+    pub fn accepted(&self) -> usize {
+        self.events
+            .iter()
+            .filter(|e| matches!(e, EventOutcome::Accepted { .. }))
+            .count()
+    }
+
+    pub fn duplicates(&self) -> usize {
+        self.events.len() - self.accepted()
+    }
+}
+
+/// Commits a batch in one transaction, retrying it when it loses a race with another
+/// transaction (deadlock, serialization failure, or another instance opening the same
+/// incident at the same moment). Safe to call again with the same batch after any error: a
+/// batch that did commit is recognised by its events' idempotency keys.
+#[tracing::instrument(skip_all, fields(events = batch.events.len(), dead_letters = batch.dead_letters.len()))]
+pub async fn commit_batch(pool: &PgPool, batch: Batch<'_>, rules: &RuleSet) -> Result<BatchOutcome> {
+    let mut attempt = 0;
+    loop {
+        let mut tx = pool.begin().await?;
+        let result = match apply(&mut tx, batch, rules).await {
+            Ok(outcome) => tx.commit().await.map(|()| outcome).map_err(StoreError::from),
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(StoreError::Retry(reason)) if attempt < MAX_RETRIES => {
+                attempt += 1;
+                tracing::debug!(attempt, %reason, "retrying batch");
+                tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Result<BatchOutcome> {
+    let now = Utc::now();
+    let all: Vec<&Event> = batch.events.iter().collect();
+
+    dead_letters::insert(conn, batch.dead_letters).await?;
+    let inserted: HashSet<EventId> = events::insert(conn, &all, batch.transport)
+        .await?
+        .into_iter()
+        .collect();
+    let duplicates: Vec<&Event> = all
+        .iter()
+        .copied()
+        .filter(|e| !inserted.contains(&e.id))
+        .collect();
+    let existing = events::existing_ids(conn, &duplicates).await?;
+
+    // Rule hits grouped by correlation key; keys in sorted order, so every transaction locks
+    // incidents in the same order.
+    let mut by_key: BTreeMap<String, Vec<(usize, RuleHit)>> = BTreeMap::new();
+    for (i, e) in all.iter().enumerate() {
+        if inserted.contains(&e.id) {
+            for hit in rules.evaluate(e) {
+                by_key
+                    .entry(hit.correlation_key.clone())
+                    .or_default()
+                    .push((i, hit));
+            }
+        }
+    }
+
+    let mut per_event: Vec<Vec<IncidentLink>> = vec![Vec::new(); all.len()];
+    let mut links = Vec::new();
+    let mut entries = Vec::new();
+    let mut opened = 0;
+    let mut joined = 0;
+    for (key, hits) in &by_key {
+        let current = incidents::lock_correlating(conn, key).await?;
+        let window = hits
+            .iter()
+            .map(|(_, h)| h.correlation_window)
+            .max()
+            .unwrap_or_default();
+        let candidates: Vec<Candidate> = hits
+            .iter()
+            .map(|(i, h)| Candidate {
+                observed_at: all[*i].observed_at(),
+                priority: h.priority,
+            })
+            .collect();
+        let plan = plan_correlation(current.as_ref(), window, &candidates);
+
+        if let Some(id) = plan.retire {
+            incidents::retire(conn, id, now).await?;
+            entries.push(superseded(id, now));
+        }
+        for seg in &plan.segments {
+            let (id, number) = match seg.joins {
+                Some(id) => {
+                    let number = incidents::join(
+                        conn,
+                        id,
+                        i32::try_from(seg.events.len()).unwrap_or(i32::MAX),
+                        seg.first_seen,
+                        seg.last_seen,
+                        seg.priority,
+                        seg.keeps_correlating,
+                        now,
+                    )
+                    .await?;
+                    joined += 1;
+                    if seg.raised_priority() {
+                        let (ei, hit) = &hits[*seg.events.last().unwrap_or(&0)];
+                        entries.push(AuditEntry {
+                            entity: Entity::Incident(id.0),
+                            at: now,
+                            actor: RULES_ACTOR.into(),
+                            action: "incident.priority_raised".into(),
+                            before: seg.previous_priority.map(|p| json!({ "priority": p.as_str() })),
+                            after: Some(json!({ "priority": seg.priority.as_str() })),
+                            detail: format!(
+                                "event {} ({} from {}) raised the priority under rule {}",
+                                all[*ei].id, all[*ei].event_type, all[*ei].source_id, hit.rule_name
+                            ),
+                        });
+                    }
+                    if !seg.keeps_correlating {
+                        entries.push(superseded(id, now));
+                    }
+                    (id, number)
+                }
+                None => {
+                    let (ei, hit) = &hits[seg.events[0]];
+                    let first = all[*ei];
+                    let new = NewIncident {
+                        id: IncidentId::new(),
+                        category: hit.category.as_str(),
+                        queue: hit.queue.as_str(),
+                        priority: seg.priority,
+                        title: &hit.title,
+                        location: first.location,
+                        zone: first.zone.as_ref().map(|z| z.as_str()),
+                        correlation_key: key,
+                        correlating: seg.keeps_correlating,
+                        rule_id: hit.rule_id,
+                        rule_name: hit.rule_name.as_str(),
+                        first_seen: seg.first_seen,
+                        last_seen: seg.last_seen,
+                        event_count: i32::try_from(seg.events.len()).unwrap_or(i32::MAX),
+                        now,
+                    };
+                    let Some(number) = incidents::insert(conn, &new).await? else {
+                        return Err(StoreError::Retry(format!(
+                            "another transaction opened the incident for {key} first"
+                        )));
+                    };
+                    opened += 1;
+                    entries.push(AuditEntry {
+                        entity: Entity::Incident(new.id.0),
+                        at: now,
+                        actor: RULES_ACTOR.into(),
+                        action: "incident.opened".into(),
+                        before: None,
+                        after: Some(json!({
+                            "number": number.as_str(),
+                            "status": "QUEUED",
+                            "priority": new.priority.as_str(),
+                            "queue": new.queue,
+                            "category": new.category,
+                            "title": new.title,
+                            "event_count": new.event_count,
+                        })),
+                        detail: format!(
+                            "rule {} matched event {} ({} from {})",
+                            hit.rule_name, first.id, first.event_type, first.source_id
+                        ),
+                    });
+                    if !seg.keeps_correlating {
+                        entries.push(superseded(new.id, now));
+                    }
+                    (new.id, number)
+                }
+            };
+            for (n, &ci) in seg.events.iter().enumerate() {
+                let (ei, hit) = &hits[ci];
+                links.push((id, all[*ei].id, hit.rule_id));
+                per_event[*ei].push(IncidentLink {
+                    id,
+                    number: number.clone(),
+                    opened: seg.joins.is_none() && n == 0,
+                });
+            }
+        }
+    }
+    incidents::link_events(conn, &links, now).await?;
+    audit::append(conn, &entries).await?;
+
+    let events = all
+        .iter()
+        .zip(per_event)
+        .map(|(e, incidents)| {
+            if inserted.contains(&e.id) {
+                EventOutcome::Accepted {
+                    event_id: e.id,
+                    incidents,
+                }
+            } else {
+                EventOutcome::Duplicate {
+                    existing: existing
+                        .get(&(e.source_id.to_string(), e.idempotency_key.as_str().to_owned()))
+                        .copied(),
+                }
+            }
+        })
+        .collect();
+    Ok(BatchOutcome {
+        events,
+        incidents_opened: opened,
+        incidents_joined: joined,
+    })
+}
+
+fn superseded(id: IncidentId, now: chrono::DateTime<Utc>) -> AuditEntry {
+    AuditEntry {
+        entity: Entity::Incident(id.0),
+        at: now,
+        actor: RULES_ACTOR.into(),
+        action: "incident.correlation_ended".into(),
+        before: Some(json!({ "correlating": true })),
+        after: Some(json!({ "correlating": false })),
+        detail: "no related event within the rule's window; later events open a new incident"
+            .into(),
+    }
+}
