@@ -43,6 +43,11 @@ impl FieldErrors {
         Self(vec![FieldError::new(field, message)])
     }
 
+    /// The errors, or `None` when there are none.
+    pub fn from_vec(errors: Vec<FieldError>) -> Option<Self> {
+        (!errors.is_empty()).then_some(Self(errors))
+    }
+
     pub fn errors(&self) -> &[FieldError] {
         &self.0
     }

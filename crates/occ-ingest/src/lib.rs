@@ -1,1 +1,128 @@
+//! OCC's MQTT ingest: subscribes to producers' topics, decodes each message with the adapter
+//! for its format, and commits the resulting events (and the incidents they open) in batches,
+//! acknowledging messages only after their batch has committed.
+//!
+//! ```text
+//! broker ──► poll task ──(bounded channel)──► batcher ──► one transaction per batch ──► acks
+//! ```
+//!
+//! Nothing is acked that is not committed, so a crash at any point means redelivery, never
+//! loss; redelivered messages are recognised by their events' idempotency keys.
 #![forbid(unsafe_code)]
+
+pub mod adapter;
+mod mqtt;
+pub mod native;
+mod pipeline;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use occ_domain::Limits;
+use occ_store::PgPool;
+use occ_store::rules::LiveRules;
+use rumqttc::v5::AsyncClient;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use adapter::{Adapter, Adapters, Rejection};
+pub use mqtt::MqttConfig;
+pub use native::NativeAdapter;
+pub use pipeline::BatchConfig;
+
+/// Whether ingest is taking messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IngestStatus {
+    /// Connected to the broker with the subscription acknowledged.
+    pub subscribed: bool,
+    /// The last commit succeeded (false while PostgreSQL is unreachable).
+    pub database_ok: bool,
+}
+
+impl IngestStatus {
+    pub fn ready(&self) -> bool {
+        self.subscribed && self.database_ok
+    }
+}
+
+/// Running ingest.
+#[derive(Debug)]
+pub struct Ingest {
+    status: watch::Receiver<IngestStatus>,
+    poller: JoinHandle<()>,
+    batcher: JoinHandle<()>,
+}
+
+impl Ingest {
+    /// Connects and starts ingesting until `shutdown` is cancelled. Then the batch in hand is
+    /// committed and acked, and the connection closed with the session kept on the broker.
+    pub fn start(
+        mqtt: MqttConfig,
+        batch: BatchConfig,
+        limits: Limits,
+        adapters: Adapters,
+        pool: PgPool,
+        rules: LiveRules,
+        shutdown: CancellationToken,
+    ) -> Ingest {
+        let window = usize::from(mqtt.receive_maximum).max(1);
+        // Requests are acks (at most one window's worth at a time), subscriptions and the
+        // final disconnect: this capacity means queuing one never waits.
+        let (client, eventloop) = AsyncClient::new(mqtt::options(&mqtt), window + 16);
+        let subscriptions: Vec<String> = adapters
+            .iter()
+            .map(|a| mqtt::subscription(&mqtt.share_group, a.topic_filter()))
+            .collect();
+        // The broker sends at most `window` unacked messages, so the poll task never waits
+        // on this channel for long.
+        let (tx, rx) = mpsc::channel(window);
+        let epoch = Arc::new(AtomicU64::new(0));
+        let (status_tx, status_rx) = watch::channel(IngestStatus {
+            subscribed: false,
+            database_ok: true,
+        });
+        let batcher_done = CancellationToken::new();
+
+        let batcher = pipeline::Batcher {
+            config: batch,
+            limits,
+            adapters,
+            pool,
+            rules,
+            client: client.clone(),
+            epoch: epoch.clone(),
+            status: status_tx.clone(),
+        };
+        let done = batcher_done.clone();
+        let batcher = tokio::spawn(async move {
+            batcher.run(rx, shutdown).await;
+            done.cancel();
+        });
+        let poller = tokio::spawn(mqtt::poll(
+            eventloop,
+            client,
+            subscriptions,
+            tx,
+            epoch,
+            status_tx,
+            batcher_done,
+        ));
+        Ingest {
+            status: status_rx,
+            poller,
+            batcher,
+        }
+    }
+
+    /// Follows whether ingest is taking messages.
+    pub fn status(&self) -> watch::Receiver<IngestStatus> {
+        self.status.clone()
+    }
+
+    /// Waits until ingest has stopped after shutdown.
+    pub async fn join(self) {
+        let _ = self.batcher.await;
+        let _ = self.poller.await;
+    }
+}

@@ -51,10 +51,20 @@ pub enum EventOutcome {
     Duplicate { existing: Option<EventId> },
 }
 
+/// An incident a batch opened, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenedIncident {
+    pub number: IncidentNumber,
+    pub queue: String,
+    pub priority: occ_domain::Priority,
+    pub title: String,
+}
+
 /// What a committed batch did, event by event in the batch's order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
     pub events: Vec<EventOutcome>,
+    pub opened: Vec<OpenedIncident>,
     pub incidents_opened: usize,
     pub incidents_joined: usize,
 }
@@ -129,7 +139,7 @@ async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Re
     let mut per_event: Vec<Vec<IncidentLink>> = vec![Vec::new(); all.len()];
     let mut links = Vec::new();
     let mut entries = Vec::new();
-    let mut opened = 0;
+    let mut opened = Vec::new();
     let mut joined = 0;
     for (key, hits) in &by_key {
         let current = incidents::lock_correlating(conn, key).await?;
@@ -211,7 +221,12 @@ async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Re
                             "another transaction opened the incident for {key} first"
                         )));
                     };
-                    opened += 1;
+                    opened.push(OpenedIncident {
+                        number: number.clone(),
+                        queue: new.queue.to_owned(),
+                        priority: new.priority,
+                        title: new.title.to_owned(),
+                    });
                     entries.push(AuditEntry {
                         entity: Entity::Incident(new.id.0),
                         at: now,
@@ -272,7 +287,8 @@ async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Re
         .collect();
     Ok(BatchOutcome {
         events,
-        incidents_opened: opened,
+        incidents_opened: opened.len(),
+        opened,
         incidents_joined: joined,
     })
 }

@@ -22,4 +22,24 @@ pub mod timeline;
 pub use db::{DbConfig, MIGRATOR, create_database_if_missing, migrate, pool};
 pub use error::{Result, StoreError};
 pub use events::Transport;
-pub use sqlx::PgPool;
+pub use sqlx::{PgConnection, PgPool};
+
+/// A pooled connection.
+pub type Conn = sqlx::pool::PoolConnection<sqlx::Postgres>;
+/// A transaction; dropping it without `commit` rolls it back.
+pub type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
+
+/// A connection from the pool (waiting up to the pool's acquire timeout).
+pub async fn acquire(pool: &PgPool) -> Result<Conn> {
+    Ok(pool.acquire().await?)
+}
+
+/// Begins a transaction.
+pub async fn begin(pool: &PgPool) -> Result<Tx> {
+    Ok(pool.begin().await?)
+}
+
+/// Commits a transaction.
+pub async fn commit(tx: Tx) -> Result<()> {
+    Ok(tx.commit().await?)
+}

@@ -1,0 +1,147 @@
+//! `IncidentService`: reading incidents and their timelines.
+
+use occ_domain::{Incident, IncidentId, IncidentNumber, QueueName};
+use occ_proto::v1::{self as pb, incident_service_server::IncidentService};
+use occ_store::incidents::{self, IncidentCursor, IncidentFilter};
+use occ_store::timeline::{self, TimelineEntry};
+use occ_store::PgConnection;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::ApiState;
+use crate::convert;
+use crate::error::{ApiError, ApiResult};
+use crate::paging;
+
+#[derive(Debug, Clone)]
+pub struct IncidentApi {
+    state: ApiState,
+}
+
+/// Finds an incident by id (UUID) or number (`INC-2026-000123`).
+pub(crate) async fn find(conn: &mut PgConnection, id: &str) -> ApiResult<Incident> {
+    if let Ok(uuid) = Uuid::parse_str(id) {
+        Ok(incidents::get(conn, IncidentId(uuid)).await?)
+    } else if IncidentNumber::looks_valid(id) {
+        Ok(incidents::get_by_number(conn, id).await?)
+    } else if id.is_empty() {
+        Err(ApiError::invalid("id", "is required"))
+    } else {
+        Err(ApiError::invalid(
+            "id",
+            format!("must be an incident id (UUID) or number (INC-2026-000123), got {id:?}"),
+        ))
+    }
+}
+
+impl IncidentApi {
+    pub fn new(state: ApiState) -> Self {
+        Self { state }
+    }
+
+    async fn get(&self, req: pb::GetIncidentRequest) -> ApiResult<pb::GetIncidentResponse> {
+        let mut conn = occ_store::acquire(&self.state.pool).await?;
+        let incident = find(&mut conn, &req.id).await?;
+        Ok(pb::GetIncidentResponse {
+            incident: Some(convert::incident(&incident)),
+        })
+    }
+
+    async fn list(&self, req: pb::ListIncidentsRequest) -> ApiResult<pb::ListIncidentsResponse> {
+        let queue = if req.queue.is_empty() {
+            None
+        } else {
+            Some(QueueName::parse("queue", &req.queue).map_err(|e| ApiError::InvalidArgument(e.into()))?)
+        };
+        let statuses = req
+            .statuses
+            .iter()
+            .enumerate()
+            .map(|(i, s)| convert::parse_status(&format!("statuses[{i}]"), *s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ApiError::InvalidArgument(e.into()))?;
+        let min_priority = convert::parse_priority("min_priority", req.min_priority)
+            .map_err(|e| ApiError::InvalidArgument(e.into()))?;
+        let limit = paging::page_size(req.page_size, 50, 500)?;
+        let after = paging::parse_incident_token(&req.page_token)?;
+
+        let mut conn = occ_store::acquire(&self.state.pool).await?;
+        let filter = IncidentFilter {
+            queue,
+            statuses,
+            min_priority,
+        };
+        let mut page = incidents::list(&mut conn, &filter, after, limit + 1).await?;
+        let next_page_token = if page.len() as i64 > limit {
+            page.truncate(usize::try_from(limit).unwrap_or(0));
+            page.last()
+                .map(|i| paging::incident_token(&IncidentCursor::after(i)))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListIncidentsResponse {
+            incidents: page.iter().map(convert::incident).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn timeline(&self, req: pb::GetTimelineRequest) -> ApiResult<pb::GetTimelineResponse> {
+        let limit = paging::page_size(req.page_size, 100, 1000)?;
+        let after = paging::parse_timeline_token(&req.page_token)?;
+        let mut conn = occ_store::acquire(&self.state.pool).await?;
+        let incident = find(&mut conn, &req.id).await?;
+        let mut page = timeline::page(&mut conn, incident.id, after, limit + 1).await?;
+        let next_page_token = if page.len() as i64 > limit {
+            page.truncate(usize::try_from(limit).unwrap_or(0));
+            page.last()
+                .map(|e| paging::timeline_token(&e.cursor()))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let entries = page
+            .iter()
+            .map(|e| pb::TimelineEntry {
+                time: Some(convert::timestamp(e.at())),
+                entry: Some(match e {
+                    TimelineEntry::Audit(a) => pb::timeline_entry::Entry::Audit(convert::audit(a)),
+                    TimelineEntry::Event(ev) => {
+                        pb::timeline_entry::Entry::Event(convert::stored_event(ev))
+                    }
+                }),
+            })
+            .collect();
+        Ok(pb::GetTimelineResponse {
+            entries,
+            next_page_token,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl IncidentService for IncidentApi {
+    #[tracing::instrument(skip_all, fields(id = %request.get_ref().id))]
+    async fn get_incident(
+        &self,
+        request: Request<pb::GetIncidentRequest>,
+    ) -> Result<Response<pb::GetIncidentResponse>, Status> {
+        Ok(Response::new(self.get(request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_incidents(
+        &self,
+        request: Request<pb::ListIncidentsRequest>,
+    ) -> Result<Response<pb::ListIncidentsResponse>, Status> {
+        Ok(Response::new(self.list(request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(id = %request.get_ref().id))]
+    async fn get_timeline(
+        &self,
+        request: Request<pb::GetTimelineRequest>,
+    ) -> Result<Response<pb::GetTimelineResponse>, Status> {
+        Ok(Response::new(self.timeline(request.into_inner()).await?))
+    }
+}

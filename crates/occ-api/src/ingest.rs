@@ -1,0 +1,146 @@
+//! `IngestService`: events from gateways that do not speak MQTT.
+
+use chrono::Utc;
+use occ_domain::{Event, FieldErrors};
+use occ_proto::v1::{self as pb, ingest_service_server::IngestService};
+use occ_store::Transport;
+use occ_store::dead_letters::DeadLetter;
+use occ_store::ingest::{Batch, EventOutcome, commit_batch};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::ApiState;
+use crate::convert;
+use crate::error::{ApiError, ApiResult};
+
+/// The most events one `PublishEvents` call may carry.
+pub const MAX_EVENTS_PER_CALL: usize = 1000;
+
+/// What dead letters from this service name as their topic.
+const DEAD_LETTER_TOPIC: &str = "grpc:/occ.v1.IngestService/PublishEvents";
+
+#[derive(Debug, Clone)]
+pub struct IngestApi {
+    state: ApiState,
+}
+
+impl IngestApi {
+    pub fn new(state: ApiState) -> Self {
+        Self { state }
+    }
+
+    async fn publish(&self, req: pb::PublishEventsRequest) -> ApiResult<pb::PublishEventsResponse> {
+        if req.events.is_empty() {
+            return Err(ApiError::invalid("events", "must not be empty"));
+        }
+        if req.events.len() > MAX_EVENTS_PER_CALL {
+            return Err(ApiError::invalid(
+                "events",
+                format!(
+                    "at most {MAX_EVENTS_PER_CALL} events per call, got {}",
+                    req.events.len()
+                ),
+            ));
+        }
+        let received_at = Utc::now();
+        let limits = &self.state.limits;
+        // Per request event: its index among the valid events, or its errors.
+        let mut parsed: Vec<Result<usize, FieldErrors>> = Vec::with_capacity(req.events.len());
+        let mut events: Vec<Event> = Vec::new();
+        let mut dead_letters = Vec::new();
+        for e in &req.events {
+            // The producer-visible content: what it sent, without output-only fields.
+            let content = pb::Event {
+                id: String::new(),
+                received_at: None,
+                ..e.clone()
+            }
+            .encode_to_vec();
+            let result = convert::event_input(e).and_then(|(source, input)| {
+                Event::parse(source, input, &content, received_at, limits)
+            });
+            match result {
+                Ok(event) => {
+                    parsed.push(Ok(events.len()));
+                    events.push(event);
+                }
+                Err(errors) => {
+                    dead_letters.push(DeadLetter::new(
+                        Transport::Grpc,
+                        DEAD_LETTER_TOPIC,
+                        &content,
+                        limits.max_payload_bytes,
+                        errors.to_string(),
+                        received_at,
+                    ));
+                    parsed.push(Err(errors));
+                }
+            }
+        }
+
+        let rules = self.state.rules.current();
+        let outcome = commit_batch(
+            &self.state.pool,
+            Batch {
+                events: &events,
+                transport: Transport::Grpc,
+                dead_letters: &dead_letters,
+            },
+            &rules,
+        )
+        .await?;
+
+        let results = parsed
+            .into_iter()
+            .map(|p| match p {
+                Err(errors) => pb::PublishResult {
+                    outcome: pb::PublishOutcome::Rejected as i32,
+                    violations: errors
+                        .errors()
+                        .iter()
+                        .map(|f| pb::FieldViolation {
+                            field: f.field.clone(),
+                            description: f.message.clone(),
+                        })
+                        .collect(),
+                    ..Default::default()
+                },
+                Ok(i) => match &outcome.events[i] {
+                    EventOutcome::Accepted {
+                        event_id,
+                        incidents,
+                    } => pb::PublishResult {
+                        outcome: pb::PublishOutcome::Accepted as i32,
+                        event_id: event_id.to_string(),
+                        incidents: incidents
+                            .iter()
+                            .map(|l| pb::IncidentRef {
+                                id: l.id.to_string(),
+                                number: l.number.to_string(),
+                                opened: l.opened,
+                            })
+                            .collect(),
+                        violations: Vec::new(),
+                    },
+                    EventOutcome::Duplicate { existing } => pb::PublishResult {
+                        outcome: pb::PublishOutcome::Duplicate as i32,
+                        event_id: existing.map(|id| id.to_string()).unwrap_or_default(),
+                        ..Default::default()
+                    },
+                },
+            })
+            .collect();
+        Ok(pb::PublishEventsResponse { results })
+    }
+}
+
+#[tonic::async_trait]
+impl IngestService for IngestApi {
+    #[tracing::instrument(skip_all, fields(events = request.get_ref().events.len()))]
+    async fn publish_events(
+        &self,
+        request: Request<pb::PublishEventsRequest>,
+    ) -> Result<Response<pb::PublishEventsResponse>, Status> {
+        Ok(Response::new(self.publish(request.into_inner()).await?))
+    }
+}

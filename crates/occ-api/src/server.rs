@@ -1,0 +1,115 @@
+//! The gRPC server: every service behind the principal layer, health and reflection, HTTP/2
+//! keepalive, graceful shutdown.
+
+use std::time::Duration;
+
+use occ_proto::v1::incident_service_server::IncidentServiceServer;
+use occ_proto::v1::ingest_service_server::IngestServiceServer;
+use occ_proto::v1::rule_service_server::RuleServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic_health::ServingStatus;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::ApiState;
+use crate::incidents::IncidentApi;
+use crate::ingest::IngestApi;
+use crate::principal::PrincipalLayer;
+use crate::rules::RuleApi;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct GrpcConfig {
+    /// How often idle connections are pinged, so dead clients are noticed.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// Largest request message.
+    pub max_message_bytes: usize,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_message_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then lets calls in flight
+/// finish.
+///
+/// `ready` drives the server-wide health status (service name `""`): SERVING while OCC takes
+/// events (subscribed to the broker, database reachable), NOT_SERVING otherwise, so a load
+/// balancer or orchestrator can tell. The gRPC services themselves report SERVING throughout.
+pub async fn serve(
+    listener: TcpListener,
+    state: ApiState,
+    config: GrpcConfig,
+    mut ready: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let overall = health.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let status = if *ready.borrow_and_update() {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            overall.set_service_status("", status).await;
+            tokio::select! {
+                changed = ready.changed() => if changed.is_err() { break },
+                () = stop.cancelled() => break,
+            }
+        }
+        overall.set_service_status("", ServingStatus::NotServing).await;
+    });
+    health
+        .set_serving::<IngestServiceServer<IngestApi>>()
+        .await;
+    health
+        .set_serving::<IncidentServiceServer<IncidentApi>>()
+        .await;
+    health.set_serving::<RuleServiceServer<RuleApi>>().await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(occ_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("OCC's descriptor sets are valid");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(occ_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("OCC's descriptor sets are valid");
+
+    let max = config.max_message_bytes;
+    let addr = listener.local_addr().ok();
+    tracing::info!(addr = ?addr, "gRPC listening");
+    Server::builder()
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .layer(PrincipalLayer)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            IngestServiceServer::new(IngestApi::new(state.clone())).max_decoding_message_size(max),
+        )
+        .add_service(
+            IncidentServiceServer::new(IncidentApi::new(state.clone()))
+                .max_decoding_message_size(max),
+        )
+        .add_service(RuleServiceServer::new(RuleApi::new(state)).max_decoding_message_size(max))
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown.cancelled_owned(),
+        )
+        .await
+}

@@ -1,0 +1,255 @@
+//! The batcher: collects messages into a batch (up to a size or a deadline), decodes them,
+//! commits events, incidents and dead letters in one transaction, and only then acks the
+//! messages, in the order they arrived.
+//!
+//! When PostgreSQL is down the commit is retried with backoff and nothing is acked; the broker
+//! stops sending once its window of unacknowledged messages is full and holds the rest in
+//! OCC's session. When PostgreSQL comes back, the batch commits and ingest resumes by itself.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use occ_domain::{Event, Limits};
+use occ_store::PgPool;
+use occ_store::StoreError;
+use occ_store::Transport;
+use occ_store::dead_letters::DeadLetter;
+use occ_store::ingest::{Batch, BatchOutcome, commit_batch};
+use occ_store::rules::LiveRules;
+use rumqttc::v5::AsyncClient;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::IngestStatus;
+use crate::adapter::Adapters;
+use crate::mqtt::Inbound;
+
+/// How batches are formed.
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    /// Most messages in one transaction.
+    pub size: usize,
+    /// How long the first message of a batch waits for others.
+    pub deadline: Duration,
+}
+
+pub(crate) struct Batcher {
+    pub config: BatchConfig,
+    pub limits: Limits,
+    pub adapters: Adapters,
+    pub pool: PgPool,
+    pub rules: LiveRules,
+    pub client: AsyncClient,
+    pub epoch: Arc<AtomicU64>,
+    pub status: watch::Sender<IngestStatus>,
+}
+
+/// A batch decoded: the events to store and the messages that become dead letters.
+struct Decoded {
+    events: Vec<Event>,
+    dead_letters: Vec<DeadLetter>,
+}
+
+impl Batcher {
+    /// Runs until `shutdown`: then commits and acks the batch in hand and returns.
+    pub async fn run(self, mut inbox: mpsc::Receiver<Inbound>, shutdown: CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                () = shutdown.cancelled() => break,
+                m = inbox.recv() => match m {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
+            let mut batch = Vec::with_capacity(self.config.size);
+            batch.push(first);
+            let deadline = tokio::time::Instant::now() + self.config.deadline;
+            while batch.len() < self.config.size {
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep_until(deadline) => break,
+                    m = inbox.recv() => match m {
+                        Some(m) => batch.push(m),
+                        None => break,
+                    },
+                }
+            }
+            if !self.process(&batch, &shutdown).await {
+                break;
+            }
+            if shutdown.is_cancelled() {
+                break;
+            }
+        }
+        tracing::info!("ingest batcher stopped");
+    }
+
+    fn decode(&self, batch: &[Inbound]) -> Decoded {
+        let mut events = Vec::with_capacity(batch.len());
+        let mut dead_letters = Vec::new();
+        for m in batch {
+            let topic = String::from_utf8_lossy(&m.publish.topic);
+            match self
+                .adapters
+                .decode(&topic, &m.publish.payload, m.received_at, &self.limits)
+            {
+                Ok(decoded) => events.extend(decoded),
+                Err(rejection) => {
+                    tracing::debug!(%topic, reason = %rejection, "dead letter");
+                    dead_letters.push(self.dead_letter(m, rejection.0));
+                }
+            }
+        }
+        Decoded {
+            events,
+            dead_letters,
+        }
+    }
+
+    fn dead_letter(&self, m: &Inbound, reason: String) -> DeadLetter {
+        DeadLetter::new(
+            Transport::Mqtt,
+            &String::from_utf8_lossy(&m.publish.topic),
+            &m.publish.payload,
+            self.limits.max_payload_bytes,
+            reason,
+            m.received_at,
+        )
+    }
+
+    /// Commits and acks one batch. Returns false when shutdown interrupted it before commit
+    /// (nothing acked: the broker redelivers).
+    async fn process(&self, batch: &[Inbound], shutdown: &CancellationToken) -> bool {
+        let started = Instant::now();
+        let decoded = self.decode(batch);
+        let outcome = match self.commit(&decoded, shutdown).await {
+            Some(Ok(outcome)) => outcome,
+            Some(Err(e)) => {
+                // Something in this batch cannot be stored although the database is up (a
+                // bug or an unforeseen value). Store its messages one by one, so only the
+                // culprit ends in the dead letters and the rest flows on.
+                tracing::error!(error = %e, messages = batch.len(), "batch failed; storing its messages one by one");
+                for m in batch {
+                    if !self.process_alone(m, shutdown).await {
+                        return false;
+                    }
+                }
+                return true;
+            }
+            None => return false,
+        };
+        self.ack(batch);
+        tracing::debug!(
+            messages = batch.len(),
+            accepted = outcome.accepted(),
+            duplicates = outcome.duplicates(),
+            dead_letters = decoded.dead_letters.len(),
+            incidents_opened = outcome.incidents_opened,
+            incidents_joined = outcome.incidents_joined,
+            elapsed_ms = started.elapsed().as_millis(),
+            "batch committed"
+        );
+        for i in &outcome.opened {
+            tracing::info!(number = %i.number, queue = %i.queue, priority = %i.priority, title = %i.title, "incident opened");
+        }
+        true
+    }
+
+    async fn process_alone(&self, m: &Inbound, shutdown: &CancellationToken) -> bool {
+        let single = std::slice::from_ref(m);
+        let decoded = self.decode(single);
+        let fallback = match self.commit(&decoded, shutdown).await {
+            Some(Ok(_)) => None,
+            Some(Err(e)) => Some(Decoded {
+                events: Vec::new(),
+                dead_letters: vec![self.dead_letter(m, format!("could not be stored: {e}"))],
+            }),
+            None => return false,
+        };
+        if let Some(fallback) = fallback {
+            match self.commit(&fallback, shutdown).await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    // Not even a dead letter can be written: leave it unacked for redelivery.
+                    tracing::error!(error = %e, "cannot store a dead letter; leaving the message unacknowledged");
+                    return true;
+                }
+                None => return false,
+            }
+        }
+        self.ack(single);
+        true
+    }
+
+    /// Commits, retrying while the database is unavailable. `None` when shutdown came first;
+    /// `Some(Err)` for an error that retrying will not fix.
+    async fn commit(
+        &self,
+        decoded: &Decoded,
+        shutdown: &CancellationToken,
+    ) -> Option<Result<BatchOutcome, StoreError>> {
+        const MAX_BACKOFF: Duration = Duration::from_secs(10);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let rules = self.rules.current();
+            let result = commit_batch(
+                &self.pool,
+                Batch {
+                    events: &decoded.events,
+                    transport: Transport::Mqtt,
+                    dead_letters: &decoded.dead_letters,
+                },
+                &rules,
+            )
+            .await;
+            match result {
+                Ok(outcome) => {
+                    if !self.status.borrow().database_ok {
+                        tracing::info!("database reachable again; ingest resumes");
+                        self.status.send_modify(|s| s.database_ok = true);
+                    }
+                    return Some(Ok(outcome));
+                }
+                Err(e @ (StoreError::Unavailable(_) | StoreError::Retry(_))) => {
+                    if self.status.borrow().database_ok {
+                        self.status.send_modify(|s| s.database_ok = false);
+                    }
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot commit batch; ingest paused, nothing acknowledged");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => {
+                            tracing::warn!("shutting down with an uncommitted batch; the broker will redeliver it");
+                            return None;
+                        }
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// Acks committed messages in arrival order. A message from an earlier connection is not
+    /// acked: its packet id may since belong to another message; the broker redelivers it
+    /// and the redelivery is recognised as a duplicate.
+    fn ack(&self, batch: &[Inbound]) {
+        let current = self.epoch.load(Ordering::Acquire);
+        let mut stale = 0;
+        for m in batch {
+            if m.epoch != current {
+                stale += 1;
+                continue;
+            }
+            if let Err(e) = self.client.try_ack(&m.publish) {
+                // The request channel is sized above the broker's window, so this means the
+                // event loop is gone (shutting down): the broker redelivers.
+                tracing::warn!(error = %e, "cannot queue an ack");
+            }
+        }
+        if stale > 0 {
+            tracing::info!(stale, "messages from a previous connection left for redelivery");
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! OCC's configuration: flags, each with an `OCC_*` environment variable, and defaults that
+//! reach PostgreSQL and Mosquitto on localhost. Flags win over the environment, which wins
+//! over defaults. `occ config print` shows the result with secrets masked.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use serde::{Serialize, Serializer};
+
+/// A duration written as `250ms`, `30s`, `5m`, `2h` or `1d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span(pub Duration);
+
+impl std::str::FromStr for Span {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("{s:?} needs a unit: ms, s, m, h or d"))?;
+        let (n, unit) = s.split_at(split);
+        let n: u64 = n
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration like 30s"))?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86_400),
+            _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+        };
+        Ok(Span(d))
+    }
+}
+
+impl std::fmt::Display for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0.as_millis();
+        match ms {
+            0 => f.write_str("0s"),
+            ms if ms % 86_400_000 == 0 => write!(f, "{}d", ms / 86_400_000),
+            ms if ms % 3_600_000 == 0 => write!(f, "{}h", ms / 3_600_000),
+            ms if ms % 60_000 == 0 => write!(f, "{}m", ms / 60_000),
+            ms if ms % 1000 == 0 => write!(f, "{}s", ms / 1000),
+            ms => write!(f, "{ms}ms"),
+        }
+    }
+}
+
+impl Serialize for Span {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+fn masked<S: Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => s.serialize_str("********"),
+        None => s.serialize_none(),
+    }
+}
+
+/// A database URL with its password replaced, for printing and logs.
+pub fn mask_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("********"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<unparseable URL>".into(),
+    }
+}
+
+fn masked_url<S: Serializer>(value: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&mask_url(value))
+}
+
+/// PostgreSQL.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL. `occ migrate` (and `occ serve`) create the database if it is missing.
+    #[arg(
+        long = "database-url",
+        env = "OCC_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/occ"
+    )]
+    #[serde(serialize_with = "masked_url")]
+    pub url: String,
+
+    /// Most connections in the pool.
+    #[arg(
+        long = "database-max-connections",
+        env = "OCC_DATABASE_MAX_CONNECTIONS",
+        default_value_t = 16
+    )]
+    pub max_connections: u32,
+
+    /// How long a request waits for a free connection before failing (UNAVAILABLE).
+    #[arg(
+        long = "database-acquire-timeout",
+        env = "OCC_DATABASE_ACQUIRE_TIMEOUT",
+        default_value = "5s"
+    )]
+    pub acquire_timeout: Span,
+}
+
+/// The MQTT broker.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct BrokerArgs {
+    #[arg(long = "mqtt-host", env = "OCC_MQTT_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    #[arg(long = "mqtt-port", env = "OCC_MQTT_PORT", default_value_t = 1883)]
+    pub port: u16,
+
+    #[arg(long = "mqtt-username", env = "OCC_MQTT_USERNAME")]
+    pub username: Option<String>,
+
+    #[arg(long = "mqtt-password", env = "OCC_MQTT_PASSWORD", hide_env_values = true)]
+    #[serde(serialize_with = "masked")]
+    pub password: Option<String>,
+}
+
+/// MQTT ingest.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct IngestArgs {
+    /// The MQTT client id: unique per OCC instance and stable across its restarts, since the
+    /// broker keeps the session under it. Defaults to occ-<hostname>.
+    #[arg(long = "mqtt-client-id", env = "OCC_MQTT_CLIENT_ID")]
+    pub client_id: Option<String>,
+
+    /// Shared subscription group: instances with the same group split the messages.
+    #[arg(long = "mqtt-share-group", env = "OCC_MQTT_SHARE_GROUP", default_value = "occ")]
+    pub share_group: String,
+
+    #[arg(long = "mqtt-keep-alive", env = "OCC_MQTT_KEEP_ALIVE", default_value = "30s")]
+    pub keep_alive: Span,
+
+    /// How long the broker keeps OCC's session, queuing messages, while OCC is down.
+    #[arg(
+        long = "mqtt-session-expiry",
+        env = "OCC_MQTT_SESSION_EXPIRY",
+        default_value = "1d"
+    )]
+    pub session_expiry: Span,
+
+    /// Most unacknowledged messages the broker may send at once (MQTT 5 receive maximum).
+    #[arg(
+        long = "mqtt-receive-maximum",
+        env = "OCC_MQTT_RECEIVE_MAXIMUM",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub receive_maximum: u16,
+
+    /// Largest MQTT packet OCC accepts (announced to the broker).
+    #[arg(
+        long = "mqtt-max-packet-size",
+        env = "OCC_MQTT_MAX_PACKET_SIZE",
+        default_value_t = 1024 * 1024
+    )]
+    pub max_packet_size: u32,
+
+    /// Most messages committed in one transaction.
+    #[arg(
+        long = "batch-size",
+        env = "OCC_BATCH_SIZE",
+        default_value_t = 500,
+        value_parser = clap::value_parser!(u32).range(1..=10_000)
+    )]
+    pub batch_size: u32,
+
+    /// How long the first message of a batch waits for more before the batch commits.
+    #[arg(long = "batch-deadline", env = "OCC_BATCH_DEADLINE", default_value = "50ms")]
+    pub batch_deadline: Span,
+
+    /// Largest event payload; larger ones are dead-lettered.
+    #[arg(
+        long = "max-payload-bytes",
+        env = "OCC_MAX_PAYLOAD_BYTES",
+        default_value_t = 64 * 1024
+    )]
+    pub max_payload_bytes: usize,
+}
+
+impl IngestArgs {
+    pub fn client_id(&self) -> String {
+        self.client_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "local".into());
+            format!("occ-{host}")
+        })
+    }
+}
+
+/// `occ serve`.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+
+    #[command(flatten)]
+    pub ingest: IngestArgs,
+
+    /// Where the gRPC API listens.
+    #[arg(long = "grpc-listen", env = "OCC_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub grpc_listen: SocketAddr,
+
+    /// How often rules are reloaded even without a change notification.
+    #[arg(long = "rules-refresh", env = "OCC_RULES_REFRESH", default_value = "30s")]
+    pub rules_refresh: Span,
+
+    /// How long shutdown waits for the batch in hand and calls in flight.
+    #[arg(long = "shutdown-grace", env = "OCC_SHUTDOWN_GRACE", default_value = "10s")]
+    pub shutdown_grace: Span,
+
+    /// Apply migrations at start-up (creating the database if needed).
+    #[arg(
+        long = "migrate",
+        env = "OCC_MIGRATE",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub migrate: bool,
+
+    /// Also run the simulator in this process, publishing to the same broker: a city's
+    /// cameras and sensors, so incidents appear.
+    #[arg(long = "simulate", env = "OCC_SIMULATE")]
+    pub simulate: bool,
+
+    #[command(flatten)]
+    #[serde(rename = "simulator")]
+    pub simulator: SimulatorArgs,
+}
+
+/// The simulator.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct SimulatorArgs {
+    /// Events per second across the city.
+    #[arg(long = "sim-rate", env = "OCC_SIM_RATE", default_value_t = 20.0)]
+    pub rate: f64,
+
+    /// On average, how many situations the default rules catch (fires, panic buttons,
+    /// floods...) start per minute.
+    #[arg(long = "sim-situations-per-minute", env = "OCC_SIM_SITUATIONS_PER_MINUTE", default_value_t = 4.0)]
+    pub situations_per_minute: f64,
+
+    /// The share of messages that are malformed on purpose (they go to dead letters).
+    #[arg(long = "sim-malformed-ratio", env = "OCC_SIM_MALFORMED_RATIO", default_value_t = 0.002)]
+    pub malformed_ratio: f64,
+
+    /// Stop after this many events (default: run until stopped).
+    #[arg(long = "sim-count", env = "OCC_SIM_COUNT")]
+    pub count: Option<u64>,
+
+    /// Random seed, for a reproducible stream.
+    #[arg(long = "sim-seed", env = "OCC_SIM_SEED")]
+    pub seed: Option<u64>,
+}
+
+/// Logs.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct LogArgs {
+    /// Log filter, in `RUST_LOG` syntax.
+    #[arg(long = "log", env = "OCC_LOG", default_value = "info", global = true)]
+    pub filter: String,
+
+    /// `text` for people, `json` for log shippers.
+    #[arg(long = "log-format", env = "OCC_LOG_FORMAT", default_value = "text", global = true, value_parser = ["text", "json"])]
+    pub format: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_parse_and_print() {
+        for (text, d) in [
+            ("250ms", Duration::from_millis(250)),
+            ("30s", Duration::from_secs(30)),
+            ("5m", Duration::from_secs(300)),
+            ("2h", Duration::from_secs(7200)),
+            ("1d", Duration::from_secs(86_400)),
+        ] {
+            let span: Span = text.parse().expect("valid span");
+            assert_eq!(span.0, d);
+            assert_eq!(span.to_string(), text);
+        }
+        assert!("30".parse::<Span>().is_err());
+        assert!("5 minutes".parse::<Span>().is_err());
+        assert!("xs".parse::<Span>().is_err());
+    }
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(
+            mask_url("postgres://occ:secret@db:5432/occ"),
+            "postgres://occ:********@db:5432/occ"
+        );
+        assert_eq!(
+            mask_url("postgres://postgres@127.0.0.1:5432/occ"),
+            "postgres://postgres@127.0.0.1:5432/occ"
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! The `occ` binary's library: configuration, wiring and the commands. Kept as a library so
+//! the end-to-end tests start OCC in-process on ephemeral ports, exactly as `occ serve` does.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod serve;
+pub mod simulate;
+pub mod telemetry;
+
+pub use config::ServeArgs;

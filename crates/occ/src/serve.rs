@@ -1,0 +1,240 @@
+//! `occ serve`: everything in one process — migrations, the live rule set, MQTT ingest and
+//! the gRPC API — with graceful shutdown.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use occ_api::{ApiState, GrpcConfig};
+use occ_domain::Limits;
+use occ_ingest::{Adapters, BatchConfig, Ingest, IngestStatus, MqttConfig, NativeAdapter};
+use occ_store::rules::LiveRules;
+use occ_store::{DbConfig, PgPool};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{DatabaseArgs, ServeArgs, mask_url};
+
+/// A running OCC.
+#[derive(Debug)]
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub pool: PgPool,
+    ingest_status: watch::Receiver<IngestStatus>,
+    done: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Follows whether ingest is taking messages.
+    pub fn ingest_status(&self) -> watch::Receiver<IngestStatus> {
+        self.ingest_status.clone()
+    }
+
+    /// Waits until ingest is subscribed and the database reachable.
+    pub async fn ready(&self) -> anyhow::Result<()> {
+        let mut status = self.ingest_status.clone();
+        status
+            .wait_for(IngestStatus::ready)
+            .await
+            .context("OCC stopped before it was ready")?;
+        Ok(())
+    }
+
+    /// Waits until OCC has stopped (after its shutdown token is cancelled).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.done.await.context("OCC's main task failed")?
+    }
+}
+
+pub fn db_config(args: &DatabaseArgs) -> DbConfig {
+    DbConfig {
+        url: args.url.clone(),
+        max_connections: args.max_connections,
+        acquire_timeout: args.acquire_timeout.0,
+    }
+}
+
+/// Creates the database if needed and migrates it, retrying while PostgreSQL is unreachable.
+pub async fn prepare_database(
+    args: &DatabaseArgs,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<PgPool> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let attempt = async {
+            if occ_store::create_database_if_missing(&args.url).await? {
+                tracing::info!(url = %mask_url(&args.url), "database created");
+            }
+            let pool = occ_store::pool(&db_config(args))?;
+            occ_store::migrate(&pool).await?;
+            Ok::<_, occ_store::StoreError>(pool)
+        };
+        match attempt.await {
+            Ok(pool) => return Ok(pool),
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "waiting for PostgreSQL");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.cancelled() => anyhow::bail!("stopped while waiting for PostgreSQL"),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e).context("cannot prepare the database"),
+        }
+    }
+}
+
+/// Starts OCC serving gRPC on `listener`. Returns once it is started; it runs until
+/// `shutdown` is cancelled.
+pub async fn start(
+    args: ServeArgs,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    let pool = if args.migrate {
+        prepare_database(&args.database, &shutdown).await?
+    } else {
+        occ_store::pool(&db_config(&args.database))?
+    };
+
+    let rules = loop {
+        match LiveRules::start(pool.clone(), args.rules_refresh.0, shutdown.clone()).await {
+            Ok(rules) => break rules,
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, "waiting for PostgreSQL to load rules");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = shutdown.cancelled() => anyhow::bail!("stopped while loading rules"),
+                }
+            }
+            Err(e) => return Err(e).context("cannot load rules"),
+        }
+    };
+
+    let limits = Limits {
+        max_payload_bytes: args.ingest.max_payload_bytes,
+        ..Limits::default()
+    };
+    if args.ingest.batch_size > u32::from(args.ingest.receive_maximum) {
+        tracing::warn!(
+            batch_size = args.ingest.batch_size,
+            receive_maximum = args.ingest.receive_maximum,
+            "batches cannot be larger than the MQTT receive maximum; they will close on the deadline"
+        );
+    }
+    let mqtt = MqttConfig {
+        host: args.broker.host.clone(),
+        port: args.broker.port,
+        username: args.broker.username.clone(),
+        password: args.broker.password.clone(),
+        client_id: args.ingest.client_id(),
+        share_group: args.ingest.share_group.clone(),
+        keep_alive: args.ingest.keep_alive.0,
+        session_expiry: args.ingest.session_expiry.0,
+        receive_maximum: args.ingest.receive_maximum,
+        max_packet_size: args.ingest.max_packet_size,
+    };
+    tracing::info!(
+        broker = %format!("{}:{}", mqtt.host, mqtt.port),
+        client_id = %mqtt.client_id,
+        share_group = %mqtt.share_group,
+        "starting MQTT ingest"
+    );
+    let ingest_stop = CancellationToken::new();
+    let ingest = Ingest::start(
+        mqtt,
+        BatchConfig {
+            size: args.ingest.batch_size as usize,
+            deadline: args.ingest.batch_deadline.0,
+        },
+        limits.clone(),
+        Adapters::new(vec![Box::new(NativeAdapter::new())]),
+        pool.clone(),
+        rules.clone(),
+        ingest_stop.clone(),
+    );
+    let ingest_status = ingest.status();
+
+    // Readiness for the health service follows ingest.
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let mut follow = ingest.status();
+    tokio::spawn(async move {
+        loop {
+            let ready = follow.borrow_and_update().ready();
+            if ready_tx.send(ready).is_err() {
+                break;
+            }
+            if follow.changed().await.is_err() {
+                let _ = ready_tx.send(false);
+                break;
+            }
+        }
+    });
+
+    let grpc_addr = listener.local_addr()?;
+    let grpc_stop = CancellationToken::new();
+    let state = ApiState {
+        pool: pool.clone(),
+        rules,
+        limits,
+    };
+    let grpc = tokio::spawn(occ_api::serve(
+        listener,
+        state,
+        GrpcConfig::default(),
+        ready_rx,
+        grpc_stop.clone(),
+    ));
+
+    let simulator = args.simulate.then(|| {
+        tokio::spawn(crate::simulate::run(
+            args.broker.clone(),
+            args.simulator.clone(),
+            shutdown.clone(),
+        ))
+    });
+
+    let grace = args.shutdown_grace.0;
+    let done = tokio::spawn(async move {
+        let mut grpc = grpc;
+        let early = tokio::select! {
+            () = shutdown.cancelled() => None,
+            result = &mut grpc => Some(result),
+        };
+        if let Some(result) = &early {
+            tracing::error!(result = ?result, "gRPC server stopped unexpectedly; shutting down");
+        }
+        tracing::info!("shutting down: no new messages; committing the batch in hand");
+        ingest_stop.cancel();
+        grpc_stop.cancel();
+        shutdown.cancel();
+        if tokio::time::timeout(grace, ingest.join()).await.is_err() {
+            tracing::warn!(?grace, "ingest did not stop in time; unacknowledged messages will be redelivered");
+        }
+        if early.is_none() {
+            match tokio::time::timeout(grace, grpc).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server failed"),
+                Ok(Err(e)) => tracing::error!(error = %e, "gRPC server task failed"),
+                Err(_) => tracing::warn!(?grace, "gRPC calls still running at the end of the grace period"),
+            }
+        }
+        if let Some(sim) = simulator {
+            let _ = sim.await;
+        }
+        tracing::info!("stopped");
+        match early {
+            Some(result) => anyhow::bail!("the gRPC server stopped unexpectedly: {result:?}"),
+            None => Ok(()),
+        }
+    });
+
+    Ok(Running {
+        grpc_addr,
+        pool,
+        ingest_status,
+        done,
+    })
+}
