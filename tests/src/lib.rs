@@ -1,1 +1,384 @@
-//! End-to-end tests live in `tests/`.
+//! The end-to-end harness: a real Mosquitto (started with OCC's broker settings from
+//! `deploy/mosquitto.conf` on a free port), a fresh PostgreSQL database per test, and OCC
+//! itself, either in-process on an ephemeral gRPC port or as a child process that a test can
+//! kill.
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use occ::ServeArgs;
+use occ::serve::Running;
+use occ_proto::v1::incident_service_client::IncidentServiceClient;
+use occ_proto::v1::ingest_service_client::IngestServiceClient;
+use occ_proto::v1::rule_service_client::RuleServiceClient;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Logs from OCC under test, shown for failing tests (RUST_LOG, default warnings).
+pub fn init_logs() {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// The workspace's top folder.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("an ephemeral port")
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A Mosquitto of the machine's installation, configured as `deploy/mosquitto.conf` says,
+/// listening on its own port. Stopped when dropped.
+#[derive(Debug)]
+pub struct Broker {
+    pub port: u16,
+    child: Child,
+}
+
+impl Broker {
+    pub async fn start() -> anyhow::Result<Broker> {
+        let shipped = std::fs::read_to_string(workspace_root().join("deploy/mosquitto.conf"))
+            .context("reading deploy/mosquitto.conf")?;
+        let port = free_port();
+        // OCC's settings, minus where it listens, persists and logs.
+        let mut config: String = shipped
+            .lines()
+            .filter(|l| {
+                let key = l.split_whitespace().next().unwrap_or("");
+                !matches!(
+                    key,
+                    "listener" | "persistence" | "persistence_location" | "autosave_interval" | "log_dest"
+                )
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        config.push_str(&format!(
+            "listener {port} 127.0.0.1\npersistence false\nlog_dest stderr\n"
+        ));
+        let path = std::env::temp_dir().join(format!("occ-test-mosquitto-{port}.conf"));
+        std::fs::write(&path, config)?;
+        let binary = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("mosquitto");
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {binary} (install the mosquitto package)"))?;
+        let broker = Broker { port, child };
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Ok(broker);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("mosquitto did not start listening on {port}");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// A URL for the database behind `pool` (a `#[sqlx::test]` database), on the server of
+/// DATABASE_URL.
+pub fn database_url(pool: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set (see .cargo/config.toml)");
+    let mut url = url::Url::parse(&base).expect("DATABASE_URL is a URL");
+    let name = pool
+        .connect_options()
+        .get_database()
+        .expect("test database has a name")
+        .to_owned();
+    url.set_path(&name);
+    url.to_string()
+}
+
+/// OCC's flags for a test: its database, the test broker, an ephemeral gRPC port, short
+/// batch deadlines.
+pub fn serve_args(db_url: &str, broker_port: u16, client_id: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--database-url",
+        db_url,
+        "--mqtt-port",
+        &broker_port.to_string(),
+        "--mqtt-client-id",
+        client_id,
+        "--batch-deadline",
+        "20ms",
+        "--shutdown-grace",
+        "5s",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
+
+#[derive(Debug, Parser)]
+#[command(args_override_self = true)]
+struct ServeCli {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
+/// OCC running in this process.
+#[derive(Debug)]
+pub struct Occ {
+    pub grpc: String,
+    shutdown: CancellationToken,
+    running: Option<Running>,
+}
+
+impl Occ {
+    /// Starts OCC with `args` (see [`serve_args`]) and waits until it takes events.
+    pub async fn start(args: Vec<String>) -> anyhow::Result<Occ> {
+        init_logs();
+        let cli = ServeCli::try_parse_from(std::iter::once("occ".to_owned()).chain(args))?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let shutdown = CancellationToken::new();
+        let running = occ::serve::start(cli.args, listener, shutdown.clone()).await?;
+        tokio::time::timeout(Duration::from_secs(20), running.ready())
+            .await
+            .context("OCC not ready within 20 s")??;
+        Ok(Occ {
+            grpc: format!("http://{}", running.grpc_addr),
+            shutdown,
+            running: Some(running),
+        })
+    }
+
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        match self.running.take() {
+            Some(r) => r.wait().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Occ {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn incidents(grpc: &str) -> IncidentServiceClient<Channel> {
+    IncidentServiceClient::connect(grpc.to_owned()).await.expect("gRPC connects")
+}
+
+pub async fn ingest(grpc: &str) -> IngestServiceClient<Channel> {
+    IngestServiceClient::connect(grpc.to_owned()).await.expect("gRPC connects")
+}
+
+pub async fn rules(grpc: &str) -> RuleServiceClient<Channel> {
+    RuleServiceClient::connect(grpc.to_owned()).await.expect("gRPC connects")
+}
+
+/// The server-wide health status (`""`), if the server answers.
+pub async fn health(grpc: &str) -> Option<ServingStatus> {
+    let channel = Channel::from_shared(grpc.to_owned()).ok()?.connect().await.ok()?;
+    let mut client = HealthClient::new(channel);
+    let r = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(r.into_inner().status).ok()
+}
+
+/// The `occ` program as a child process, for tests that kill it.
+#[derive(Debug)]
+pub struct OccProcess {
+    pub grpc: String,
+    child: Child,
+}
+
+impl OccProcess {
+    /// Starts `program serve` with `args` on a free gRPC port and waits until it reports
+    /// SERVING. `program` is the `occ` binary (`env!("CARGO_BIN_EXE_occ")` in a test).
+    pub async fn start(program: &str, args: &[String]) -> anyhow::Result<OccProcess> {
+        let port = free_port();
+        let child = Command::new(program)
+            .arg("serve")
+            .args(args)
+            .args(["--grpc-listen", &format!("127.0.0.1:{port}")])
+            .env("OCC_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let grpc = format!("http://127.0.0.1:{port}");
+        let mut process = OccProcess { grpc, child };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if health(&process.grpc).await == Some(ServingStatus::Serving) {
+                return Ok(process);
+            }
+            if let Some(status) = process.child.try_wait()? {
+                bail!("occ exited before it was ready: {status}");
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("occ not ready within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to commit, ack or disconnect.
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub async fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().context("occ already exited")?;
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        Ok(tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await??)
+    }
+}
+
+/// An MQTT producer: publishes at QoS 1 and can wait until the broker has acknowledged
+/// everything it published.
+#[derive(Debug)]
+pub struct Publisher {
+    client: AsyncClient,
+    acked: Arc<AtomicUsize>,
+    progress: Arc<Notify>,
+    published: usize,
+    stop: CancellationToken,
+}
+
+impl Publisher {
+    pub async fn connect(port: u16) -> Publisher {
+        let id = format!("test-pub-{}", uuid::Uuid::now_v7().simple());
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(Some(4 * 1024 * 1024));
+        let (client, mut eventloop) = AsyncClient::new(o, 1024);
+        let acked = Arc::new(AtomicUsize::new(0));
+        let progress = Arc::new(Notify::new());
+        let stop = CancellationToken::new();
+        let (a, p, s) = (acked.clone(), progress.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = s.cancelled() => break,
+                    event = eventloop.poll() => match event {
+                        Ok(Event::Incoming(Packet::PubAck(_))) => {
+                            a.fetch_add(1, Ordering::SeqCst);
+                            p.notify_waiters();
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    },
+                }
+            }
+        });
+        Publisher {
+            client,
+            acked,
+            progress,
+            published: 0,
+            stop,
+        }
+    }
+
+    pub async fn publish(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish queued");
+        self.published += 1;
+    }
+
+    /// Waits until the broker has acknowledged every message published so far.
+    pub async fn flush(&self) {
+        let want = self.published;
+        let acked = self.acked.clone();
+        let progress = self.progress.clone();
+        tokio::time::timeout(Duration::from_secs(30), async move {
+            loop {
+                let notified = progress.notified();
+                if acked.load(Ordering::SeqCst) >= want {
+                    break;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .expect("broker acknowledged every publish within 30 s");
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// How many events the database holds.
+pub async fn event_count(pool: &PgPool) -> i64 {
+    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events")
+        .fetch_one(pool)
+        .await
+        .expect("count events")
+}

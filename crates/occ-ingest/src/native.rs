@@ -83,10 +83,11 @@ impl Adapter for NativeAdapter {
         let de = &mut serde_json::Deserializer::from_slice(payload);
         let envelope: Envelope = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            if path == "." {
-                Rejection(format!("invalid JSON envelope: {}", e.inner()))
+            let inner = e.inner();
+            if inner.is_syntax() || inner.is_eof() || path == "." || path == "?" {
+                Rejection(format!("invalid JSON envelope: {inner}"))
             } else {
-                Rejection(format!("{path}: {}", e.inner()))
+                Rejection(format!("{path}: {inner}"))
             }
         })?;
         let input = EventInput {
