@@ -93,7 +93,11 @@ impl Broker {
                 let key = l.split_whitespace().next().unwrap_or("");
                 !matches!(
                     key,
-                    "listener" | "persistence" | "persistence_location" | "autosave_interval" | "log_dest"
+                    "listener"
+                        | "persistence"
+                        | "persistence_location"
+                        | "autosave_interval"
+                        | "log_dest"
                 )
             })
             .map(|l| format!("{l}\n"))
@@ -117,7 +121,10 @@ impl Broker {
             .with_context(|| format!("starting {binary} (install the mosquitto package)"))?;
         let broker = Broker { port, child };
         for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
                 return Ok(broker);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -217,20 +224,30 @@ impl Drop for Occ {
 }
 
 pub async fn incidents(grpc: &str) -> IncidentServiceClient<Channel> {
-    IncidentServiceClient::connect(grpc.to_owned()).await.expect("gRPC connects")
+    IncidentServiceClient::connect(grpc.to_owned())
+        .await
+        .expect("gRPC connects")
 }
 
 pub async fn ingest(grpc: &str) -> IngestServiceClient<Channel> {
-    IngestServiceClient::connect(grpc.to_owned()).await.expect("gRPC connects")
+    IngestServiceClient::connect(grpc.to_owned())
+        .await
+        .expect("gRPC connects")
 }
 
 pub async fn rules(grpc: &str) -> RuleServiceClient<Channel> {
-    RuleServiceClient::connect(grpc.to_owned()).await.expect("gRPC connects")
+    RuleServiceClient::connect(grpc.to_owned())
+        .await
+        .expect("gRPC connects")
 }
 
 /// The server-wide health status (`""`), if the server answers.
 pub async fn health(grpc: &str) -> Option<ServingStatus> {
-    let channel = Channel::from_shared(grpc.to_owned()).ok()?.connect().await.ok()?;
+    let channel = Channel::from_shared(grpc.to_owned())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
     let mut client = HealthClient::new(channel);
     let r = client
         .check(tonic_health::pb::HealthCheckRequest {
@@ -250,14 +267,17 @@ pub struct OccProcess {
 
 impl OccProcess {
     /// Starts `program serve` with `args` on a free gRPC port and waits until it reports
-    /// SERVING. `program` is the `occ` binary (`env!("CARGO_BIN_EXE_occ")` in a test).
+    /// SERVING. `program` is the `occ` binary (`env!("CARGO_BIN_EXE_occ-under-test")` in a test).
     pub async fn start(program: &str, args: &[String]) -> anyhow::Result<OccProcess> {
         let port = free_port();
         let child = Command::new(program)
             .arg("serve")
             .args(args)
             .args(["--grpc-listen", &format!("127.0.0.1:{port}")])
-            .env("OCC_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "OCC_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -381,4 +401,94 @@ pub async fn event_count(pool: &PgPool) -> i64 {
         .fetch_one(pool)
         .await
         .expect("count events")
+}
+
+/// A TCP proxy in front of PostgreSQL that a test can cut and restore, to take the database
+/// away from OCC without stopping the server other tests use.
+#[derive(Debug)]
+pub struct DbProxy {
+    pub port: u16,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    generation: Arc<std::sync::Mutex<CancellationToken>>,
+    stop: CancellationToken,
+}
+
+impl DbProxy {
+    pub async fn start(target: (String, u16)) -> anyhow::Result<DbProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let stop = CancellationToken::new();
+        let (u, g, s) = (up.clone(), generation.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = s.cancelled() => break,
+                    a = listener.accept() => a,
+                };
+                let Ok((mut inbound, _)) = accepted else {
+                    continue;
+                };
+                if !u.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let cut = g.lock().expect("proxy lock").clone();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        () = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Ok(DbProxy {
+            port,
+            up,
+            generation,
+            stop,
+        })
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        let mut g = self.generation.lock().expect("proxy lock");
+        g.cancel();
+        *g = CancellationToken::new();
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// `url` pointed at this proxy instead of the server.
+    pub fn url_for(&self, url: &str) -> String {
+        let mut u = url::Url::parse(url).expect("database URL");
+        let _ = u.set_host(Some("127.0.0.1"));
+        let _ = u.set_port(Some(self.port));
+        u.to_string()
+    }
+}
+
+impl Drop for DbProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.cut();
+    }
+}
+
+/// The host and port of DATABASE_URL's server.
+pub fn database_server() -> (String, u16) {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set");
+    let url = url::Url::parse(&base).expect("DATABASE_URL is a URL");
+    (
+        url.host_str().unwrap_or("127.0.0.1").to_owned(),
+        url.port().unwrap_or(5432),
+    )
 }

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use occ_proto::v1 as pb;
-use occ_tests::{Broker, Occ, Publisher, database_url, event_count, eventually, incidents, serve_args};
+use occ_tests::{
+    Broker, Occ, Publisher, database_url, event_count, eventually, incidents, serve_args,
+};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -36,13 +38,21 @@ async fn list_all(grpc: &str) -> Vec<pb::Incident> {
 #[sqlx::test(migrations = false)]
 async fn an_mqtt_event_becomes_an_incident_visible_over_grpc(pool: PgPool) {
     let broker = Broker::start().await.expect("broker");
-    let occ = Occ::start(serve_args(&database_url(&pool), broker.port, "occ-e2e-1", &[]))
-        .await
-        .expect("occ starts");
+    let occ = Occ::start(serve_args(
+        &database_url(&pool),
+        broker.port,
+        "occ-e2e-1",
+        &[],
+    ))
+    .await
+    .expect("occ starts");
     let mut publisher = Publisher::connect(broker.port).await;
-    let fixture = std::fs::read(occ_tests::workspace_root().join("tests/fixtures/native/smoke.json"))
-        .expect("fixture");
-    publisher.publish("occ/v1/events/det-esil-0042", fixture).await;
+    let fixture =
+        std::fs::read(occ_tests::workspace_root().join("tests/fixtures/native/smoke.json"))
+            .expect("fixture");
+    publisher
+        .publish("occ/v1/events/det-esil-0042", fixture)
+        .await;
 
     let listed = eventually(Duration::from_secs(10), "an incident", || async {
         let all = list_all(&occ.grpc).await;
@@ -56,7 +66,10 @@ async fn an_mqtt_event_becomes_an_incident_visible_over_grpc(pool: PgPool) {
     assert_eq!(inc.category, "fire");
     assert_eq!(inc.priority, pb::Priority::P1 as i32);
     assert_eq!(inc.status, pb::IncidentStatus::Queued as i32);
-    assert_eq!(inc.title, "Smoke or fire detected in left_bank_residential_4");
+    assert_eq!(
+        inc.title,
+        "Smoke or fire detected in left_bank_residential_4"
+    );
     assert_eq!(inc.event_count, 1);
     let location = inc.location.expect("location");
     assert!((location.lat - 51.128207).abs() < 1e-9);
@@ -64,7 +77,9 @@ async fn an_mqtt_event_becomes_an_incident_visible_over_grpc(pool: PgPool) {
     // The same incident by number, and its timeline: the event, then the audit entry.
     let mut client = incidents(&occ.grpc).await;
     let by_number = client
-        .get_incident(pb::GetIncidentRequest { id: inc.number.clone() })
+        .get_incident(pb::GetIncidentRequest {
+            id: inc.number.clone(),
+        })
         .await
         .expect("GetIncident")
         .into_inner()
@@ -103,18 +118,32 @@ async fn an_mqtt_event_becomes_an_incident_visible_over_grpc(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn a_message_published_twice_is_one_event(pool: PgPool) {
     let broker = Broker::start().await.expect("broker");
-    let occ = Occ::start(serve_args(&database_url(&pool), broker.port, "occ-e2e-2", &[]))
-        .await
-        .expect("occ starts");
+    let occ = Occ::start(serve_args(
+        &database_url(&pool),
+        broker.port,
+        "occ-e2e-2",
+        &[],
+    ))
+    .await
+    .expect("occ starts");
     let mut publisher = Publisher::connect(broker.port).await;
     // One with the producer's id, one without (deduplicated by content).
     let no_id = br#"{"type": "panic.pressed", "zone": "esil_transit_stop_1"}"#.to_vec();
     for _ in 0..2 {
-        publisher.publish("occ/v1/events/det-1", smoke("a-1", "zone_a")).await;
-        publisher.publish("occ/v1/events/panic-1", no_id.clone()).await;
+        publisher
+            .publish("occ/v1/events/det-1", smoke("a-1", "zone_a"))
+            .await;
+        publisher
+            .publish("occ/v1/events/panic-1", no_id.clone())
+            .await;
     }
     // A marker published last: once it is stored, everything before it was processed.
-    publisher.publish("occ/v1/events/marker", br#"{"type": "test.marker"}"#.to_vec()).await;
+    publisher
+        .publish(
+            "occ/v1/events/marker",
+            br#"{"type": "test.marker"}"#.to_vec(),
+        )
+        .await;
     publisher.flush().await;
 
     eventually(Duration::from_secs(10), "the marker", || async {
@@ -135,26 +164,40 @@ async fn a_message_published_twice_is_one_event(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn a_malformed_payload_is_dead_lettered_and_the_next_message_flows(pool: PgPool) {
     let broker = Broker::start().await.expect("broker");
-    let occ = Occ::start(serve_args(&database_url(&pool), broker.port, "occ-e2e-3", &[
-        "--max-payload-bytes",
-        "1024",
-    ]))
+    let occ = Occ::start(serve_args(
+        &database_url(&pool),
+        broker.port,
+        "occ-e2e-3",
+        &["--max-payload-bytes", "1024"],
+    ))
     .await
     .expect("occ starts");
     let mut publisher = Publisher::connect(broker.port).await;
-    publisher.publish("occ/v1/events/cam-7", b"{\"type\": \"object.person\", ".to_vec()).await;
     publisher
-        .publish("occ/v1/events/cam-7", br#"{"type": "object.person", "location": {"lat": 151.2, "lon": 71.4}}"#.to_vec())
+        .publish(
+            "occ/v1/events/cam-7",
+            b"{\"type\": \"object.person\", ".to_vec(),
+        )
+        .await;
+    publisher
+        .publish(
+            "occ/v1/events/cam-7",
+            br#"{"type": "object.person", "location": {"lat": 151.2, "lon": 71.4}}"#.to_vec(),
+        )
         .await;
     let mut oversize = br#"{"type": "object.person", "attributes": {"note": ""#.to_vec();
     oversize.extend(std::iter::repeat_n(b'x', 2000));
     oversize.extend(br#""}}"#);
     publisher.publish("occ/v1/events/cam-7", oversize).await;
-    publisher.publish("occ/v1/events/det-9", smoke("after-bad", "zone_b")).await;
+    publisher
+        .publish("occ/v1/events/det-9", smoke("after-bad", "zone_b"))
+        .await;
 
-    let incident = eventually(Duration::from_secs(10), "the incident after the bad messages", || async {
-        list_all(&occ.grpc).await.into_iter().next()
-    })
+    let incident = eventually(
+        Duration::from_secs(10),
+        "the incident after the bad messages",
+        || async { list_all(&occ.grpc).await.into_iter().next() },
+    )
     .await;
     assert_eq!(incident.title, "Smoke or fire detected in zone_b");
 
@@ -165,16 +208,37 @@ async fn a_malformed_payload_is_dead_lettered_and_the_next_message_flows(pool: P
     .await
     .expect("dead letters");
     assert_eq!(rows.len(), 3, "{rows:#?}");
-    assert!(rows.iter().all(|(topic, _, _)| topic == "occ/v1/events/cam-7"));
-    assert!(rows[0].1.starts_with("invalid JSON envelope"), "{}", rows[0].1);
-    assert!(rows[1].1.contains("location.lat: must be between -90 and 90"), "{}", rows[1].1);
-    assert!(rows[2].1.contains("over the limit of 1024 bytes"), "{}", rows[2].1);
+    assert!(
+        rows.iter()
+            .all(|(topic, _, _)| topic == "occ/v1/events/cam-7")
+    );
+    assert!(
+        rows[0].1.starts_with("invalid JSON envelope"),
+        "{}",
+        rows[0].1
+    );
+    assert!(
+        rows[1]
+            .1
+            .contains("location.lat: must be between -90 and 90"),
+        "{}",
+        rows[1].1
+    );
+    assert!(
+        rows[2].1.contains("over the limit of 1024 bytes"),
+        "{}",
+        rows[2].1
+    );
     assert!(rows[2].2 > 2000, "the received size is recorded");
-    let kept: Vec<u8> = sqlx::query_scalar("SELECT payload FROM dead_letters WHERE reason LIKE 'invalid JSON%'")
-        .fetch_one(&pool)
-        .await
-        .expect("payload");
-    assert_eq!(kept, b"{\"type\": \"object.person\", ", "the raw bytes are kept");
+    let kept: Vec<u8> =
+        sqlx::query_scalar("SELECT payload FROM dead_letters WHERE reason LIKE 'invalid JSON%'")
+            .fetch_one(&pool)
+            .await
+            .expect("payload");
+    assert_eq!(
+        kept, b"{\"type\": \"object.person\", ",
+        "the raw bytes are kept"
+    );
     occ.stop().await.expect("clean stop");
 }
 
@@ -197,7 +261,10 @@ async fn two_instances_sharing_the_subscription_make_one_incident(pool: PgPool) 
     for i in 0..N {
         // Thirty detectors in one residential block.
         publisher
-            .publish(&format!("occ/v1/events/det-{}", i % 30), smoke(&format!("e{i}"), "esil_residential_2"))
+            .publish(
+                &format!("occ/v1/events/det-{}", i % 30),
+                smoke(&format!("e{i}"), "esil_residential_2"),
+            )
             .await;
     }
     publisher.flush().await;

@@ -19,7 +19,10 @@ pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
-pub fn from_timestamp(field: &str, t: &prost_types::Timestamp) -> Result<DateTime<Utc>, FieldError> {
+pub fn from_timestamp(
+    field: &str,
+    t: &prost_types::Timestamp,
+) -> Result<DateTime<Utc>, FieldError> {
     u32::try_from(t.nanos)
         .ok()
         .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))
@@ -66,7 +69,12 @@ pub fn parse_status(field: &str, v: i32) -> Result<IncidentStatus, FieldError> {
     IncidentStatus::ALL
         .into_iter()
         .find(|s| status(*s) == v)
-        .ok_or_else(|| FieldError::new(field, format!("must be a specified incident status, got {v}")))
+        .ok_or_else(|| {
+            FieldError::new(
+                field,
+                format!("must be a specified incident status, got {v}"),
+            )
+        })
 }
 
 fn severity(s: Severity) -> i32 {
@@ -91,7 +99,10 @@ fn parse_severity(field: &str, v: i32) -> Result<Option<Severity>, FieldError> {
 
 pub fn json_to_struct(map: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
     prost_types::Struct {
-        fields: map.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect(),
+        fields: map
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .collect(),
     }
 }
 
@@ -154,16 +165,19 @@ pub fn event_input(e: &pb::Event) -> Result<(SourceId, EventInput), FieldErrors>
         errors.push(FieldError::new("source_id", "is required"));
         None
     } else {
-        SourceId::parse(&e.source_id).map_err(|err| errors.push(err)).ok()
+        SourceId::parse(&e.source_id)
+            .map_err(|err| errors.push(err))
+            .ok()
     };
     let severity = parse_severity("severity", e.severity)
         .map_err(|err| errors.push(err))
         .ok()
         .flatten();
-    let occurred_at = e
-        .occurred_at
-        .as_ref()
-        .and_then(|t| from_timestamp("occurred_at", t).map_err(|err| errors.push(err)).ok());
+    let occurred_at = e.occurred_at.as_ref().and_then(|t| {
+        from_timestamp("occurred_at", t)
+            .map_err(|err| errors.push(err))
+            .ok()
+    });
     let attributes = e
         .attributes
         .as_ref()
@@ -365,10 +379,13 @@ pub fn rule_input(r: &pb::Rule) -> Result<RuleInput, FieldErrors> {
         .enumerate()
         .map(|(i, t)| ThresholdInput {
             measurement: t.measurement.clone(),
-            comparison: parse_comparison(&format!("condition.thresholds[{i}].comparison"), t.comparison)
-                .map_err(|e| errors.push(e))
-                .unwrap_or(">")
-                .to_owned(),
+            comparison: parse_comparison(
+                &format!("condition.thresholds[{i}].comparison"),
+                t.comparison,
+            )
+            .map_err(|e| errors.push(e))
+            .unwrap_or(">")
+            .to_owned(),
             value: t.value,
         })
         .collect();

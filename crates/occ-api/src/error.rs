@@ -64,9 +64,11 @@ impl From<ApiError> for Status {
                 for f in errors.errors() {
                     details.add_violation(f.field.clone(), f.message.clone());
                 }
-                Status::with_error_details_vec(Code::InvalidArgument, errors.to_string(), [
-                    details.into(),
-                ])
+                Status::with_error_details_vec(
+                    Code::InvalidArgument,
+                    errors.to_string(),
+                    [details.into()],
+                )
             }
             ApiError::NotFound(what) => Status::not_found(format!("{what} not found")),
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m),

@@ -2,9 +2,9 @@
 
 use occ_domain::{Incident, IncidentId, IncidentNumber, QueueName};
 use occ_proto::v1::{self as pb, incident_service_server::IncidentService};
+use occ_store::PgConnection;
 use occ_store::incidents::{self, IncidentCursor, IncidentFilter};
 use occ_store::timeline::{self, TimelineEntry};
-use occ_store::PgConnection;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -51,7 +51,10 @@ impl IncidentApi {
         let queue = if req.queue.is_empty() {
             None
         } else {
-            Some(QueueName::parse("queue", &req.queue).map_err(|e| ApiError::InvalidArgument(e.into()))?)
+            Some(
+                QueueName::parse("queue", &req.queue)
+                    .map_err(|e| ApiError::InvalidArgument(e.into()))?,
+            )
         };
         let statuses = req
             .statuses

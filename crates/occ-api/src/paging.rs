@@ -32,7 +32,11 @@ fn decode(token: &str, n: usize) -> ApiResult<Vec<String>> {
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
     let text = String::from_utf8(bytes).map_err(|_| invalid())?;
     let parts: Vec<String> = text.split('|').map(str::to_owned).collect();
-    if parts.len() == n { Ok(parts) } else { Err(invalid()) }
+    if parts.len() == n {
+        Ok(parts)
+    } else {
+        Err(invalid())
+    }
 }
 
 fn invalid_token() -> ApiError {
@@ -142,8 +146,16 @@ mod tests {
             audit_id: 42,
             event_id: Uuid::nil(),
         };
-        assert_eq!(parse_timeline_token(&timeline_token(&t)).expect("valid"), Some(t));
-        assert_eq!(parse_name_token(&name_token("fire-smoke")).expect("valid").as_deref(), Some("fire-smoke"));
+        assert_eq!(
+            parse_timeline_token(&timeline_token(&t)).expect("valid"),
+            Some(t)
+        );
+        assert_eq!(
+            parse_name_token(&name_token("fire-smoke"))
+                .expect("valid")
+                .as_deref(),
+            Some("fire-smoke")
+        );
     }
 
     #[test]

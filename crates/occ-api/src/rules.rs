@@ -26,7 +26,12 @@ fn rule_errors(prefix: &str, errors: FieldErrors) -> ApiError {
     let all: Vec<FieldError> = errors
         .errors()
         .iter()
-        .map(|e| FieldError::new(format!("{prefix}{}", convert::rule_field_path(&e.field)), e.message.clone()))
+        .map(|e| {
+            FieldError::new(
+                format!("{prefix}{}", convert::rule_field_path(&e.field)),
+                e.message.clone(),
+            )
+        })
         .collect();
     ApiError::InvalidArgument(FieldErrors::from_vec(all).unwrap_or(errors))
 }
@@ -52,7 +57,9 @@ impl RuleApi {
             .collect();
         let next_page_token = if page.len() > limit {
             page.truncate(limit);
-            page.last().map(|r| paging::name_token(r.name.as_str())).unwrap_or_default()
+            page.last()
+                .map(|r| paging::name_token(r.name.as_str()))
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -62,8 +69,14 @@ impl RuleApi {
         })
     }
 
-    async fn put(&self, principal: &Principal, req: pb::PutRuleRequest) -> ApiResult<pb::PutRuleResponse> {
-        let rule = req.rule.ok_or_else(|| ApiError::invalid("rule", "is required"))?;
+    async fn put(
+        &self,
+        principal: &Principal,
+        req: pb::PutRuleRequest,
+    ) -> ApiResult<pb::PutRuleResponse> {
+        let rule = req
+            .rule
+            .ok_or_else(|| ApiError::invalid("rule", "is required"))?;
         let input = convert::rule_input(&rule).map_err(|e| input_errors("rule.", e))?;
         let mut tx = occ_store::begin(&self.state.pool).await?;
         let (stored, created) = rules::put(&mut tx, input, &principal.subject, Utc::now())
@@ -81,7 +94,11 @@ impl RuleApi {
         })
     }
 
-    async fn delete(&self, principal: &Principal, req: pb::DeleteRuleRequest) -> ApiResult<pb::DeleteRuleResponse> {
+    async fn delete(
+        &self,
+        principal: &Principal,
+        req: pb::DeleteRuleRequest,
+    ) -> ApiResult<pb::DeleteRuleResponse> {
         if req.name.is_empty() {
             return Err(ApiError::invalid("name", "is required"));
         }
@@ -94,7 +111,9 @@ impl RuleApi {
     }
 
     async fn test(&self, req: pb::TestRuleRequest) -> ApiResult<pb::TestRuleResponse> {
-        let event = req.event.ok_or_else(|| ApiError::invalid("event", "is required"))?;
+        let event = req
+            .event
+            .ok_or_else(|| ApiError::invalid("event", "is required"))?;
         let event = convert::event_input(&event)
             .and_then(|(source, input)| {
                 Event::parse(source, input, b"", Utc::now(), &self.state.limits)
@@ -104,8 +123,15 @@ impl RuleApi {
             // A draft is tried as if enabled: trying it is the point.
             Some(draft) => {
                 let input = convert::rule_input(&draft).map_err(|e| input_errors("rule.", e))?;
-                let rule = Rule::parse(RuleId(Uuid::nil()), occ_domain::RuleInput { enabled: true, ..input }, Utc::now())
-                    .map_err(|e| rule_errors("rule.", e))?;
+                let rule = Rule::parse(
+                    RuleId(Uuid::nil()),
+                    occ_domain::RuleInput {
+                        enabled: true,
+                        ..input
+                    },
+                    Utc::now(),
+                )
+                .map_err(|e| rule_errors("rule.", e))?;
                 std::sync::Arc::new(RuleSet::new(vec![rule]))
             }
             None => self.state.rules.current(),
@@ -164,7 +190,9 @@ impl RuleService for RuleApi {
         request: Request<pb::PutRuleRequest>,
     ) -> Result<Response<pb::PutRuleResponse>, Status> {
         let principal = Principal::of(&request);
-        Ok(Response::new(self.put(&principal, request.into_inner()).await?))
+        Ok(Response::new(
+            self.put(&principal, request.into_inner()).await?,
+        ))
     }
 
     #[tracing::instrument(skip_all, fields(name = %request.get_ref().name))]
@@ -173,7 +201,9 @@ impl RuleService for RuleApi {
         request: Request<pb::DeleteRuleRequest>,
     ) -> Result<Response<pb::DeleteRuleResponse>, Status> {
         let principal = Principal::of(&request);
-        Ok(Response::new(self.delete(&principal, request.into_inner()).await?))
+        Ok(Response::new(
+            self.delete(&principal, request.into_inner()).await?,
+        ))
     }
 
     #[tracing::instrument(skip_all)]

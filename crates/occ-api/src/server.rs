@@ -8,10 +8,10 @@ use occ_proto::v1::ingest_service_server::IngestServiceServer;
 use occ_proto::v1::rule_service_server::RuleServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic_health::ServingStatus;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
 
 use crate::ApiState;
 use crate::incidents::IncidentApi;
@@ -68,11 +68,11 @@ pub async fn serve(
                 () = stop.cancelled() => break,
             }
         }
-        overall.set_service_status("", ServingStatus::NotServing).await;
+        overall
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
     });
-    health
-        .set_serving::<IngestServiceServer<IngestApi>>()
-        .await;
+    health.set_serving::<IngestServiceServer<IngestApi>>().await;
     health
         .set_serving::<IncidentServiceServer<IncidentApi>>()
         .await;

@@ -129,7 +129,9 @@ mod tests {
     use uuid::Uuid;
 
     fn t(min: i64) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).single().expect("valid time")
+        Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0)
+            .single()
+            .expect("valid time")
             + TimeDelta::minutes(min)
     }
 
@@ -216,11 +218,21 @@ mod tests {
                 c(200, Priority::P3),
             ],
         );
-        assert_eq!(plan.retire, None, "the existing incident is joined, not retired");
+        assert_eq!(
+            plan.retire, None,
+            "the existing incident is joined, not retired"
+        );
         let shape: Vec<_> = plan
             .segments
             .iter()
-            .map(|s| (s.joins.is_some(), s.events.clone(), s.keeps_correlating, s.priority))
+            .map(|s| {
+                (
+                    s.joins.is_some(),
+                    s.events.clone(),
+                    s.keeps_correlating,
+                    s.priority,
+                )
+            })
             .collect();
         assert_eq!(
             shape,

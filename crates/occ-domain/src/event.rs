@@ -504,7 +504,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn received() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 25, 1, 32, 0).single().expect("valid time")
+        Utc.with_ymd_and_hms(2026, 11, 25, 1, 32, 0)
+            .single()
+            .expect("valid time")
     }
 
     fn source() -> SourceId {
@@ -577,9 +579,18 @@ mod tests {
         let fields: Vec<_> = errs.errors().iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["type", "severity", "occurred_at", "location.lat", "confidence"]
+            [
+                "type",
+                "severity",
+                "occurred_at",
+                "location.lat",
+                "confidence"
+            ]
         );
-        assert!(errs.to_string().contains("location.lat: must be between -90 and 90, got 91"));
+        assert!(
+            errs.to_string()
+                .contains("location.lat: must be between -90 and 90, got 91")
+        );
     }
 
     #[test]
@@ -646,7 +657,10 @@ mod tests {
         with_attrs.attributes.insert("floor".into(), 7.into());
         let e = Event::parse(source(), with_attrs, b"", received(), &Limits::default())
             .expect("valid event");
-        assert_eq!(e.field_text("zone").as_deref(), Some("left_bank_residential_4"));
+        assert_eq!(
+            e.field_text("zone").as_deref(),
+            Some("left_bank_residential_4")
+        );
         assert_eq!(e.field_text("attribute.plate").as_deref(), Some("777ABC01"));
         assert_eq!(e.field_text("attribute.floor").as_deref(), Some("7"));
         assert_eq!(

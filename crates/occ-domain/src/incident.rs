@@ -305,9 +305,9 @@ impl fmt::Display for IncidentNumber {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
     use IncidentCommand as C;
     use IncidentStatus as S;
+    use chrono::TimeZone;
 
     #[test]
     fn priorities_order_by_urgency() {
@@ -395,7 +395,9 @@ mod tests {
 
     #[test]
     fn refusals_name_the_current_status() {
-        let err = S::Closed.apply(C::Claim).expect_err("closed cannot be claimed");
+        let err = S::Closed
+            .apply(C::Claim)
+            .expect_err("closed cannot be claimed");
         assert_eq!(err.to_string(), "cannot claim an incident that is CLOSED");
     }
 
@@ -404,7 +406,14 @@ mod tests {
         let open: Vec<_> = S::ALL.into_iter().filter(|s| s.is_open()).collect();
         assert_eq!(
             open,
-            [S::New, S::Queued, S::Claimed, S::Dispatched, S::EnRoute, S::OnScene]
+            [
+                S::New,
+                S::Queued,
+                S::Claimed,
+                S::Dispatched,
+                S::EnRoute,
+                S::OnScene
+            ]
         );
         for s in S::ALL {
             assert_eq!(S::parse(s.as_str()), Some(s));
@@ -413,11 +422,17 @@ mod tests {
 
     #[test]
     fn numbers_carry_the_year_and_a_padded_sequence() {
-        let t = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).single().expect("valid time");
+        let t = Utc
+            .with_ymd_and_hms(2026, 3, 1, 0, 0, 0)
+            .single()
+            .expect("valid time");
         let n = IncidentNumber::new(t, 123);
         assert_eq!(n.as_str(), "INC-2026-000123");
         assert!(IncidentNumber::looks_valid(n.as_str()));
-        assert_eq!(IncidentNumber::new(t, 1_234_567).as_str(), "INC-2026-1234567");
+        assert_eq!(
+            IncidentNumber::new(t, 1_234_567).as_str(),
+            "INC-2026-1234567"
+        );
         assert!(!IncidentNumber::looks_valid("INC-26-000123"));
         assert!(!IncidentNumber::looks_valid("0192d7"));
     }

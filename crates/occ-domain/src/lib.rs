@@ -18,7 +18,8 @@ pub use event::{
     LocationInput, Severity, SourceId, SourceKind, Zone,
 };
 pub use incident::{
-    Incident, IncidentCommand, IncidentId, IncidentNumber, IncidentStatus, Priority, TransitionError,
+    Incident, IncidentCommand, IncidentId, IncidentNumber, IncidentStatus, Priority,
+    TransitionError,
 };
 pub use rule::{
     Category, Comparison, CorrelationField, QueueName, Rule, RuleAction, RuleHit, RuleId,

@@ -422,7 +422,11 @@ impl Rule {
     pub const MAX_WINDOW_SECONDS: i64 = 7 * 24 * 3600;
 
     /// Checks every field of `input`, reporting each invalid one.
-    pub fn parse(id: RuleId, input: RuleInput, updated_at: DateTime<Utc>) -> Result<Rule, FieldErrors> {
+    pub fn parse(
+        id: RuleId,
+        input: RuleInput,
+        updated_at: DateTime<Utc>,
+    ) -> Result<Rule, FieldErrors> {
         let mut c = Collector::default();
         let name = c.take(RuleName::parse(&input.name));
         if input.description.len() > 2000 {
@@ -439,7 +443,9 @@ impl Rule {
             let ok = !t.is_empty()
                 && t.len() <= 64
                 && t.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-' | b'*')
+                    b.is_ascii_lowercase()
+                        || b.is_ascii_digit()
+                        || matches!(b, b'.' | b'_' | b'-' | b'*')
                 });
             if !ok {
                 c.push(
@@ -476,7 +482,10 @@ impl Rule {
                     validation::ident(&format!("{field}.measurement"), &t.measurement, 64)
                         .map(|()| t.measurement.clone()),
                 );
-                let comparison = c.take(Comparison::parse(&format!("{field}.comparison"), &t.comparison));
+                let comparison = c.take(Comparison::parse(
+                    &format!("{field}.comparison"),
+                    &t.comparison,
+                ));
                 if !t.value.is_finite() {
                     c.push(format!("{field}.value"), "must be a finite number");
                 }
@@ -497,7 +506,10 @@ impl Rule {
         let priority = match Priority::from_level(input.priority) {
             Some(p) => Some(p),
             None => {
-                c.push("priority", format!("must be 1 (P1) to 4 (P4), got {}", input.priority));
+                c.push(
+                    "priority",
+                    format!("must be 1 (P1) to 4 (P4), got {}", input.priority),
+                );
                 None
             }
         };
@@ -506,7 +518,12 @@ impl Rule {
             .correlation_fields
             .iter()
             .enumerate()
-            .filter_map(|(i, f)| c.take(CorrelationField::parse(&format!("correlation_fields[{i}]"), f)))
+            .filter_map(|(i, f)| {
+                c.take(CorrelationField::parse(
+                    &format!("correlation_fields[{i}]"),
+                    f,
+                ))
+            })
             .collect();
         if !(0..=Self::MAX_WINDOW_SECONDS).contains(&input.correlation_window_seconds) {
             c.push(
@@ -550,8 +567,18 @@ impl Rule {
             name: self.name.to_string(),
             description: self.description.clone(),
             enabled: self.enabled,
-            event_types: self.matcher.event_types.iter().map(|g| g.to_string()).collect(),
-            source_kinds: self.matcher.source_kinds.iter().map(|k| k.to_string()).collect(),
+            event_types: self
+                .matcher
+                .event_types
+                .iter()
+                .map(|g| g.to_string())
+                .collect(),
+            source_kinds: self
+                .matcher
+                .source_kinds
+                .iter()
+                .map(|k| k.to_string())
+                .collect(),
             zones: self.matcher.zones.iter().map(|g| g.to_string()).collect(),
             min_confidence: self.matcher.min_confidence.map(Confidence::value),
             min_severity: self.matcher.min_severity.map(|s| s.as_str().to_owned()),
@@ -659,7 +686,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 25, 1, 0, 0).single().expect("valid time")
+        Utc.with_ymd_and_hms(2026, 11, 25, 1, 0, 0)
+            .single()
+            .expect("valid time")
     }
 
     fn event(f: impl FnOnce(&mut EventInput)) -> Event {
@@ -747,13 +776,22 @@ mod tests {
             })
         };
         assert!(r.evaluate(&person(&|_| {})).is_some());
-        assert!(r.evaluate(&person(&|e| e.zone = Some("park_path".into()))).is_none());
+        assert!(
+            r.evaluate(&person(&|e| e.zone = Some("park_path".into())))
+                .is_none()
+        );
         assert!(r.evaluate(&person(&|e| e.zone = None)).is_none());
         assert!(r.evaluate(&person(&|e| e.confidence = Some(0.5))).is_none());
         assert!(r.evaluate(&person(&|e| e.confidence = None)).is_some());
-        assert!(r.evaluate(&person(&|e| e.source_kind = Some("sensor".into()))).is_none());
+        assert!(
+            r.evaluate(&person(&|e| e.source_kind = Some("sensor".into())))
+                .is_none()
+        );
         assert!(r.evaluate(&person(&|e| e.source_kind = None)).is_none());
-        assert!(r.evaluate(&person(&|e| e.severity = Some("info".into()))).is_none());
+        assert!(
+            r.evaluate(&person(&|e| e.severity = Some("info".into())))
+                .is_none()
+        );
         assert!(r.evaluate(&person(&|e| e.severity = None)).is_none());
     }
 
@@ -798,7 +836,9 @@ mod tests {
                 e.attributes.insert("plate".into(), "777ABC01".into());
             })
         };
-        let hit = r.evaluate(&plate(true)).expect("watch-listed plate matches");
+        let hit = r
+            .evaluate(&plate(true))
+            .expect("watch-listed plate matches");
         assert_eq!(hit.correlation_key, "fire|attribute.plate=777ABC01");
         assert!(r.evaluate(&plate(false)).is_none());
     }
@@ -930,7 +970,10 @@ mod tests {
             .collect();
         assert_eq!(
             summary,
-            [("ems-smoke", "ems", Priority::P3), ("fire-any", "fire", Priority::P2)]
+            [
+                ("ems-smoke", "ems", Priority::P3),
+                ("fire-any", "fire", Priority::P2)
+            ]
         );
     }
 }

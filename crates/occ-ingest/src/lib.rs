@@ -74,8 +74,7 @@ impl Ingest {
             .iter()
             .map(|a| mqtt::subscription(&mqtt.share_group, a.topic_filter()))
             .collect();
-        // The broker sends at most `window` unacked messages, so the poll task never waits
-        // on this channel for long.
+        // A batch's worth: the poll task holds anything beyond (see `mqtt::poll`).
         let (tx, rx) = mpsc::channel(window);
         let epoch = Arc::new(AtomicU64::new(0));
         let (status_tx, status_rx) = watch::channel(IngestStatus {
@@ -106,6 +105,7 @@ impl Ingest {
             tx,
             epoch,
             status_tx,
+            window,
             batcher_done,
         ));
         Ingest {

@@ -6,6 +6,7 @@
 //! the database. Backpressure comes from the broker: OCC announces a receive maximum, acks only
 //! after commit, and the broker stops sending when that many messages are unacknowledged.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -91,15 +92,33 @@ pub(crate) async fn poll(
     forward: mpsc::Sender<Inbound>,
     epoch: Arc<AtomicU64>,
     status: watch::Sender<IngestStatus>,
+    window: usize,
     done: CancellationToken,
 ) {
     const MIN_BACKOFF: Duration = Duration::from_millis(250);
     const MAX_BACKOFF: Duration = Duration::from_secs(30);
     let mut backoff = MIN_BACKOFF;
     let mut connected_before = false;
+    // Messages received but not yet taken by the batcher. The event loop is never left
+    // unpolled while the batcher is busy (it must keep sending acks and pings), so messages
+    // wait here instead. The broker bounds this: it sends at most its in-flight window of
+    // unacknowledged messages.
+    let mut waiting: VecDeque<Inbound> = VecDeque::new();
+    let mut warned_overflow = false;
     loop {
         let event = tokio::select! {
             () = done.cancelled() => break,
+            permit = forward.reserve(), if !waiting.is_empty() => {
+                match permit {
+                    Ok(permit) => {
+                        if let Some(m) = waiting.pop_front() {
+                            permit.send(m);
+                        }
+                        continue;
+                    }
+                    Err(_) => break,
+                }
+            }
             event = eventloop.poll() => event,
         };
         match event {
@@ -109,9 +128,22 @@ pub(crate) async fn poll(
                     epoch: epoch.load(Ordering::Acquire),
                     received_at: Utc::now(),
                 };
-                tokio::select! {
-                    sent = forward.send(inbound) => if sent.is_err() { break },
-                    () = done.cancelled() => break,
+                if waiting.is_empty() {
+                    match forward.try_send(inbound) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(m)) => waiting.push_back(m),
+                        Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    }
+                } else {
+                    waiting.push_back(inbound);
+                }
+                if !warned_overflow && waiting.len() > window {
+                    warned_overflow = true;
+                    tracing::warn!(
+                        waiting = waiting.len(),
+                        window,
+                        "the broker sends more unacknowledged messages than OCC's receive maximum"
+                    );
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -124,7 +156,10 @@ pub(crate) async fn poll(
                     );
                 }
                 connected_before = true;
-                tracing::info!(session_present = ack.session_present, "connected to MQTT broker");
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to MQTT broker"
+                );
                 let filters = subscriptions
                     .iter()
                     .map(|s| Filter::new(s.clone(), QoS::AtLeastOnce));
@@ -138,7 +173,12 @@ pub(crate) async fn poll(
                 let failed: Vec<_> = ack
                     .return_codes
                     .iter()
-                    .filter(|c| !matches!(c, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)))
+                    .filter(|c| {
+                        !matches!(
+                            c,
+                            rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+                        )
+                    })
                     .collect();
                 if failed.is_empty() {
                     tracing::info!(subscriptions = ?subscriptions, "subscribed");
@@ -171,8 +211,7 @@ pub(crate) async fn poll(
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))
-                    | Err(_) => break,
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
                     Ok(_) => {}
                 }
             }

@@ -140,7 +140,7 @@ impl Batcher {
             }
             None => return false,
         };
-        self.ack(batch);
+        self.ack(batch).await;
         tracing::debug!(
             messages = batch.len(),
             accepted = outcome.accepted(),
@@ -179,7 +179,7 @@ impl Batcher {
                 None => return false,
             }
         }
-        self.ack(single);
+        self.ack(single).await;
         true
     }
 
@@ -234,22 +234,31 @@ impl Batcher {
     /// Acks committed messages in arrival order. A message from an earlier connection is not
     /// acked: its packet id may since belong to another message; the broker redelivers it
     /// and the redelivery is recognised as a duplicate.
-    fn ack(&self, batch: &[Inbound]) {
-        let current = self.epoch.load(Ordering::Acquire);
+    async fn ack(&self, batch: &[Inbound]) {
         let mut stale = 0;
         for m in batch {
-            if m.epoch != current {
+            if m.epoch != self.epoch.load(Ordering::Acquire) {
                 stale += 1;
                 continue;
             }
-            if let Err(e) = self.client.try_ack(&m.publish) {
-                // The request channel is sized above the broker's window, so this means the
-                // event loop is gone (shutting down): the broker redelivers.
-                tracing::warn!(error = %e, "cannot queue an ack");
+            // The poll task keeps draining the request channel, so waiting for room is brief;
+            // an ack is never dropped (a dropped ack would hold a slot of the broker's window
+            // for the rest of the connection).
+            let queued = match self.client.try_ack(&m.publish) {
+                Ok(()) => Ok(()),
+                Err(_) => self.client.ack(&m.publish).await,
+            };
+            if let Err(e) = queued {
+                // Only when the event loop is gone (shutting down): the broker redelivers.
+                tracing::warn!(error = %e, "cannot queue an ack; the message will be redelivered");
+                return;
             }
         }
         if stale > 0 {
-            tracing::info!(stale, "messages from a previous connection left for redelivery");
+            tracing::info!(
+                stale,
+                "messages from a previous connection left for redelivery"
+            );
         }
     }
 }

@@ -50,7 +50,8 @@ pub async fn append(conn: &mut PgConnection, entries: &[AuditEntry]) -> Result<(
     let ats: Vec<DateTime<Utc>> = entries.iter().map(|e| e.at).collect();
     let actors: Vec<&str> = entries.iter().map(|e| e.actor.as_str()).collect();
     let actions: Vec<&str> = entries.iter().map(|e| e.action.as_str()).collect();
-    let befores: Vec<Option<serde_json::Value>> = entries.iter().map(|e| e.before.clone()).collect();
+    let befores: Vec<Option<serde_json::Value>> =
+        entries.iter().map(|e| e.before.clone()).collect();
     let afters: Vec<Option<serde_json::Value>> = entries.iter().map(|e| e.after.clone()).collect();
     let details: Vec<&str> = entries.iter().map(|e| e.detail.as_str()).collect();
     // WITH ORDINALITY keeps the entries' order in their identity values.

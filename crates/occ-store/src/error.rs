@@ -52,9 +52,7 @@ impl From<sqlx::Error> for StoreError {
                 Some("40001" | "40P01") => StoreError::Retry(db.message().to_owned()),
                 // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
                 // read_only_sql_transaction (a failover in progress)
-                Some("57P01" | "57P02" | "57P03" | "53300" | "25006") => {
-                    StoreError::Unavailable(e)
-                }
+                Some("57P01" | "57P02" | "57P03" | "53300" | "25006") => StoreError::Unavailable(e),
                 // connection_exception class
                 Some(code) if code.starts_with("08") => StoreError::Unavailable(e),
                 _ => StoreError::Database(e),

@@ -133,7 +133,10 @@ pub struct NewIncident<'a> {
 
 /// Inserts a QUEUED incident. Returns `None` when it would be a second correlating incident
 /// for its key: another transaction opened that incident first and the caller must retry.
-pub async fn insert(conn: &mut PgConnection, new: &NewIncident<'_>) -> Result<Option<IncidentNumber>> {
+pub async fn insert(
+    conn: &mut PgConnection,
+    new: &NewIncident<'_>,
+) -> Result<Option<IncidentNumber>> {
     let seq: i64 = sqlx::query_scalar!(r#"SELECT nextval('incident_number_seq') AS "n!""#)
         .fetch_one(&mut *conn)
         .await?;

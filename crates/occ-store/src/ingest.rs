@@ -87,12 +87,20 @@ impl BatchOutcome {
 /// incident at the same moment). Safe to call again with the same batch after any error: a
 /// batch that did commit is recognised by its events' idempotency keys.
 #[tracing::instrument(skip_all, fields(events = batch.events.len(), dead_letters = batch.dead_letters.len()))]
-pub async fn commit_batch(pool: &PgPool, batch: Batch<'_>, rules: &RuleSet) -> Result<BatchOutcome> {
+pub async fn commit_batch(
+    pool: &PgPool,
+    batch: Batch<'_>,
+    rules: &RuleSet,
+) -> Result<BatchOutcome> {
     let mut attempt = 0;
     loop {
         let mut tx = pool.begin().await?;
         let result = match apply(&mut tx, batch, rules).await {
-            Ok(outcome) => tx.commit().await.map(|()| outcome).map_err(StoreError::from),
+            Ok(outcome) => tx
+                .commit()
+                .await
+                .map(|()| outcome)
+                .map_err(StoreError::from),
             Err(e) => Err(e),
         };
         match result {
@@ -183,7 +191,9 @@ async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Re
                             at: now,
                             actor: RULES_ACTOR.into(),
                             action: "incident.priority_raised".into(),
-                            before: seg.previous_priority.map(|p| json!({ "priority": p.as_str() })),
+                            before: seg
+                                .previous_priority
+                                .map(|p| json!({ "priority": p.as_str() })),
                             after: Some(json!({ "priority": seg.priority.as_str() })),
                             detail: format!(
                                 "event {} ({} from {}) raised the priority under rule {}",
@@ -279,7 +289,10 @@ async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Re
             } else {
                 EventOutcome::Duplicate {
                     existing: existing
-                        .get(&(e.source_id.to_string(), e.idempotency_key.as_str().to_owned()))
+                        .get(&(
+                            e.source_id.to_string(),
+                            e.idempotency_key.as_str().to_owned(),
+                        ))
                         .copied(),
                 }
             }

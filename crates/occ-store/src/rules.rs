@@ -134,7 +134,9 @@ pub async fn put(
     .fetch_one(&mut *conn)
     .await?;
     let before = get_by_name(conn, &input.name).await?;
-    let id = before.as_ref().map_or_else(|| RuleId(Uuid::now_v7()), |r| r.id);
+    let id = before
+        .as_ref()
+        .map_or_else(|| RuleId(Uuid::now_v7()), |r| r.id);
     let rule = Rule::parse(id, input, now).map_err(StoreError::Invalid)?;
     if !queue_known {
         return Err(StoreError::Invalid(FieldErrors::one(
@@ -207,7 +209,12 @@ pub async fn put(
             entity: Entity::Rule(rule.id.0),
             at: now,
             actor: actor.to_owned(),
-            action: if created { "rule.created" } else { "rule.updated" }.into(),
+            action: if created {
+                "rule.created"
+            } else {
+                "rule.updated"
+            }
+            .into(),
             before: before.map(|b| json!(b.to_input())),
             after: Some(json!(stored)),
             detail: String::new(),
@@ -352,7 +359,9 @@ async fn keep_current(
                     tx.send_replace(Arc::new(rules));
                 }
             }
-            Err(e) => tracing::warn!(error = %e, trigger = woke, "cannot reload rules; keeping the current set"),
+            Err(e) => {
+                tracing::warn!(error = %e, trigger = woke, "cannot reload rules; keeping the current set")
+            }
         }
     }
 }

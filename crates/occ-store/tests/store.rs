@@ -17,7 +17,9 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 fn t0() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 11, 25, 1, 0, 0).single().expect("valid time")
+    Utc.with_ymd_and_hms(2026, 11, 25, 1, 0, 0)
+        .single()
+        .expect("valid time")
 }
 
 fn event(source: &str, id: &str, f: impl FnOnce(&mut EventInput)) -> Event {
@@ -100,17 +102,25 @@ async fn the_default_rules_are_seeded_and_valid(pool: PgPool) {
 async fn a_matching_event_opens_a_queued_incident_with_its_audit_entry(pool: PgPool) {
     let outcome = commit(&pool, &[event("det-1", "a", |_| {})]).await;
     assert_eq!(outcome.incidents_opened, 1);
-    let EventOutcome::Accepted { incidents: links, .. } = &outcome.events[0] else {
+    let EventOutcome::Accepted {
+        incidents: links, ..
+    } = &outcome.events[0]
+    else {
         panic!("event accepted");
     };
     assert!(links[0].opened);
 
     let mut conn = pool.acquire().await.expect("connection");
-    let inc = incidents::get(&mut conn, links[0].id).await.expect("incident");
+    let inc = incidents::get(&mut conn, links[0].id)
+        .await
+        .expect("incident");
     assert_eq!(inc.status, IncidentStatus::Queued);
     assert_eq!(inc.queue.as_str(), "fire");
     assert_eq!(inc.priority, Priority::P1);
-    assert_eq!(inc.title, "Smoke or fire detected in left_bank_residential_4");
+    assert_eq!(
+        inc.title,
+        "Smoke or fire detected in left_bank_residential_4"
+    );
     assert_eq!(inc.event_count, 1);
     assert!(inc.number.as_str().starts_with("INC-"), "{}", inc.number);
     assert_eq!(
@@ -121,7 +131,9 @@ async fn a_matching_event_opens_a_queued_incident_with_its_audit_entry(pool: PgP
         inc.id
     );
 
-    let tl = timeline::page(&mut conn, inc.id, None, 100).await.expect("timeline");
+    let tl = timeline::page(&mut conn, inc.id, None, 100)
+        .await
+        .expect("timeline");
     assert!(matches!(&tl[0], TimelineEntry::Event(e) if e.external_id.as_deref() == Some("a")));
     assert!(matches!(&tl[1], TimelineEntry::Audit(a) if a.action == "incident.opened"));
 }
@@ -151,7 +163,9 @@ async fn a_redelivered_event_changes_nothing(pool: PgPool) {
     );
     let mut conn = pool.acquire().await.expect("connection");
     assert_eq!(
-        occ_store::events::count_for_source(&mut conn, "det-1").await.expect("count"),
+        occ_store::events::count_for_source(&mut conn, "det-1")
+            .await
+            .expect("count"),
         1
     );
     let incidents = all_incidents(&pool).await;
@@ -188,10 +202,16 @@ async fn correlated_events_join_and_a_critical_one_raises_priority(pool: PgPool)
     assert_eq!(incidents.len(), 1);
     let inc = &incidents[0];
     assert_eq!(inc.event_count, 3);
-    assert_eq!(inc.priority, Priority::P1, "flood is P2; the critical reading raised it");
+    assert_eq!(
+        inc.priority,
+        Priority::P1,
+        "flood is P2; the critical reading raised it"
+    );
     assert_eq!(inc.last_seen, t0() + TimeDelta::minutes(10));
     let mut conn = pool.acquire().await.expect("connection");
-    let tl = timeline::page(&mut conn, inc.id, None, 100).await.expect("timeline");
+    let tl = timeline::page(&mut conn, inc.id, None, 100)
+        .await
+        .expect("timeline");
     let actions: Vec<_> = tl
         .iter()
         .filter_map(|e| match e {
@@ -284,7 +304,9 @@ async fn dead_letters_keep_topic_bytes_and_reason(pool: PgPool) {
     .await
     .expect("commit");
     let mut conn = pool.acquire().await.expect("connection");
-    let stored = dead_letters::recent(&mut conn, 10).await.expect("dead letters");
+    let stored = dead_letters::recent(&mut conn, 10)
+        .await
+        .expect("dead letters");
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].topic, "occ/v1/events/cam-1");
     assert_eq!(stored[0].payload, b"{not json");
@@ -324,7 +346,13 @@ async fn listing_pages_in_urgency_then_age_order(pool: PgPool) {
     }
     assert_eq!(
         seen,
-        [Priority::P1, Priority::P1, Priority::P3, Priority::P3, Priority::P3]
+        [
+            Priority::P1,
+            Priority::P1,
+            Priority::P3,
+            Priority::P3,
+            Priority::P3
+        ]
     );
 
     let police = incidents::list(

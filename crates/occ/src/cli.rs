@@ -2,10 +2,10 @@
 
 use std::io::Write;
 
-use anyhow::Context;
-use clap::{Parser, Subcommand};
 use crate::config::{BrokerArgs, DatabaseArgs, LogArgs, ServeArgs, SimulatorArgs, mask_url};
 use crate::{serve, simulate, telemetry};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

@@ -30,7 +30,11 @@ impl std::str::FromStr for Span {
             "m" => Duration::from_secs(n * 60),
             "h" => Duration::from_secs(n * 3600),
             "d" => Duration::from_secs(n * 86_400),
-            _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+            _ => {
+                return Err(format!(
+                    "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+                ));
+            }
         };
         Ok(Span(d))
     }
@@ -120,7 +124,11 @@ pub struct BrokerArgs {
     #[arg(long = "mqtt-username", env = "OCC_MQTT_USERNAME")]
     pub username: Option<String>,
 
-    #[arg(long = "mqtt-password", env = "OCC_MQTT_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long = "mqtt-password",
+        env = "OCC_MQTT_PASSWORD",
+        hide_env_values = true
+    )]
     #[serde(serialize_with = "masked")]
     pub password: Option<String>,
 }
@@ -134,10 +142,18 @@ pub struct IngestArgs {
     pub client_id: Option<String>,
 
     /// Shared subscription group: instances with the same group split the messages.
-    #[arg(long = "mqtt-share-group", env = "OCC_MQTT_SHARE_GROUP", default_value = "occ")]
+    #[arg(
+        long = "mqtt-share-group",
+        env = "OCC_MQTT_SHARE_GROUP",
+        default_value = "occ"
+    )]
     pub share_group: String,
 
-    #[arg(long = "mqtt-keep-alive", env = "OCC_MQTT_KEEP_ALIVE", default_value = "30s")]
+    #[arg(
+        long = "mqtt-keep-alive",
+        env = "OCC_MQTT_KEEP_ALIVE",
+        default_value = "30s"
+    )]
     pub keep_alive: Span,
 
     /// How long the broker keeps OCC's session, queuing messages, while OCC is down.
@@ -175,7 +191,11 @@ pub struct IngestArgs {
     pub batch_size: u32,
 
     /// How long the first message of a batch waits for more before the batch commits.
-    #[arg(long = "batch-deadline", env = "OCC_BATCH_DEADLINE", default_value = "50ms")]
+    #[arg(
+        long = "batch-deadline",
+        env = "OCC_BATCH_DEADLINE",
+        default_value = "50ms"
+    )]
     pub batch_deadline: Span,
 
     /// Largest event payload; larger ones are dead-lettered.
@@ -214,15 +234,27 @@ pub struct ServeArgs {
     pub ingest: IngestArgs,
 
     /// Where the gRPC API listens.
-    #[arg(long = "grpc-listen", env = "OCC_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long = "grpc-listen",
+        env = "OCC_GRPC_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
     pub grpc_listen: SocketAddr,
 
     /// How often rules are reloaded even without a change notification.
-    #[arg(long = "rules-refresh", env = "OCC_RULES_REFRESH", default_value = "30s")]
+    #[arg(
+        long = "rules-refresh",
+        env = "OCC_RULES_REFRESH",
+        default_value = "30s"
+    )]
     pub rules_refresh: Span,
 
     /// How long shutdown waits for the batch in hand and calls in flight.
-    #[arg(long = "shutdown-grace", env = "OCC_SHUTDOWN_GRACE", default_value = "10s")]
+    #[arg(
+        long = "shutdown-grace",
+        env = "OCC_SHUTDOWN_GRACE",
+        default_value = "10s"
+    )]
     pub shutdown_grace: Span,
 
     /// Apply migrations at start-up (creating the database if needed).
@@ -253,11 +285,19 @@ pub struct SimulatorArgs {
 
     /// On average, how many situations the default rules catch (fires, panic buttons,
     /// floods...) start per minute.
-    #[arg(long = "sim-situations-per-minute", env = "OCC_SIM_SITUATIONS_PER_MINUTE", default_value_t = 4.0)]
+    #[arg(
+        long = "sim-situations-per-minute",
+        env = "OCC_SIM_SITUATIONS_PER_MINUTE",
+        default_value_t = 4.0
+    )]
     pub situations_per_minute: f64,
 
     /// The share of messages that are malformed on purpose (they go to dead letters).
-    #[arg(long = "sim-malformed-ratio", env = "OCC_SIM_MALFORMED_RATIO", default_value_t = 0.002)]
+    #[arg(
+        long = "sim-malformed-ratio",
+        env = "OCC_SIM_MALFORMED_RATIO",
+        default_value_t = 0.002
+    )]
     pub malformed_ratio: f64,
 
     /// Stop after this many events (default: run until stopped).

@@ -211,14 +211,20 @@ pub async fn start(
         grpc_stop.cancel();
         shutdown.cancel();
         if tokio::time::timeout(grace, ingest.join()).await.is_err() {
-            tracing::warn!(?grace, "ingest did not stop in time; unacknowledged messages will be redelivered");
+            tracing::warn!(
+                ?grace,
+                "ingest did not stop in time; unacknowledged messages will be redelivered"
+            );
         }
         if early.is_none() {
             match tokio::time::timeout(grace, grpc).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server failed"),
                 Ok(Err(e)) => tracing::error!(error = %e, "gRPC server task failed"),
-                Err(_) => tracing::warn!(?grace, "gRPC calls still running at the end of the grace period"),
+                Err(_) => tracing::warn!(
+                    ?grace,
+                    "gRPC calls still running at the end of the grace period"
+                ),
             }
         }
         if let Some(sim) = simulator {

@@ -35,8 +35,13 @@ const DISTRICTS: [(&str, f64, f64); 5] = [
     ("nura", 51.0950, 71.4000),
 ];
 
-const PLATES: [&str; 6] = ["777ABC01", "123KZX01", "505AAA02", "901BCD01", "318MNO01", "646QRS01"];
+const PLATES: [&str; 6] = [
+    "777ABC01", "123KZX01", "505AAA02", "901BCD01", "318MNO01", "646QRS01",
+];
 const WATCHLIST: [&str; 2] = ["777ABC01", "505AAA02"];
+
+/// A situation's message waiting for its time: (due, tie-breaker, source, payload).
+type Scheduled = (Instant, u64, String, Vec<u8>);
 
 /// One message to publish.
 #[derive(Debug, Clone)]
@@ -73,7 +78,10 @@ struct City {
 impl City {
     fn new(seed: u64) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
-        let devices = |rng: &mut StdRng, kind: &str, per_district: usize, zone: &dyn Fn(&str, usize) -> String| {
+        let devices = |rng: &mut StdRng,
+                       kind: &str,
+                       per_district: usize,
+                       zone: &dyn Fn(&str, usize) -> String| {
             let mut out = Vec::new();
             for (district, lat, lon) in DISTRICTS {
                 for n in 0..per_district {
@@ -89,17 +97,28 @@ impl City {
             out
         };
         let cameras = devices(&mut rng, "cam", 12, &|d, n| format!("{d}_street_{}", n % 4));
-        let substation_cameras =
-            devices(&mut rng, "cam-sub", 2, &|d, _| format!("restricted_substation_{d}"));
-        let smoke = devices(&mut rng, "smoke", 10, &|d, n| format!("{d}_residential_{}", n / 3));
-        let gas = devices(&mut rng, "gas", 4, &|d, n| format!("{d}_industrial_{}", n / 2));
-        let panic = devices(&mut rng, "panic", 4, &|d, n| format!("{d}_transit_stop_{n}"));
-        let acoustic = devices(&mut rng, "acoustic", 6, &|d, n| format!("{d}_street_{}", n / 2));
+        let substation_cameras = devices(&mut rng, "cam-sub", 2, &|d, _| {
+            format!("restricted_substation_{d}")
+        });
+        let smoke = devices(&mut rng, "smoke", 10, &|d, n| {
+            format!("{d}_residential_{}", n / 3)
+        });
+        let gas = devices(&mut rng, "gas", 4, &|d, n| {
+            format!("{d}_industrial_{}", n / 2)
+        });
+        let panic = devices(&mut rng, "panic", 4, &|d, n| {
+            format!("{d}_transit_stop_{n}")
+        });
+        let acoustic = devices(&mut rng, "acoustic", 6, &|d, n| {
+            format!("{d}_street_{}", n / 2)
+        });
         let lpr = devices(&mut rng, "lpr", 3, &|d, n| format!("{d}_avenue_{n}"));
         let mut level = devices(&mut rng, "level", 2, &|d, _| format!("{d}_embankment"));
         level.retain(|d| matches!(d.district, "esil" | "nura" | "almaty"));
         let air = devices(&mut rng, "aq", 3, &|d, _| format!("{d}_air"));
-        let medical = devices(&mut rng, "medalarm", 5, &|d, n| format!("{d}_residential_{}", n / 2));
+        let medical = devices(&mut rng, "medalarm", 5, &|d, n| {
+            format!("{d}_residential_{}", n / 2)
+        });
         Self {
             rng,
             seq: 0,
@@ -124,7 +143,14 @@ impl City {
 
     /// An envelope from `device`, with a producer id most of the time (some devices send none
     /// and are deduplicated by content).
-    fn envelope(&mut self, device: &Device, kind: &str, event_type: &str, severity: &str, extra: Value) -> Message {
+    fn envelope(
+        &mut self,
+        device: &Device,
+        kind: &str,
+        event_type: &str,
+        severity: &str,
+        extra: Value,
+    ) -> Message {
         self.seq += 1;
         let mut payload = json!({
             "type": event_type,
@@ -151,9 +177,17 @@ impl City {
         match self.rng.random_range(0..100) {
             0..=44 => {
                 let d = self.pick(|c| &c.cameras);
-                let label = *["person", "car", "bicycle", "bus"].choose(&mut self.rng).unwrap_or(&"person");
+                let label = *["person", "car", "bicycle", "bus"]
+                    .choose(&mut self.rng)
+                    .unwrap_or(&"person");
                 let conf = self.rng.random_range(0.55..0.97);
-                self.envelope(&d, "camera", &format!("object.{label}"), "info", json!({"confidence": conf}))
+                self.envelope(
+                    &d,
+                    "camera",
+                    &format!("object.{label}"),
+                    "info",
+                    json!({"confidence": conf}),
+                )
             }
             45..=59 => {
                 let d = self.pick(|c| &c.air);
@@ -166,22 +200,40 @@ impl City {
             60..=69 => {
                 let d = self.pick(|c| &c.level);
                 let cm = self.rng.random_range(80.0..250.0_f64);
-                self.envelope(&d, "water_level_sensor", "water.level", "info", json!({"measurements": {"water_level_cm": round1(cm)}}))
+                self.envelope(
+                    &d,
+                    "water_level_sensor",
+                    "water.level",
+                    "info",
+                    json!({"measurements": {"water_level_cm": round1(cm)}}),
+                )
             }
             70..=84 => {
                 let d = self.pick(|c| &c.acoustic);
                 let dba = self.rng.random_range(42.0..78.0_f64);
-                self.envelope(&d, "acoustic_sensor", "noise.level", "info", json!({"measurements": {"dba": round1(dba)}}))
+                self.envelope(
+                    &d,
+                    "acoustic_sensor",
+                    "noise.level",
+                    "info",
+                    json!({"measurements": {"dba": round1(dba)}}),
+                )
             }
             _ => {
                 let d = self.pick(|c| &c.lpr);
                 let plate = *PLATES.choose(&mut self.rng).unwrap_or(&PLATES[1]);
                 let listed = WATCHLIST.contains(&plate) && self.rng.random_bool(0.02);
                 let conf = self.rng.random_range(0.8..0.99_f64);
-                self.envelope(&d, "lpr_camera", "vehicle.plate", "info", json!({
-                    "confidence": round2(conf),
-                    "attributes": {"plate": plate, "watchlisted": listed}
-                }))
+                self.envelope(
+                    &d,
+                    "lpr_camera",
+                    "vehicle.plate",
+                    "info",
+                    json!({
+                        "confidence": round2(conf),
+                        "attributes": {"plate": plate, "watchlisted": listed}
+                    }),
+                )
             }
         }
     }
@@ -194,7 +246,12 @@ impl City {
             0 => {
                 // A flat fire: the detectors of one building go off one after another.
                 let first = self.pick(|c| &c.smoke);
-                let neighbours: Vec<Device> = self.smoke.iter().filter(|d| d.zone == first.zone).cloned().collect();
+                let neighbours: Vec<Device> = self
+                    .smoke
+                    .iter()
+                    .filter(|d| d.zone == first.zone)
+                    .cloned()
+                    .collect();
                 for (i, d) in neighbours.iter().enumerate() {
                     let sev = if i == 0 { "major" } else { "critical" };
                     let obscuration = self.rng.random_range(2.0..9.0_f64);
@@ -210,10 +267,16 @@ impl City {
             1 => {
                 let d = self.pick(|c| &c.gas);
                 for i in 0..3 {
-                    let m = self.envelope(&d, "gas_detector", "gas.detected", "major", json!({
-                        "confidence": 0.9,
-                        "measurements": {"methane_ppm": round1(5000.0 + 2500.0 * f64::from(i))}
-                    }));
+                    let m = self.envelope(
+                        &d,
+                        "gas_detector",
+                        "gas.detected",
+                        "major",
+                        json!({
+                            "confidence": 0.9,
+                            "measurements": {"methane_ppm": round1(5000.0 + 2500.0 * f64::from(i))}
+                        }),
+                    );
                     out.push((secs(f64::from(i) * 5.0), m));
                 }
                 "gas leak"
@@ -221,21 +284,33 @@ impl City {
             2 => {
                 let d = self.pick(|c| &c.panic);
                 for i in 0..2 {
-                    let m = self.envelope(&d, "panic_button", "panic.pressed", "critical", json!({}));
+                    let m =
+                        self.envelope(&d, "panic_button", "panic.pressed", "critical", json!({}));
                     out.push((secs(f64::from(i) * 6.0), m));
                 }
                 "panic button"
             }
             3 => {
                 let first = self.pick(|c| &c.acoustic);
-                let near: Vec<Device> = self.acoustic.iter().filter(|d| d.zone == first.zone).cloned().collect();
+                let near: Vec<Device> = self
+                    .acoustic
+                    .iter()
+                    .filter(|d| d.zone == first.zone)
+                    .cloned()
+                    .collect();
                 for (i, d) in near.iter().enumerate() {
                     let conf = self.rng.random_range(0.7..0.96_f64);
                     let peak = self.rng.random_range(120.0..140.0_f64);
-                    let m = self.envelope(d, "acoustic_sensor", "audio.gunshot", "critical", json!({
-                        "confidence": round2(conf),
-                        "measurements": {"peak_dba": round1(peak)}
-                    }));
+                    let m = self.envelope(
+                        d,
+                        "acoustic_sensor",
+                        "audio.gunshot",
+                        "critical",
+                        json!({
+                            "confidence": round2(conf),
+                            "measurements": {"peak_dba": round1(peak)}
+                        }),
+                    );
                     out.push((secs(i as f64 * 0.5), m));
                 }
                 "gunshots"
@@ -244,9 +319,15 @@ impl City {
                 let d = self.pick(|c| &c.substation_cameras);
                 for i in 0..3 {
                     let conf = self.rng.random_range(0.8..0.97_f64);
-                    let m = self.envelope(&d, "camera", "object.person", "major", json!({
-                        "confidence": round2(conf)
-                    }));
+                    let m = self.envelope(
+                        &d,
+                        "camera",
+                        "object.person",
+                        "major",
+                        json!({
+                            "confidence": round2(conf)
+                        }),
+                    );
                     out.push((secs(f64::from(i) * 3.0), m));
                 }
                 "intrusion"
@@ -266,7 +347,13 @@ impl City {
                 for i in 0..4 {
                     let cm = 290.0 + 15.0 * f64::from(i);
                     let sev = if cm > 320.0 { "critical" } else { "major" };
-                    let m = self.envelope(&d, "water_level_sensor", "water.level", sev, json!({"measurements": {"water_level_cm": cm}}));
+                    let m = self.envelope(
+                        &d,
+                        "water_level_sensor",
+                        "water.level",
+                        sev,
+                        json!({"measurements": {"water_level_cm": cm}}),
+                    );
                     out.push((secs(f64::from(i) * 5.0), m));
                 }
                 "rising river"
@@ -275,18 +362,30 @@ impl City {
                 let d = self.pick(|c| &c.air);
                 for i in 0..3 {
                     let pm25 = 70.0 + 40.0 * f64::from(i);
-                    let m = self.envelope(&d, "air_quality_sensor", "air.quality", "minor", json!({
-                        "measurements": {"pm2_5": pm25, "pm10": round1(pm25 * 1.4)}
-                    }));
+                    let m = self.envelope(
+                        &d,
+                        "air_quality_sensor",
+                        "air.quality",
+                        "minor",
+                        json!({
+                            "measurements": {"pm2_5": pm25, "pm10": round1(pm25 * 1.4)}
+                        }),
+                    );
                     out.push((secs(f64::from(i) * 5.0), m));
                 }
                 "smog"
             }
             _ => {
                 let d = self.pick(|c| &c.medical);
-                let m = self.envelope(&d, "medical_alarm", "medical.alarm", "critical", json!({
-                    "attributes": {"alarm": "fall detected", "resident_age": 84}
-                }));
+                let m = self.envelope(
+                    &d,
+                    "medical_alarm",
+                    "medical.alarm",
+                    "critical",
+                    json!({
+                        "attributes": {"alarm": "fall detected", "resident_age": 84}
+                    }),
+                );
                 out.push((secs(0.0), m));
                 "medical alarm"
             }
@@ -317,13 +416,23 @@ fn round2(v: f64) -> f64 {
 }
 
 /// Publishes the simulated city until `shutdown` (or `args.count` events).
-pub async fn run(broker: BrokerArgs, args: SimulatorArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    broker: BrokerArgs,
+    args: SimulatorArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     anyhow::ensure!(args.rate > 0.0, "--sim-rate must be positive");
     let seed = args.seed.unwrap_or_else(|| rand::rng().random());
     let mut city = City::new(seed);
 
-    let mut options = MqttOptions::new(format!("occ-sim-{seed:x}"), broker.host.clone(), broker.port);
-    options.set_keep_alive(Duration::from_secs(30)).set_clean_start(true);
+    let mut options = MqttOptions::new(
+        format!("occ-sim-{seed:x}"),
+        broker.host.clone(),
+        broker.port,
+    );
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_start(true);
     if let Some(user) = &broker.username {
         options.set_credentials(user.clone(), broker.password.clone().unwrap_or_default());
     }
@@ -352,8 +461,13 @@ pub async fn run(broker: BrokerArgs, args: SimulatorArgs, shutdown: Cancellation
         }
     });
 
-    tracing::info!(rate = args.rate, situations_per_minute = args.situations_per_minute, seed, "simulating the city");
-    let mut pending: BinaryHeap<Reverse<(Instant, u64, String, Vec<u8>)>> = BinaryHeap::new();
+    tracing::info!(
+        rate = args.rate,
+        situations_per_minute = args.situations_per_minute,
+        seed,
+        "simulating the city"
+    );
+    let mut pending: BinaryHeap<Reverse<Scheduled>> = BinaryHeap::new();
     let mut tie = 0u64;
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -371,12 +485,19 @@ pub async fn run(broker: BrokerArgs, args: SimulatorArgs, shutdown: Cancellation
             tracing::info!(situation = name, messages = steps.len(), "situation starts");
             for (delay, m) in steps {
                 tie += 1;
-                pending.push(Reverse((now + delay, tie, m.source, m.payload.to_string().into_bytes())));
+                pending.push(Reverse((
+                    now + delay,
+                    tie,
+                    m.source,
+                    m.payload.to_string().into_bytes(),
+                )));
             }
         }
         let (source, payload) = match pending.peek() {
             Some(Reverse((due, ..))) if *due <= now => {
-                let Some(Reverse((_, _, s, p))) = pending.pop() else { continue };
+                let Some(Reverse((_, _, s, p))) = pending.pop() else {
+                    continue;
+                };
                 (s, p)
             }
             _ if city.rng.random_bool(args.malformed_ratio.clamp(0.0, 1.0)) => city.malformed(),
@@ -397,14 +518,17 @@ pub async fn run(broker: BrokerArgs, args: SimulatorArgs, shutdown: Cancellation
         }
         last_duplicate = Some((source, payload));
         sent += 1;
-        if sent % 1000 == 0 {
+        if sent.is_multiple_of(1000) {
             tracing::info!(sent, "simulator progress");
         }
     }
     tracing::info!(sent, "simulator stopping");
     // The poller ends once the DISCONNECT is out (or gives up after a moment).
     let _ = client.try_disconnect();
-    if tokio::time::timeout(Duration::from_secs(2), &mut poller).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), &mut poller)
+        .await
+        .is_err()
+    {
         poll_stop.cancel();
         let _ = poller.await;
     }

@@ -9,11 +9,27 @@ pub fn init(args: &LogArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("invalid --log filter {:?}: {e}", args.filter))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| Stderr);
     let result = if args.format == "json" {
         builder.json().flatten_event(true).try_init()
     } else {
         builder.try_init()
     };
     result.map_err(|e| anyhow::anyhow!("cannot initialise logging: {e}"))
+}
+
+/// Standard error that never fails: a log line that cannot be written (the reader of a pipe
+/// went away) is dropped rather than taking OCC down with it.
+struct Stderr;
+
+impl std::io::Write for Stderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }

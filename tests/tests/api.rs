@@ -1,0 +1,551 @@
+//! The gRPC API over a real socket: ingest results, rules changed at run time and tried dry,
+//! incident listing, errors mapped to codes with field-level details, health and reflection.
+
+use std::time::Duration;
+
+use occ_proto::v1 as pb;
+use occ_tests::{Broker, Occ, database_url, eventually, incidents, ingest, rules, serve_args};
+use sqlx::PgPool;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+async fn start(pool: &PgPool, id: &str) -> (Broker, Occ) {
+    let broker = Broker::start().await.expect("broker");
+    let occ = Occ::start(serve_args(&database_url(pool), broker.port, id, &[]))
+        .await
+        .expect("occ starts");
+    (broker, occ)
+}
+
+fn event(source: &str, external_id: &str, event_type: &str, zone: &str) -> pb::Event {
+    pb::Event {
+        source_id: source.into(),
+        external_id: external_id.into(),
+        r#type: event_type.into(),
+        severity: pb::Severity::Major as i32,
+        zone: zone.into(),
+        location: Some(pb::GeoPoint {
+            lat: 51.16,
+            lon: 71.43,
+        }),
+        confidence: Some(0.9),
+        ..Default::default()
+    }
+}
+
+fn violations(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+#[sqlx::test(migrations = false)]
+async fn publish_events_answers_each_event_after_commit(pool: PgPool) {
+    let (_broker, occ) = start(&pool, "occ-api-1").await;
+    let mut client = ingest(&occ.grpc).await;
+    let mut invalid = event("det-3", "bad", "", "z");
+    invalid.location = Some(pb::GeoPoint {
+        lat: 100.0,
+        lon: 0.0,
+    });
+    let results = client
+        .publish_events(pb::PublishEventsRequest {
+            events: vec![
+                event("det-1", "a", "smoke.detected", "esil_residential_1"),
+                event("det-1", "a", "smoke.detected", "esil_residential_1"),
+                invalid,
+                event("det-2", "", "smoke.detected", "esil_residential_1"),
+                event("cam-1", "p", "object.person", "park_path"),
+            ],
+        })
+        .await
+        .expect("PublishEvents")
+        .into_inner()
+        .results;
+    let outcomes: Vec<i32> = results.iter().map(|r| r.outcome).collect();
+    use pb::PublishOutcome as O;
+    assert_eq!(
+        outcomes,
+        [
+            O::Accepted,
+            O::Duplicate,
+            O::Rejected,
+            O::Accepted,
+            O::Accepted
+        ]
+        .map(|o| o as i32)
+    );
+    assert_eq!(
+        results[1].event_id, results[0].event_id,
+        "a duplicate names the stored event"
+    );
+    let fields: Vec<&str> = results[2]
+        .violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect();
+    assert_eq!(fields, ["type", "location.lat"]);
+
+    // The first event opened the fire incident, the fourth joined it, the person opened none.
+    assert_eq!(results[0].incidents.len(), 1);
+    assert!(results[0].incidents[0].opened);
+    assert_eq!(results[3].incidents[0].id, results[0].incidents[0].id);
+    assert!(!results[3].incidents[0].opened);
+    assert!(results[4].incidents.is_empty());
+
+    // Answered after commit: visible at once.
+    let incident = incidents(&occ.grpc)
+        .await
+        .get_incident(pb::GetIncidentRequest {
+            id: results[0].incidents[0].number.clone(),
+        })
+        .await
+        .expect("GetIncident")
+        .into_inner()
+        .incident
+        .expect("incident");
+    assert_eq!(incident.event_count, 2);
+    let dead: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE transport = 'grpc'")
+            .fetch_one(&pool)
+            .await
+            .expect("dead letters");
+    assert_eq!(dead, 1, "the rejected event is kept as a dead letter");
+
+    let empty = client
+        .publish_events(pb::PublishEventsRequest { events: vec![] })
+        .await
+        .expect_err("empty request");
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    assert_eq!(violations(&empty), ["events"]);
+    occ.stop().await.expect("stop");
+}
+
+fn noise_rule() -> pb::Rule {
+    pb::Rule {
+        name: "night-noise".into(),
+        description: "Loud noise at night".into(),
+        enabled: true,
+        condition: Some(pb::RuleCondition {
+            event_types: vec!["noise.level".into()],
+            thresholds: vec![pb::Threshold {
+                measurement: "dba".into(),
+                comparison: pb::Comparison::GreaterThan as i32,
+                value: 85.0,
+            }],
+            ..Default::default()
+        }),
+        action: Some(pb::RuleAction {
+            category: "noise".into(),
+            queue: "municipal".into(),
+            priority: pb::Priority::P4 as i32,
+            title_template: "Noise of {measurement.dba} dBA in {zone}".into(),
+            correlation_fields: vec!["zone".into()],
+            correlation_window: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+        }),
+        ..Default::default()
+    }
+}
+
+fn loud(id: &str) -> pb::Event {
+    let mut e = event("acoustic-7", id, "noise.level", "esil_street_2");
+    e.measurements.insert("dba".into(), 91.0);
+    e
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_rule_added_at_run_time_applies_without_restart(pool: PgPool) {
+    let (_broker, occ) = start(&pool, "occ-api-2").await;
+    let mut rule_client = rules(&occ.grpc).await;
+    let before = rule_client
+        .list_rules(pb::ListRulesRequest::default())
+        .await
+        .expect("ListRules")
+        .into_inner()
+        .rules;
+    assert_eq!(before.len(), 9, "the default city rules");
+
+    let put = rule_client
+        .put_rule(pb::PutRuleRequest {
+            rule: Some(noise_rule()),
+        })
+        .await
+        .expect("PutRule")
+        .into_inner();
+    assert!(put.created);
+
+    // The rule set reloads (NOTIFY) without a restart: the dry run sees the new rule...
+    eventually(Duration::from_secs(10), "the new rule in force", || {
+        let mut c = rule_client.clone();
+        async move {
+            let r = c
+                .test_rule(pb::TestRuleRequest {
+                    event: Some(loud("x")),
+                    rule: None,
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (!r.matches.is_empty()).then_some(())
+        }
+    })
+    .await;
+    // ...and so does ingest.
+    let published = ingest(&occ.grpc)
+        .await
+        .publish_events(pb::PublishEventsRequest {
+            events: vec![loud("n-1")],
+        })
+        .await
+        .expect("PublishEvents")
+        .into_inner();
+    let opened = &published.results[0].incidents[0];
+    let incident = incidents(&occ.grpc)
+        .await
+        .get_incident(pb::GetIncidentRequest {
+            id: opened.id.clone(),
+        })
+        .await
+        .expect("GetIncident")
+        .into_inner()
+        .incident
+        .expect("incident");
+    assert_eq!(incident.queue, "municipal");
+    assert_eq!(incident.priority, pb::Priority::P4 as i32);
+    assert_eq!(incident.title, "Noise of 91 dBA in esil_street_2");
+    assert_eq!(incident.rule_name, "night-noise");
+
+    rule_client
+        .delete_rule(pb::DeleteRuleRequest {
+            name: "night-noise".into(),
+        })
+        .await
+        .expect("DeleteRule");
+    let gone = rule_client
+        .delete_rule(pb::DeleteRuleRequest {
+            name: "night-noise".into(),
+        })
+        .await
+        .expect_err("deleted already");
+    assert_eq!(gone.code(), Code::NotFound);
+    occ.stop().await.expect("stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_dry_run_says_which_incident_would_open_or_be_joined(pool: PgPool) {
+    let (_broker, occ) = start(&pool, "occ-api-3").await;
+    let mut client = rules(&occ.grpc).await;
+    let smoke = event("det-5", "s-1", "smoke.detected", "saryarka_residential_0");
+
+    let first = client
+        .test_rule(pb::TestRuleRequest {
+            event: Some(smoke.clone()),
+            rule: None,
+        })
+        .await
+        .expect("TestRule")
+        .into_inner()
+        .matches;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].rule_name, "fire-smoke");
+    assert_eq!(first[0].outcome, pb::TestOutcome::WouldOpen as i32);
+    assert_eq!(first[0].correlation_key, "fire|zone=saryarka_residential_0");
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events")
+            .fetch_one(&pool)
+            .await
+            .expect("count"),
+        0,
+        "a dry run stores nothing"
+    );
+
+    let published = ingest(&occ.grpc)
+        .await
+        .publish_events(pb::PublishEventsRequest {
+            events: vec![smoke.clone()],
+        })
+        .await
+        .expect("PublishEvents")
+        .into_inner();
+    let number = published.results[0].incidents[0].number.clone();
+
+    let mut next = smoke.clone();
+    next.external_id = "s-2".into();
+    let second = client
+        .test_rule(pb::TestRuleRequest {
+            event: Some(next.clone()),
+            rule: None,
+        })
+        .await
+        .expect("TestRule")
+        .into_inner()
+        .matches;
+    assert_eq!(second[0].outcome, pb::TestOutcome::WouldJoin as i32);
+    assert_eq!(
+        second[0].incident.as_ref().map(|i| i.number.as_str()),
+        Some(number.as_str())
+    );
+
+    // A draft rule is tried as written, even before it is stored.
+    let mut draft = noise_rule();
+    draft.condition.as_mut().expect("condition").event_types = vec!["smoke.*".into()];
+    draft
+        .condition
+        .as_mut()
+        .expect("condition")
+        .thresholds
+        .clear();
+    let tried = client
+        .test_rule(pb::TestRuleRequest {
+            event: Some(next),
+            rule: Some(draft),
+        })
+        .await
+        .expect("TestRule with a draft")
+        .into_inner()
+        .matches;
+    assert_eq!(tried.len(), 1);
+    assert_eq!(tried[0].queue, "municipal");
+    assert_eq!(tried[0].outcome, pb::TestOutcome::WouldOpen as i32);
+    occ.stop().await.expect("stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn invalid_requests_get_invalid_argument_with_each_field(pool: PgPool) {
+    let (_broker, occ) = start(&pool, "occ-api-4").await;
+    let mut client = rules(&occ.grpc).await;
+    let mut bad = noise_rule();
+    bad.name = "Night Noise".into();
+    let action = bad.action.as_mut().expect("action");
+    action.queue = "coast_guard".into();
+    action.title_template = "Noise in {street}".into();
+    action.priority = pb::Priority::Unspecified as i32;
+    bad.condition
+        .as_mut()
+        .expect("condition")
+        .event_types
+        .clear();
+    let status = client
+        .put_rule(pb::PutRuleRequest { rule: Some(bad) })
+        .await
+        .expect_err("invalid rule");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        violations(&status),
+        ["rule.action.priority"],
+        "shape errors first"
+    );
+
+    let mut bad = noise_rule();
+    bad.name = "Night Noise".into();
+    bad.action.as_mut().expect("action").title_template = "Noise in {street}".into();
+    bad.condition
+        .as_mut()
+        .expect("condition")
+        .event_types
+        .clear();
+    let status = client
+        .put_rule(pb::PutRuleRequest { rule: Some(bad) })
+        .await
+        .expect_err("invalid rule");
+    assert_eq!(
+        violations(&status),
+        [
+            "rule.name",
+            "rule.condition.event_types",
+            "rule.action.title_template"
+        ]
+    );
+    assert!(
+        status.message().contains("rule.name"),
+        "{}",
+        status.message()
+    );
+
+    let mut unknown_queue = noise_rule();
+    unknown_queue.action.as_mut().expect("action").queue = "coast_guard".into();
+    let status = client
+        .put_rule(pb::PutRuleRequest {
+            rule: Some(unknown_queue),
+        })
+        .await
+        .expect_err("unknown queue");
+    assert_eq!(violations(&status), ["rule.action.queue"]);
+
+    let mut inc = incidents(&occ.grpc).await;
+    let status = inc
+        .get_incident(pb::GetIncidentRequest {
+            id: "yesterday's fire".into(),
+        })
+        .await
+        .expect_err("not an id");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(violations(&status), ["id"]);
+    let status = inc
+        .get_incident(pb::GetIncidentRequest {
+            id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .expect_err("no such incident");
+    assert_eq!(status.code(), Code::NotFound);
+    let status = inc
+        .list_incidents(pb::ListIncidentsRequest {
+            page_token: "bm90IGEgdG9rZW4".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad token");
+    assert_eq!(violations(&status), ["page_token"]);
+    occ.stop().await.expect("stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn incidents_list_in_queue_order_by_pages_and_filters(pool: PgPool) {
+    let (_broker, occ) = start(&pool, "occ-api-5").await;
+    let mut air = event("aq-1", "q", "air.quality", "nura_air");
+    air.measurements.insert("pm2_5".into(), 180.0);
+    ingest(&occ.grpc)
+        .await
+        .publish_events(pb::PublishEventsRequest {
+            events: vec![
+                air,
+                event("panic-1", "p", "panic.pressed", "esil_transit_stop_1"),
+                event("det-1", "s", "smoke.detected", "almaty_residential_2"),
+                event(
+                    "cam-sub-1",
+                    "i",
+                    "object.person",
+                    "restricted_substation_nura",
+                ),
+            ],
+        })
+        .await
+        .expect("PublishEvents");
+
+    let mut client = incidents(&occ.grpc).await;
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_incidents(pb::ListIncidentsRequest {
+                page_size: 1,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("page")
+            .into_inner();
+        seen.extend(page.incidents.iter().map(|i| (i.priority, i.queue.clone())));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let priorities: Vec<i32> = seen.iter().map(|s| s.0).collect();
+    assert_eq!(priorities, [1, 1, 2, 3], "most urgent first: {seen:?}");
+
+    let police = client
+        .list_incidents(pb::ListIncidentsRequest {
+            queue: "police".into(),
+            min_priority: pb::Priority::P1 as i32,
+            statuses: vec![pb::IncidentStatus::Queued as i32],
+            ..Default::default()
+        })
+        .await
+        .expect("filtered")
+        .into_inner()
+        .incidents;
+    assert_eq!(police.len(), 1);
+    assert_eq!(police[0].category, "panic_alarm");
+    occ.stop().await.expect("stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn health_and_reflection_answer(pool: PgPool) {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let (_broker, occ) = start(&pool, "occ-api-6").await;
+    assert_eq!(
+        occ_tests::health(&occ.grpc).await,
+        Some(tonic_health::pb::health_check_response::ServingStatus::Serving)
+    );
+
+    let channel = tonic::transport::Channel::from_shared(occ.grpc.clone())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = ServerReflectionClient::new(channel);
+    let ask = |m: MessageRequest| {
+        tokio_stream_once(ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(m),
+        })
+    };
+    let mut stream = client
+        .server_reflection_info(ask(MessageRequest::ListServices(String::new())))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let Some(Ok(reply)) = next(&mut stream).await else {
+        panic!("a reflection answer");
+    };
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("a service list");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    for expected in [
+        "grpc.health.v1.Health",
+        "occ.v1.IncidentService",
+        "occ.v1.IngestService",
+        "occ.v1.RuleService",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    // Health's descriptors are served too, so `buf curl` can call it through reflection.
+    let mut stream = client
+        .server_reflection_info(ask(MessageRequest::FileContainingSymbol(
+            "grpc.health.v1.Health".into(),
+        )))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let Some(Ok(reply)) = next(&mut stream).await else {
+        panic!("a reflection answer");
+    };
+    assert!(
+        matches!(
+            reply.message_response,
+            Some(MessageResponse::FileDescriptorResponse(_))
+        ),
+        "{:?}",
+        reply.message_response
+    );
+    occ.stop().await.expect("stop");
+}
+
+fn tokio_stream_once<T: Send + 'static>(item: T) -> impl tonic::IntoStreamingRequest<Message = T> {
+    futures_once(item)
+}
+
+fn futures_once<T: Send + 'static>(
+    item: T,
+) -> tonic::Request<std::pin::Pin<Box<dyn tokio_stream::Stream<Item = T> + Send>>> {
+    tonic::Request::new(Box::pin(tokio_stream::once(item)))
+}
+
+async fn next<S: tokio_stream::Stream + Unpin>(s: &mut S) -> Option<S::Item> {
+    use tokio_stream::StreamExt;
+    s.next().await
+}
