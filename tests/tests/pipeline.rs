@@ -285,3 +285,64 @@ async fn two_instances_sharing_the_subscription_make_one_incident(pool: PgPool) 
     a.stop().await.expect("stop a");
     b.stop().await.expect("stop b");
 }
+
+/// A value PostgreSQL refuses (here a trigger stands in for one) fails its batch: OCC then
+/// stores the batch message by message, so only that message becomes a dead letter.
+#[sqlx::test(migrations = false)]
+async fn a_message_the_database_refuses_is_isolated_and_the_rest_is_stored(pool: PgPool) {
+    let broker = Broker::start().await.expect("broker");
+    let occ = Occ::start(serve_args(
+        &database_url(&pool),
+        broker.port,
+        "occ-e2e-4",
+        &["--batch-deadline", "500ms"],
+    ))
+    .await
+    .expect("occ starts");
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.source_id = 'poison' THEN
+             RAISE EXCEPTION 'refused' USING ERRCODE = '22023';
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON events
+           FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    )
+    .execute(&pool)
+    .await
+    .expect("trigger");
+
+    let mut publisher = Publisher::connect(broker.port).await;
+    for i in 0..10 {
+        let source = if i == 4 { "poison" } else { "det-1" };
+        publisher
+            .publish(
+                &format!("occ/v1/events/{source}"),
+                smoke(&format!("m{i}"), "zone_p"),
+            )
+            .await;
+    }
+    publisher.flush().await;
+    eventually(
+        Duration::from_secs(10),
+        "nine events and one dead letter",
+        || async {
+            let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+            (event_count(&pool).await == 9 && dead == 1).then_some(())
+        },
+    )
+    .await;
+    let reason: String = sqlx::query_scalar("SELECT reason FROM dead_letters")
+        .fetch_one(&pool)
+        .await
+        .expect("reason");
+    assert!(reason.starts_with("could not be stored"), "{reason}");
+    let incidents = list_all(&occ.grpc).await;
+    assert_eq!(incidents[0].event_count, 9);
+    occ.stop().await.expect("stop");
+}

@@ -437,9 +437,15 @@ impl Event {
                 );
             }
         }
-        for key in input.attributes.keys() {
+        for (key, value) in &input.attributes {
             if let Err(e) = validation::text("attributes", key, 64) {
                 c.push(format!("attributes.{key}"), e.message);
+            } else if contains_nul(value) {
+                // PostgreSQL cannot store U+0000 in text or JSON.
+                c.push(
+                    format!("attributes.{key}"),
+                    "must not contain the NUL character",
+                );
             }
         }
 
@@ -495,6 +501,16 @@ impl Event {
                 }
             }
         }
+    }
+}
+
+fn contains_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(contains_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
     }
 }
 
@@ -619,6 +635,21 @@ mod tests {
         let errs = Event::parse(source(), big, b"", received(), &limits).expect_err("too big");
         let fields: Vec<_> = errs.errors().iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["measurements", "attributes"]);
+    }
+
+    #[test]
+    fn nul_characters_in_attributes_are_rejected() {
+        let mut bad = input();
+        bad.attributes.insert(
+            "note".into(),
+            serde_json::json!({"inner": ["ok", "a\u{0}b"]}),
+        );
+        let errs = Event::parse(source(), bad, b"", received(), &Limits::default())
+            .expect_err("NUL refused");
+        assert_eq!(
+            errs.to_string(),
+            "attributes.note: must not contain the NUL character"
+        );
     }
 
     #[test]

@@ -127,9 +127,8 @@ impl Batcher {
         let outcome = match self.commit(&decoded, shutdown).await {
             Some(Ok(outcome)) => outcome,
             Some(Err(e)) => {
-                // Something in this batch cannot be stored although the database is up (a
-                // bug or an unforeseen value). Store its messages one by one, so only the
-                // culprit ends in the dead letters and the rest flows on.
+                // Something in this batch is a value PostgreSQL refuses. Store its messages one
+                // by one, so only the culprit ends in the dead letters and the rest flows on.
                 tracing::error!(error = %e, messages = batch.len(), "batch failed; storing its messages one by one");
                 for m in batch {
                     if !self.process_alone(m, shutdown).await {
@@ -183,8 +182,9 @@ impl Batcher {
         true
     }
 
-    /// Commits, retrying while the database is unavailable. `None` when shutdown came first;
-    /// `Some(Err)` for an error that retrying will not fix.
+    /// Commits, retrying with backoff until it succeeds, for as long as the failure is about
+    /// the database (unreachable, a lost race, anything not caused by the data). `None` when
+    /// shutdown came first; `Some(Err)` when the data itself cannot be stored.
     async fn commit(
         &self,
         decoded: &Decoded,
@@ -212,11 +212,16 @@ impl Batcher {
                     }
                     return Some(Ok(outcome));
                 }
-                Err(e @ (StoreError::Unavailable(_) | StoreError::Retry(_))) => {
+                Err(e) if e.is_data_error() => return Some(Err(e)),
+                Err(e) => {
                     if self.status.borrow().database_ok {
                         self.status.send_modify(|s| s.database_ok = false);
                     }
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot commit batch; ingest paused, nothing acknowledged");
+                    if e.is_unavailable() || matches!(e, StoreError::Retry(_)) {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "cannot commit batch; ingest paused, nothing acknowledged");
+                    } else {
+                        tracing::error!(error = %e, retry_in = ?backoff, "cannot commit batch; ingest paused, nothing acknowledged");
+                    }
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
                         () = shutdown.cancelled() => {
@@ -226,7 +231,6 @@ impl Batcher {
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
-                Err(e) => return Some(Err(e)),
             }
         }
     }

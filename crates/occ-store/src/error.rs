@@ -36,6 +36,20 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))
     }
+
+    /// True when the data itself cannot be stored (a value PostgreSQL refuses, a constraint it
+    /// breaks), so that retrying the same input will fail again. Other errors are about the
+    /// database, not the input.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            StoreError::Database(sqlx::Error::Encode(_)) => true,
+            StoreError::Database(sqlx::Error::Database(db)) => db.code().is_some_and(|code| {
+                // data_exception, integrity_constraint_violation, program_limit_exceeded
+                code.starts_with("22") || code.starts_with("23") || code.starts_with("54")
+            }),
+            _ => false,
+        }
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
