@@ -281,15 +281,6 @@ impl LiveRules {
         })
     }
 
-    /// A fixed rule set that never reloads (tests and dry runs).
-    pub fn fixed(rules: RuleSet) -> Self {
-        let (_tx, rx) = watch::channel(Arc::new(rules));
-        Self {
-            current: rx,
-            reload: Arc::new(Notify::new()),
-        }
-    }
-
     pub fn current(&self) -> Arc<RuleSet> {
         self.current.borrow().clone()
     }
