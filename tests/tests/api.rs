@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use occ_proto::v1 as pb;
-use occ_tests::{Broker, Occ, database_url, eventually, incidents, ingest, rules, serve_args};
+use occ_tests::{
+    Broker, Occ, database_url, event_count, eventually, incidents, ingest, rules, serve_args,
+};
 use sqlx::PgPool;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -31,6 +33,41 @@ fn event(source: &str, external_id: &str, event_type: &str, zone: &str) -> pb::E
         confidence: Some(0.9),
         ..Default::default()
     }
+}
+
+/// What `TestRule` says of `event` (against the rules in force, or against `draft`).
+async fn dry_run(grpc: &str, event: &pb::Event, draft: Option<pb::Rule>) -> Vec<pb::RuleMatch> {
+    rules(grpc)
+        .await
+        .test_rule(pb::TestRuleRequest {
+            event: Some(event.clone()),
+            rule: draft,
+        })
+        .await
+        .expect("TestRule")
+        .into_inner()
+        .matches
+}
+
+async fn publish(grpc: &str, events: Vec<pb::Event>) -> Vec<pb::PublishResult> {
+    ingest(grpc)
+        .await
+        .publish_events(pb::PublishEventsRequest { events })
+        .await
+        .expect("PublishEvents")
+        .into_inner()
+        .results
+}
+
+async fn get_incident(grpc: &str, id: &str) -> pb::Incident {
+    incidents(grpc)
+        .await
+        .get_incident(pb::GetIncidentRequest { id: id.to_owned() })
+        .await
+        .expect("GetIncident")
+        .into_inner()
+        .incident
+        .expect("incident")
 }
 
 fn violations(status: &tonic::Status) -> Vec<String> {
@@ -95,16 +132,7 @@ async fn publish_events_answers_each_event_after_commit(pool: PgPool) {
     assert!(results[4].incidents.is_empty());
 
     // Answered after commit: visible at once.
-    let incident = incidents(&occ.grpc)
-        .await
-        .get_incident(pb::GetIncidentRequest {
-            id: results[0].incidents[0].number.clone(),
-        })
-        .await
-        .expect("GetIncident")
-        .into_inner()
-        .incident
-        .expect("incident");
+    let incident = get_incident(&occ.grpc, &results[0].incidents[0].number).await;
     assert_eq!(incident.event_count, 2);
     let dead: i64 =
         sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE transport = 'grpc'")
@@ -195,25 +223,8 @@ async fn a_rule_added_at_run_time_applies_without_restart(pool: PgPool) {
     })
     .await;
     // ...and so does ingest.
-    let published = ingest(&occ.grpc)
-        .await
-        .publish_events(pb::PublishEventsRequest {
-            events: vec![loud("n-1")],
-        })
-        .await
-        .expect("PublishEvents")
-        .into_inner();
-    let opened = &published.results[0].incidents[0];
-    let incident = incidents(&occ.grpc)
-        .await
-        .get_incident(pb::GetIncidentRequest {
-            id: opened.id.clone(),
-        })
-        .await
-        .expect("GetIncident")
-        .into_inner()
-        .incident
-        .expect("incident");
+    let published = publish(&occ.grpc, vec![loud("n-1")]).await;
+    let incident = get_incident(&occ.grpc, &published[0].incidents[0].id).await;
     assert_eq!(incident.queue, "municipal");
     assert_eq!(incident.priority, pb::Priority::P4 as i32);
     assert_eq!(incident.title, "Noise of 91 dBA in esil_street_2");
@@ -238,52 +249,21 @@ async fn a_rule_added_at_run_time_applies_without_restart(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn a_dry_run_says_which_incident_would_open_or_be_joined(pool: PgPool) {
     let (_broker, occ) = start(&pool, "occ-api-3").await;
-    let mut client = rules(&occ.grpc).await;
     let smoke = event("det-5", "s-1", "smoke.detected", "saryarka_residential_0");
 
-    let first = client
-        .test_rule(pb::TestRuleRequest {
-            event: Some(smoke.clone()),
-            rule: None,
-        })
-        .await
-        .expect("TestRule")
-        .into_inner()
-        .matches;
+    let first = dry_run(&occ.grpc, &smoke, None).await;
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].rule_name, "fire-smoke");
     assert_eq!(first[0].outcome, pb::TestOutcome::WouldOpen as i32);
     assert_eq!(first[0].correlation_key, "fire|zone=saryarka_residential_0");
-    assert_eq!(
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events")
-            .fetch_one(&pool)
-            .await
-            .expect("count"),
-        0,
-        "a dry run stores nothing"
-    );
+    assert_eq!(event_count(&pool).await, 0, "a dry run stores nothing");
 
-    let published = ingest(&occ.grpc)
-        .await
-        .publish_events(pb::PublishEventsRequest {
-            events: vec![smoke.clone()],
-        })
-        .await
-        .expect("PublishEvents")
-        .into_inner();
-    let number = published.results[0].incidents[0].number.clone();
+    let published = publish(&occ.grpc, vec![smoke.clone()]).await;
+    let number = published[0].incidents[0].number.clone();
 
     let mut next = smoke.clone();
     next.external_id = "s-2".into();
-    let second = client
-        .test_rule(pb::TestRuleRequest {
-            event: Some(next.clone()),
-            rule: None,
-        })
-        .await
-        .expect("TestRule")
-        .into_inner()
-        .matches;
+    let second = dry_run(&occ.grpc, &next, None).await;
     assert_eq!(second[0].outcome, pb::TestOutcome::WouldJoin as i32);
     assert_eq!(
         second[0].incident.as_ref().map(|i| i.number.as_str()),
@@ -292,22 +272,10 @@ async fn a_dry_run_says_which_incident_would_open_or_be_joined(pool: PgPool) {
 
     // A draft rule is tried as written, even before it is stored.
     let mut draft = noise_rule();
-    draft.condition.as_mut().expect("condition").event_types = vec!["smoke.*".into()];
-    draft
-        .condition
-        .as_mut()
-        .expect("condition")
-        .thresholds
-        .clear();
-    let tried = client
-        .test_rule(pb::TestRuleRequest {
-            event: Some(next),
-            rule: Some(draft),
-        })
-        .await
-        .expect("TestRule with a draft")
-        .into_inner()
-        .matches;
+    let condition = draft.condition.as_mut().expect("condition");
+    condition.event_types = vec!["smoke.*".into()];
+    condition.thresholds.clear();
+    let tried = dry_run(&occ.grpc, &next, Some(draft)).await;
     assert_eq!(tried.len(), 1);
     assert_eq!(tried[0].queue, "municipal");
     assert_eq!(tried[0].outcome, pb::TestOutcome::WouldOpen as i32);

@@ -27,6 +27,24 @@ fn stream_event(i: usize) -> (String, Vec<u8>) {
     )
 }
 
+async fn publish_stream(publisher: &mut Publisher, events: std::ops::Range<usize>) {
+    for i in events {
+        let (topic, payload) = stream_event(i);
+        publisher.publish(&topic, payload).await;
+    }
+}
+
+/// Waits until `n` events are stored, then a moment more, and checks that no more arrive
+/// (redeliveries of committed messages must not add any).
+async fn expect_exactly(pool: &PgPool, n: usize) {
+    eventually(Duration::from_secs(60), "all events", || async {
+        (event_count(pool).await >= n as i64).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(event_count(pool).await, n as i64);
+}
+
 async fn fire_event_count(pool: &PgPool) -> Vec<i32> {
     sqlx::query_scalar("SELECT event_count FROM incidents ORDER BY created_at")
         .fetch_all(pool)
@@ -49,10 +67,7 @@ async fn killed_mid_stream_and_restarted_ends_with_exactly_n_events(pool: PgPool
     let occ = OccProcess::start(OCC, &args).await.expect("occ starts");
     let mut publisher = Publisher::connect(broker.port).await;
 
-    for i in 0..N / 3 {
-        let (topic, payload) = stream_event(i);
-        publisher.publish(&topic, payload).await;
-    }
+    publish_stream(&mut publisher, 0..N / 3).await;
     // Kill it while it is working through the stream.
     eventually(Duration::from_secs(20), "ingest under way", || async {
         (event_count(&pool).await > 0).then_some(())
@@ -61,10 +76,7 @@ async fn killed_mid_stream_and_restarted_ends_with_exactly_n_events(pool: PgPool
     occ.kill().await.expect("SIGKILL");
 
     // The rest arrives while OCC is down: the broker keeps it in OCC's session.
-    for i in N / 3..N {
-        let (topic, payload) = stream_event(i);
-        publisher.publish(&topic, payload).await;
-    }
+    publish_stream(&mut publisher, N / 3..N).await;
     publisher.flush().await;
     let stored_while_down = event_count(&pool).await;
     assert!(
@@ -73,13 +85,7 @@ async fn killed_mid_stream_and_restarted_ends_with_exactly_n_events(pool: PgPool
     );
 
     let occ = OccProcess::start(OCC, &args).await.expect("occ restarts");
-    eventually(Duration::from_secs(60), "all N events", || async {
-        (event_count(&pool).await >= N as i64).then_some(())
-    })
-    .await;
-    // Redeliveries of what was committed before the kill must not add anything.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(event_count(&pool).await, N as i64);
+    expect_exactly(&pool, N).await;
     assert_eq!(
         fire_event_count(&pool).await,
         [(N / 2) as i32],
@@ -119,12 +125,7 @@ async fn sigterm_stops_cleanly_and_loses_nothing(pool: PgPool) {
     publisher.flush().await;
 
     let occ = OccProcess::start(OCC, &args).await.expect("occ restarts");
-    eventually(Duration::from_secs(60), "all N events", || async {
-        (event_count(&pool).await >= N as i64).then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(event_count(&pool).await, N as i64);
+    expect_exactly(&pool, N).await;
     assert_eq!(fire_event_count(&pool).await, [(N / 2) as i32]);
     occ.terminate().await.expect("SIGTERM");
 }
@@ -144,20 +145,14 @@ async fn a_database_outage_pauses_ingest_and_it_resumes_by_itself(pool: PgPool) 
     .await
     .expect("occ starts");
     let mut publisher = Publisher::connect(broker.port).await;
-    for i in 0..100 {
-        let (topic, payload) = stream_event(i);
-        publisher.publish(&topic, payload).await;
-    }
+    publish_stream(&mut publisher, 0..100).await;
     eventually(Duration::from_secs(10), "the first 100 events", || async {
         (event_count(&pool).await == 100).then_some(())
     })
     .await;
 
     proxy.cut();
-    for i in 100..300 {
-        let (topic, payload) = stream_event(i);
-        publisher.publish(&topic, payload).await;
-    }
+    publish_stream(&mut publisher, 100..300).await;
     publisher.flush().await;
     eventually(Duration::from_secs(15), "health NOT_SERVING", || async {
         (health(&occ.grpc).await == Some(ServingStatus::NotServing)).then_some(())
