@@ -41,16 +41,20 @@ CREATE TABLE events (
 CREATE INDEX events_received_at ON events (received_at);
 
 -- What could not be decoded or validated: kept with its topic, bytes and the reason, so it can
--- be inspected and replayed. Never silently dropped.
+-- be inspected and replayed. Never silently dropped. Like events, a redelivered message is
+-- recognised (same transport, topic and content) and changes nothing.
 CREATE TABLE dead_letters (
-    id           uuid PRIMARY KEY,
-    received_at  timestamptz NOT NULL,
-    transport    text NOT NULL CHECK (transport IN ('mqtt', 'grpc')),
-    topic        text NOT NULL,
-    payload      bytea NOT NULL,
+    id             uuid PRIMARY KEY,
+    received_at    timestamptz NOT NULL,
+    transport      text NOT NULL CHECK (transport IN ('mqtt', 'grpc')),
+    topic          text NOT NULL,
+    payload        bytea NOT NULL,
     -- The size received; `payload` holds at most the payload limit of an oversize message.
-    payload_size integer NOT NULL,
-    reason       text NOT NULL
+    payload_size   integer NOT NULL,
+    -- SHA-256 of the whole payload as received.
+    payload_sha256 bytea NOT NULL,
+    reason         text NOT NULL,
+    CONSTRAINT dead_letters_idempotency UNIQUE (transport, topic, payload_sha256)
 );
 
 CREATE INDEX dead_letters_received_at ON dead_letters (received_at);
@@ -114,7 +118,9 @@ CREATE TABLE incidents (
     -- correlates (index below): two instances that see related events at the same moment
     -- cannot both open an incident.
     correlating     boolean NOT NULL DEFAULT true,
-    rule_id         uuid REFERENCES rules (id) ON DELETE SET NULL,
+    -- The rule that opened it. Not a foreign key: an instance may still evaluate a rule for a
+    -- moment after another instance deleted it, and its incidents must still be stored.
+    rule_id         uuid,
     rule_name       text NOT NULL,
     first_seen      timestamptz NOT NULL,
     last_seen       timestamptz NOT NULL,

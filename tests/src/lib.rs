@@ -208,6 +208,15 @@ impl Occ {
         })
     }
 
+    /// Messages this instance has committed and acknowledged.
+    pub fn ingested(&self) -> u64 {
+        self.running.as_ref().map_or(0, |r| {
+            r.ingest_stats()
+                .messages
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         match self.running.take() {

@@ -127,7 +127,7 @@ async fn a_message_published_twice_is_one_event(pool: PgPool) {
     .await
     .expect("occ starts");
     let mut publisher = Publisher::connect(broker.port).await;
-    // One with the producer's id, one without (deduplicated by content).
+    // One with the producer's id, one without (deduplicated by content), one malformed.
     let no_id = br#"{"type": "panic.pressed", "zone": "esil_transit_stop_1"}"#.to_vec();
     for _ in 0..2 {
         publisher
@@ -135,6 +135,9 @@ async fn a_message_published_twice_is_one_event(pool: PgPool) {
             .await;
         publisher
             .publish("occ/v1/events/panic-1", no_id.clone())
+            .await;
+        publisher
+            .publish("occ/v1/events/cam-2", b"{not json".to_vec())
             .await;
     }
     // A marker published last: once it is stored, everything before it was processed.
@@ -155,6 +158,11 @@ async fn a_message_published_twice_is_one_event(pool: PgPool) {
     })
     .await;
     assert_eq!(event_count(&pool).await, 3, "two events and the marker");
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(&pool)
+        .await
+        .expect("dead letters");
+    assert_eq!(dead, 1, "the malformed message is one dead letter");
     let all = list_all(&occ.grpc).await;
     assert_eq!(all.len(), 2);
     assert!(all.iter().all(|i| i.event_count == 1), "{all:#?}");
@@ -277,6 +285,10 @@ async fn two_instances_sharing_the_subscription_make_one_incident(pool: PgPool) 
     let incidents = list_all(&a.grpc).await;
     assert_eq!(incidents.len(), 1, "{incidents:#?}");
     assert_eq!(incidents[0].event_count, N as i64);
+    // The broker split the stream between them.
+    let (by_a, by_b) = (a.ingested(), b.ingested());
+    assert!(by_a > 0 && by_b > 0, "a took {by_a}, b took {by_b}");
+    assert_eq!(by_a + by_b, N as u64);
     let linked: i64 = sqlx::query_scalar("SELECT count(*) FROM incident_events")
         .fetch_one(&pool)
         .await

@@ -1,6 +1,8 @@
 //! What happens when things fail: OCC killed mid-stream, stopped with SIGTERM, or cut off
 //! from PostgreSQL. Nothing accepted is lost and nothing is counted twice.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use occ_tests::{
@@ -65,25 +67,41 @@ async fn killed_mid_stream_and_restarted_ends_with_exactly_n_events(pool: PgPool
         &["--batch-size", "50"],
     );
     let occ = OccProcess::start(OCC, &args).await.expect("occ starts");
-    let mut publisher = Publisher::connect(broker.port).await;
 
-    publish_stream(&mut publisher, 0..N / 3).await;
+    // A producer publishing steadily, whatever happens to OCC.
+    let published = Arc::new(AtomicUsize::new(0));
+    let progress = published.clone();
+    let mut publisher = Publisher::connect(broker.port).await;
+    let producer = tokio::spawn(async move {
+        for i in 0..N {
+            let (topic, payload) = stream_event(i);
+            publisher.publish(&topic, payload).await;
+            progress.store(i + 1, Ordering::SeqCst);
+            if i % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        publisher.flush().await;
+    });
+
     // Kill it while it is working through the stream.
-    eventually(Duration::from_secs(20), "ingest under way", || async {
-        (event_count(&pool).await > 0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(20),
+        "a quarter of the stream stored",
+        || async { (event_count(&pool).await >= (N / 4) as i64).then_some(()) },
+    )
     .await;
     occ.kill().await.expect("SIGKILL");
+    let at_kill = published.load(Ordering::SeqCst);
+    let stored_at_kill = event_count(&pool).await;
+    assert!(
+        at_kill < N,
+        "the stream was still being published: {at_kill}"
+    );
+    assert!(stored_at_kill < N as i64, "{stored_at_kill}");
 
     // The rest arrives while OCC is down: the broker keeps it in OCC's session.
-    publish_stream(&mut publisher, N / 3..N).await;
-    publisher.flush().await;
-    let stored_while_down = event_count(&pool).await;
-    assert!(
-        stored_while_down < N as i64,
-        "killed before the end: {stored_while_down}"
-    );
-
+    producer.await.expect("producer");
     let occ = OccProcess::start(OCC, &args).await.expect("occ restarts");
     expect_exactly(&pool, N).await;
     assert_eq!(

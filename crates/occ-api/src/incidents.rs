@@ -66,7 +66,8 @@ impl IncidentApi {
         let min_priority = convert::parse_priority("min_priority", req.min_priority)
             .map_err(|e| ApiError::InvalidArgument(e.into()))?;
         let limit = paging::page_size(req.page_size, 50, 500)?;
-        let after = paging::parse_incident_token(&req.page_token)?;
+        let filters = format!("{:?}|{:?}|{:?}", queue, statuses, min_priority);
+        let after = paging::parse_incident_token(&req.page_token, &filters)?;
 
         let mut conn = occ_store::acquire(&self.state.pool).await?;
         let filter = IncidentFilter {
@@ -78,7 +79,7 @@ impl IncidentApi {
         let next_page_token = if page.len() as i64 > limit {
             page.truncate(usize::try_from(limit).unwrap_or(0));
             page.last()
-                .map(|i| paging::incident_token(&IncidentCursor::after(i)))
+                .map(|i| paging::incident_token(&IncidentCursor::after(i), &filters))
                 .unwrap_or_default()
         } else {
             String::new()

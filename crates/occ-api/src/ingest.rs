@@ -78,17 +78,7 @@ impl IngestApi {
             }
         }
 
-        let rules = self.state.rules.current();
-        let outcome = commit_batch(
-            &self.state.pool,
-            Batch {
-                events: &events,
-                transport: Transport::Grpc,
-                dead_letters: &dead_letters,
-            },
-            &rules,
-        )
-        .await?;
+        let stored = self.commit(&events, &dead_letters, received_at).await?;
 
         let results = parsed
             .into_iter()
@@ -105,11 +95,19 @@ impl IngestApi {
                         .collect(),
                     ..Default::default()
                 },
-                Ok(i) => match &outcome.events[i] {
-                    EventOutcome::Accepted {
+                Ok(i) => match &stored[i] {
+                    Err(reason) => pb::PublishResult {
+                        outcome: pb::PublishOutcome::Rejected as i32,
+                        violations: vec![pb::FieldViolation {
+                            field: String::new(),
+                            description: reason.clone(),
+                        }],
+                        ..Default::default()
+                    },
+                    Ok(EventOutcome::Accepted {
                         event_id,
                         incidents,
-                    } => pb::PublishResult {
+                    }) => pb::PublishResult {
                         outcome: pb::PublishOutcome::Accepted as i32,
                         event_id: event_id.to_string(),
                         incidents: incidents
@@ -122,7 +120,7 @@ impl IngestApi {
                             .collect(),
                         violations: Vec::new(),
                     },
-                    EventOutcome::Duplicate { existing } => pb::PublishResult {
+                    Ok(EventOutcome::Duplicate { existing }) => pb::PublishResult {
                         outcome: pb::PublishOutcome::Duplicate as i32,
                         event_id: existing.map(|id| id.to_string()).unwrap_or_default(),
                         ..Default::default()
@@ -131,6 +129,55 @@ impl IngestApi {
             })
             .collect();
         Ok(pb::PublishEventsResponse { results })
+    }
+
+    /// Commits valid events and dead letters in one transaction. If PostgreSQL refuses a value
+    /// in it, commits them one by one instead, so only the refused events are rejected (and
+    /// kept as dead letters). Per event: its outcome, or why it could not be stored.
+    async fn commit(
+        &self,
+        events: &[Event],
+        dead_letters: &[DeadLetter],
+        received_at: chrono::DateTime<Utc>,
+    ) -> ApiResult<Vec<Result<EventOutcome, String>>> {
+        let rules = self.state.rules.current();
+        let pool = &self.state.pool;
+        fn batch<'a>(events: &'a [Event], dead_letters: &'a [DeadLetter]) -> Batch<'a> {
+            Batch {
+                events,
+                transport: Transport::Grpc,
+                dead_letters,
+            }
+        }
+        match commit_batch(pool, batch(events, dead_letters), &rules).await {
+            Ok(outcome) => return Ok(outcome.events.into_iter().map(Ok).collect()),
+            Err(e) if e.is_data_error() => {
+                tracing::warn!(error = %e, "batch refused; storing its events one by one");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        commit_batch(pool, batch(&[], dead_letters), &rules).await?;
+        let mut stored = Vec::with_capacity(events.len());
+        for event in events {
+            match commit_batch(pool, batch(std::slice::from_ref(event), &[]), &rules).await {
+                Ok(mut outcome) => stored.push(Ok(outcome.events.remove(0))),
+                Err(e) if e.is_data_error() => {
+                    let reason = format!("could not be stored: {e}");
+                    let letter = DeadLetter::new(
+                        Transport::Grpc,
+                        DEAD_LETTER_TOPIC,
+                        &serde_json::to_vec(event).unwrap_or_default(),
+                        self.state.limits.max_payload_bytes,
+                        reason,
+                        received_at,
+                    );
+                    commit_batch(pool, batch(&[], std::slice::from_ref(&letter)), &rules).await?;
+                    stored.push(Err("the database refused a value of this event".into()));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(stored)
     }
 }
 

@@ -43,22 +43,40 @@ fn invalid_token() -> ApiError {
     ApiError::invalid("page_token", "is not a token this list returned")
 }
 
-pub fn incident_token(c: &IncidentCursor) -> String {
+/// A token for the page after `c`, valid only with the same filters (`filters` is any
+/// stable rendering of them).
+pub fn incident_token(c: &IncidentCursor, filters: &str) -> String {
     encode(&[
         "i1".into(),
         c.priority.level().to_string(),
         c.created_at.timestamp_micros().to_string(),
         c.id.to_string(),
+        fingerprint(filters),
     ])
 }
 
-pub fn parse_incident_token(token: &str) -> ApiResult<Option<IncidentCursor>> {
+/// A short digest of a request's filters: a token is refused with other filters (AIP-158).
+fn fingerprint(filters: &str) -> String {
+    // FNV-1a: stable across builds and platforms, and enough to tell filter sets apart.
+    let hash = filters.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+pub fn parse_incident_token(token: &str, filters: &str) -> ApiResult<Option<IncidentCursor>> {
     if token.is_empty() {
         return Ok(None);
     }
-    let p = decode(token, 4)?;
+    let p = decode(token, 5)?;
     if p[0] != "i1" {
         return Err(invalid_token());
+    }
+    if p[4] != fingerprint(filters) {
+        return Err(ApiError::invalid(
+            "page_token",
+            "was returned for other filters; repeat the request's filters with its token",
+        ));
     }
     let priority = p[1]
         .parse()
@@ -137,9 +155,10 @@ mod tests {
             id: IncidentId::new(),
         };
         assert_eq!(
-            parse_incident_token(&incident_token(&c)).expect("valid"),
+            parse_incident_token(&incident_token(&c, "fire"), "fire").expect("valid"),
             Some(c)
         );
+        assert!(parse_incident_token(&incident_token(&c, "fire"), "police").is_err());
         let t = TimelineCursor {
             at: c.created_at,
             rank: 1,
@@ -166,8 +185,8 @@ mod tests {
             audit_id: 0,
             event_id: Uuid::nil(),
         };
-        assert!(parse_incident_token(&timeline_token(&c)).is_err());
-        assert!(parse_incident_token("not a token!").is_err());
+        assert!(parse_incident_token(&timeline_token(&c), "").is_err());
+        assert!(parse_incident_token("not a token!", "").is_err());
         assert!(page_size(-1, 50, 500).is_err());
         assert_eq!(page_size(0, 50, 500).ok(), Some(50));
         assert_eq!(page_size(10_000, 50, 500).ok(), Some(500));

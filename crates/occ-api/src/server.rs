@@ -27,6 +27,8 @@ pub struct GrpcConfig {
     pub keepalive_timeout: Duration,
     /// Largest request message.
     pub max_message_bytes: usize,
+    /// Most calls (HTTP/2 streams) open at once on one connection.
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for GrpcConfig {
@@ -35,6 +37,7 @@ impl Default for GrpcConfig {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             max_message_bytes: 16 * 1024 * 1024,
+            max_concurrent_streams: 256,
         }
     }
 }
@@ -95,6 +98,7 @@ pub async fn serve(
     Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .max_concurrent_streams(config.max_concurrent_streams)
         .layer(PrincipalLayer)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -63,6 +63,10 @@ pub struct CorrelationPlan {
 
 /// Plans one correlation key: `existing` is its correlating incident, if any; `candidates` are
 /// the new events with that key, in any order.
+///
+/// Events from well before the correlating incident (more than a window before its first
+/// event: a replayed backlog, a device with a stale clock) are a situation of their own, long
+/// over: they get incidents of their own that never take the key over.
 pub fn plan_correlation(
     existing: Option<&OpenIncident>,
     window: TimeDelta,
@@ -70,7 +74,29 @@ pub fn plan_correlation(
 ) -> CorrelationPlan {
     let mut order: Vec<usize> = (0..candidates.len()).collect();
     order.sort_by_key(|&i| candidates[i].observed_at);
+    let split = existing.map_or(0, |inc| {
+        order.partition_point(|&i| candidates[i].observed_at < inc.first_seen - window)
+    });
+    let (early, rest) = order.split_at(split);
 
+    let (mut segments, _) = segment(None, window, candidates, early);
+    for s in &mut segments {
+        s.keeps_correlating = false;
+    }
+    let (current, retire) = segment(existing, window, candidates, rest);
+    segments.extend(current);
+    CorrelationPlan { retire, segments }
+}
+
+/// Cuts `order` (sorted by time) into runs without a gap longer than `window`, the first run
+/// joining `existing` when it is close enough. Returns the runs and the existing incident if
+/// it is retired without being joined.
+fn segment(
+    existing: Option<&OpenIncident>,
+    window: TimeDelta,
+    candidates: &[Candidate],
+    order: &[usize],
+) -> (Vec<Segment>, Option<IncidentId>) {
     let mut retire = None;
     let mut done: Vec<Segment> = Vec::new();
     let mut current = existing.map(|inc| Segment {
@@ -83,7 +109,7 @@ pub fn plan_correlation(
         keeps_correlating: true,
     });
 
-    for i in order {
+    for &i in order {
         let c = &candidates[i];
         match current.as_mut() {
             Some(seg) if c.observed_at <= seg.last_seen + window => {
@@ -116,10 +142,7 @@ pub fn plan_correlation(
     if let Some(last) = current.filter(|s| !s.events.is_empty()) {
         done.push(last);
     }
-    CorrelationPlan {
-        retire,
-        segments: done,
-    }
+    (done, retire)
 }
 
 #[cfg(test)]
@@ -245,12 +268,42 @@ mod tests {
     }
 
     #[test]
-    fn late_events_still_join_the_incident_of_their_key() {
+    fn a_late_event_within_a_window_of_the_start_joins() {
+        // The incident runs from minute 55 to 60; an event from minute 30 arrives late.
         let existing = open(60, Priority::P2);
-        let plan = plan_correlation(Some(&existing), WINDOW, &[c(0, Priority::P2)]);
+        let plan = plan_correlation(Some(&existing), WINDOW, &[c(30, Priority::P2)]);
+        assert_eq!(plan.segments.len(), 1);
         assert_eq!(plan.segments[0].joins, Some(existing.id));
-        assert_eq!(plan.segments[0].first_seen, t(0));
+        assert_eq!(plan.segments[0].first_seen, t(30));
         assert_eq!(plan.segments[0].last_seen, t(60));
+    }
+
+    #[test]
+    fn a_replayed_backlog_from_long_before_gets_its_own_incident() {
+        // Three days before the current incident, two readings ten minutes apart.
+        let existing = open(60, Priority::P2);
+        let days_ago = -3 * 24 * 60;
+        let plan = plan_correlation(
+            Some(&existing),
+            WINDOW,
+            &[
+                c(days_ago + 10, Priority::P2),
+                c(61, Priority::P2),
+                c(days_ago, Priority::P2),
+            ],
+        );
+        assert_eq!(plan.retire, None);
+        let shape: Vec<_> = plan
+            .segments
+            .iter()
+            .map(|s| (s.joins.is_some(), s.events.clone(), s.keeps_correlating))
+            .collect();
+        assert_eq!(shape, [(false, vec![2, 0], false), (true, vec![1], true)]);
+        assert_eq!(
+            plan.segments[1].first_seen,
+            t(55),
+            "the current incident keeps its start"
+        );
     }
 
     #[test]

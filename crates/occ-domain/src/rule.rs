@@ -336,10 +336,28 @@ impl RuleAction {
         }
     }
 
+    /// The longest correlation key stored as written; a longer one is stored as a hash.
+    pub const MAX_KEY_LEN: usize = 512;
+
     /// The correlation key of this event: the category, then each field's value. A field the
     /// event does not carry is replaced by the source, so such events correlate per source
-    /// rather than all together.
+    /// rather than all together. A key longer than [`Self::MAX_KEY_LEN`] (an attribute holding
+    /// a long text) becomes the category and a SHA-256 of the key.
     pub fn correlation_key(&self, event: &Event) -> String {
+        let key = self.readable_key(event);
+        if key.len() <= Self::MAX_KEY_LEN {
+            key
+        } else {
+            use sha2::{Digest, Sha256};
+            format!(
+                "{}|sha256:{}",
+                escape(self.category.as_str()),
+                hex::encode(Sha256::digest(key.as_bytes()))
+            )
+        }
+    }
+
+    fn readable_key(&self, event: &Event) -> String {
         let mut key = escape(self.category.as_str());
         let mut by_source = false;
         for field in &self.correlation_fields {
@@ -872,6 +890,26 @@ mod tests {
             .evaluate(&event(|e| e.zone = Some("a|b=c".into())))
             .expect("matches");
         assert_eq!(weird.correlation_key, "fire|zone=a\\|b\\=c");
+    }
+
+    #[test]
+    fn long_keys_are_hashed_and_stay_distinct() {
+        let r = rule(RuleInput {
+            correlation_fields: vec!["attribute.plate".into()],
+            ..smoke_rule()
+        });
+        let key = |plate: String| {
+            r.evaluate(&event(|e| {
+                e.attributes.insert("plate".into(), plate.into());
+            }))
+            .expect("matches")
+            .correlation_key
+        };
+        let a = key("A".repeat(5000));
+        let b = key("B".repeat(5000));
+        assert!(a.starts_with("fire|sha256:") && a.len() < 100, "{a}");
+        assert_ne!(a, b);
+        assert_eq!(a, key("A".repeat(5000)));
     }
 
     #[test]

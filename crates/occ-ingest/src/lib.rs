@@ -22,14 +22,14 @@ use occ_domain::Limits;
 use occ_store::PgPool;
 use occ_store::rules::LiveRules;
 use rumqttc::v5::AsyncClient;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use adapter::{Adapter, Adapters, Rejection};
 pub use mqtt::MqttConfig;
 pub use native::NativeAdapter;
-pub use pipeline::BatchConfig;
+pub use pipeline::{BatchConfig, IngestStats};
 
 /// Whether ingest is taking messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +50,7 @@ impl IngestStatus {
 #[derive(Debug)]
 pub struct Ingest {
     status: watch::Receiver<IngestStatus>,
+    stats: Arc<IngestStats>,
     poller: JoinHandle<()>,
     batcher: JoinHandle<()>,
 }
@@ -74,8 +75,8 @@ impl Ingest {
             .iter()
             .map(|a| mqtt::subscription(&mqtt.share_group, a.topic_filter()))
             .collect();
-        // A batch's worth: the poll task holds anything beyond (see `mqtt::poll`).
-        let (tx, rx) = mpsc::channel(window);
+        let inbox = Arc::new(mqtt::Inbox::default());
+        let stats = Arc::new(IngestStats::default());
         let epoch = Arc::new(AtomicU64::new(0));
         let (status_tx, status_rx) = watch::channel(IngestStatus {
             subscribed: false,
@@ -92,17 +93,19 @@ impl Ingest {
             client: client.clone(),
             epoch: epoch.clone(),
             status: status_tx.clone(),
+            stats: stats.clone(),
         };
         let done = batcher_done.clone();
+        let batcher_inbox = inbox.clone();
         let batcher = tokio::spawn(async move {
-            batcher.run(rx, shutdown).await;
+            batcher.run(batcher_inbox, shutdown).await;
             done.cancel();
         });
         let poller = tokio::spawn(mqtt::poll(
             eventloop,
             client,
             subscriptions,
-            tx,
+            inbox,
             epoch,
             status_tx,
             window,
@@ -110,6 +113,7 @@ impl Ingest {
         ));
         Ingest {
             status: status_rx,
+            stats,
             poller,
             batcher,
         }
@@ -118,6 +122,11 @@ impl Ingest {
     /// Follows whether ingest is taking messages.
     pub fn status(&self) -> watch::Receiver<IngestStatus> {
         self.status.clone()
+    }
+
+    /// Counts of what ingest has committed.
+    pub fn stats(&self) -> Arc<IngestStats> {
+        self.stats.clone()
     }
 
     /// Waits until ingest has stopped after shutdown.

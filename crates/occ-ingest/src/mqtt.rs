@@ -2,20 +2,20 @@
 //! set, QoS 1, manual acks) subscribed through a shared subscription, so several OCC
 //! instances split the stream between them.
 //!
-//! The event loop is polled by its own task, which only forwards messages; it never waits on
-//! the database. Backpressure comes from the broker: OCC announces a receive maximum, acks only
+//! The event loop is polled by its own task, which only hands messages over; it never waits
+//! on the database. Backpressure comes from the broker: OCC announces a receive maximum, acks only
 //! after commit, and the broker stops sending when that many messages are unacknowledged.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::IngestStatus;
@@ -81,66 +81,82 @@ pub(crate) fn subscription(share_group: &str, filter: &str) -> String {
     }
 }
 
-/// Polls the event loop until `done`: forwards messages to the batcher, subscribes after every
-/// connect, and reconnects with backoff after errors. Then disconnects cleanly, leaving the
-/// session on the broker.
+/// Messages handed from the poll task to the batcher.
+///
+/// The poll task must never wait: while it is stuck, the event loop sends no acks and no
+/// pings. So it only appends here, and the batcher takes from here. What waits here is bounded
+/// by the broker, which sends at most its window of unacknowledged messages (Mosquitto 2.0
+/// was seen exceeding the client's receive maximum after a session resumes, so the length is
+/// watched, not assumed).
+#[derive(Debug, Default)]
+pub(crate) struct Inbox {
+    queue: Mutex<VecDeque<Inbound>>,
+    ready: Notify,
+}
+
+impl Inbox {
+    fn push(&self, m: Inbound) -> usize {
+        let len = {
+            let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            q.push_back(m);
+            q.len()
+        };
+        self.ready.notify_one();
+        len
+    }
+
+    fn try_pop(&self) -> Option<Inbound> {
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front()
+    }
+
+    /// The next message, waiting for one. Cancel-safe: a message is removed only when
+    /// returned.
+    pub(crate) async fn pop(&self) -> Inbound {
+        loop {
+            let notified = self.ready.notified();
+            if let Some(m) = self.try_pop() {
+                return m;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Polls the event loop: hands messages to the batcher, subscribes after every connect, and
+/// reconnects with backoff after errors, until the batcher has finished and queued its
+/// DISCONNECT (after its last acks). `poll()` is never cancelled mid-way, so no ack it has
+/// taken from the request channel is lost; `stopping` only ends the waits between attempts.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn poll(
     mut eventloop: EventLoop,
     client: AsyncClient,
     subscriptions: Vec<String>,
-    forward: mpsc::Sender<Inbound>,
+    inbox: Arc<Inbox>,
     epoch: Arc<AtomicU64>,
     status: watch::Sender<IngestStatus>,
     window: usize,
-    done: CancellationToken,
+    stopping: CancellationToken,
 ) {
     const MIN_BACKOFF: Duration = Duration::from_millis(250);
     const MAX_BACKOFF: Duration = Duration::from_secs(30);
     let mut backoff = MIN_BACKOFF;
     let mut connected_before = false;
-    // Messages received but not yet taken by the batcher. The event loop is never left
-    // unpolled while the batcher is busy (it must keep sending acks and pings), so messages
-    // wait here instead. The broker bounds this: it sends at most its in-flight window of
-    // unacknowledged messages.
-    let mut waiting: VecDeque<Inbound> = VecDeque::new();
     let mut warned_overflow = false;
     loop {
-        let event = tokio::select! {
-            () = done.cancelled() => break,
-            permit = forward.reserve(), if !waiting.is_empty() => {
-                match permit {
-                    Ok(permit) => {
-                        if let Some(m) = waiting.pop_front() {
-                            permit.send(m);
-                        }
-                        continue;
-                    }
-                    Err(_) => break,
-                }
-            }
-            event = eventloop.poll() => event,
-        };
-        match event {
+        match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let inbound = Inbound {
+                let waiting = inbox.push(Inbound {
                     publish,
                     epoch: epoch.load(Ordering::Acquire),
                     received_at: Utc::now(),
-                };
-                if waiting.is_empty() {
-                    match forward.try_send(inbound) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(m)) => waiting.push_back(m),
-                        Err(mpsc::error::TrySendError::Closed(_)) => break,
-                    }
-                } else {
-                    waiting.push_back(inbound);
-                }
-                if !warned_overflow && waiting.len() > window {
+                });
+                if !warned_overflow && waiting > window {
                     warned_overflow = true;
                     tracing::warn!(
-                        waiting = waiting.len(),
+                        waiting,
                         window,
                         "the broker sends more unacknowledged messages than OCC's receive maximum"
                     );
@@ -173,12 +189,7 @@ pub(crate) async fn poll(
                 let failed: Vec<_> = ack
                     .return_codes
                     .iter()
-                    .filter(|c| {
-                        !matches!(
-                            c,
-                            rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
-                        )
-                    })
+                    .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
                     .collect();
                 if failed.is_empty() {
                     tracing::info!(subscriptions = ?subscriptions, "subscribed");
@@ -190,33 +201,25 @@ pub(crate) async fn poll(
             Ok(Event::Incoming(Packet::Disconnect(d))) => {
                 tracing::warn!(reason = ?d.reason_code, "the broker closed the connection");
             }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
             Ok(_) => {}
             Err(e) => {
                 epoch.fetch_add(1, Ordering::AcqRel);
                 status.send_modify(|s| s.subscribed = false);
+                if stopping.is_cancelled() {
+                    break;
+                }
                 tracing::warn!(error = %e, retry_in = ?backoff, "MQTT connection lost");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
-                    () = done.cancelled() => break,
+                    () = stopping.cancelled() => break,
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
-
     status.send_modify(|s| s.subscribed = false);
-    // A clean DISCONNECT: the session (and its subscription) stays on the broker for the
-    // session expiry, so nothing published meanwhile is lost.
-    if client.try_disconnect().is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
-    }
+    // The session (and its subscription) stays on the broker for the session expiry, so
+    // nothing published meanwhile is lost.
     tracing::info!("MQTT ingest disconnected");
 }

@@ -18,20 +18,31 @@ use occ_store::dead_letters::DeadLetter;
 use occ_store::ingest::{Batch, BatchOutcome, commit_batch};
 use occ_store::rules::LiveRules;
 use rumqttc::v5::AsyncClient;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::IngestStatus;
 use crate::adapter::Adapters;
-use crate::mqtt::Inbound;
+use crate::mqtt::{Inbound, Inbox};
 
-/// How batches are formed.
+/// How batches are formed and committed.
 #[derive(Debug, Clone)]
 pub struct BatchConfig {
     /// Most messages in one transaction.
     pub size: usize,
     /// How long the first message of a batch waits for others.
     pub deadline: Duration,
+    /// How long one commit may take before it is abandoned and retried (a connection that
+    /// died without a reset would otherwise hold ingest until TCP gives up).
+    pub commit_timeout: Duration,
+}
+
+/// What ingest has done since it started.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    /// Messages committed and acknowledged (events and dead letters).
+    pub messages: AtomicU64,
+    pub batches: AtomicU64,
 }
 
 pub(crate) struct Batcher {
@@ -43,6 +54,7 @@ pub(crate) struct Batcher {
     pub client: AsyncClient,
     pub epoch: Arc<AtomicU64>,
     pub status: watch::Sender<IngestStatus>,
+    pub stats: Arc<IngestStats>,
 }
 
 /// A batch decoded: the events to store and the messages that become dead letters.
@@ -52,15 +64,13 @@ struct Decoded {
 }
 
 impl Batcher {
-    /// Runs until `shutdown`: then commits and acks the batch in hand and returns.
-    pub async fn run(self, mut inbox: mpsc::Receiver<Inbound>, shutdown: CancellationToken) {
+    /// Runs until `shutdown`: then commits and acks the batch in hand, queues the DISCONNECT
+    /// behind its acks, and returns.
+    pub async fn run(self, inbox: Arc<Inbox>, shutdown: CancellationToken) {
         loop {
             let first = tokio::select! {
                 () = shutdown.cancelled() => break,
-                m = inbox.recv() => match m {
-                    Some(m) => m,
-                    None => break,
-                },
+                m = inbox.pop() => m,
             };
             let mut batch = Vec::with_capacity(self.config.size);
             batch.push(first);
@@ -70,18 +80,17 @@ impl Batcher {
                     biased;
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep_until(deadline) => break,
-                    m = inbox.recv() => match m {
-                        Some(m) => batch.push(m),
-                        None => break,
-                    },
+                    m = inbox.pop() => batch.push(m),
                 }
             }
-            if !self.process(&batch, &shutdown).await {
+            if !self.process(&batch, &shutdown).await || shutdown.is_cancelled() {
                 break;
             }
-            if shutdown.is_cancelled() {
-                break;
-            }
+        }
+        // After the acks in the request channel: the event loop sends them, then this, then
+        // the poll task ends.
+        if let Err(e) = self.client.disconnect().await {
+            tracing::debug!(error = %e, "event loop already gone");
         }
         tracing::info!("ingest batcher stopped");
     }
@@ -159,23 +168,35 @@ impl Batcher {
     async fn process_alone(&self, m: &Inbound, shutdown: &CancellationToken) -> bool {
         let single = std::slice::from_ref(m);
         let decoded = self.decode(single);
-        let fallback = match self.commit(&decoded, shutdown).await {
+        let refused = match self.commit(&decoded, shutdown).await {
             Some(Ok(_)) => None,
-            Some(Err(e)) => Some(Decoded {
-                events: Vec::new(),
-                dead_letters: vec![self.dead_letter(m, format!("could not be stored: {e}"))],
-            }),
+            Some(Err(e)) => Some(e),
             None => return false,
         };
-        if let Some(fallback) = fallback {
-            match self.commit(&fallback, shutdown).await {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    // Not even a dead letter can be written: leave it unacked for redelivery.
-                    tracing::error!(error = %e, "cannot store a dead letter; leaving the message unacknowledged");
-                    return true;
+        if let Some(e) = refused {
+            let letter = Decoded {
+                events: Vec::new(),
+                dead_letters: vec![self.dead_letter(m, format!("could not be stored: {e}"))],
+            };
+            // A dead letter is bytes and text; if even that cannot be stored, something is
+            // wrong with the database, not the message: pause (unhealthy) and retry rather
+            // than leave the message unacknowledged, which would hold a slot of the broker's
+            // window for the rest of the connection.
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                match self.commit(&letter, shutdown).await {
+                    Some(Ok(_)) => break,
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, retry_in = ?backoff, "cannot store a dead letter; ingest paused");
+                        self.status.send_modify(|s| s.database_ok = false);
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = shutdown.cancelled() => return false,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                    None => return false,
                 }
-                None => return false,
             }
         }
         self.ack(single).await;
@@ -194,7 +215,7 @@ impl Batcher {
         let mut backoff = Duration::from_millis(100);
         loop {
             let rules = self.rules.current();
-            let result = commit_batch(
+            let attempt = commit_batch(
                 &self.pool,
                 Batch {
                     events: &decoded.events,
@@ -202,8 +223,17 @@ impl Batcher {
                     dead_letters: &decoded.dead_letters,
                 },
                 &rules,
-            )
-            .await;
+            );
+            // Abandoning an attempt is safe: whether or not it committed, the retry is
+            // recognised by the idempotency keys.
+            let result = tokio::time::timeout(self.config.commit_timeout, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Retry(format!(
+                        "commit took longer than {:?}",
+                        self.config.commit_timeout
+                    )))
+                });
             match result {
                 Ok(outcome) => {
                     if !self.status.borrow().database_ok {
@@ -258,6 +288,10 @@ impl Batcher {
                 return;
             }
         }
+        self.stats
+            .messages
+            .fetch_add((batch.len() - stale) as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
         if stale > 0 {
             tracing::info!(
                 stale,

@@ -21,8 +21,13 @@ pub struct DbConfig {
 
 /// A pool that connects lazily: OCC starts while PostgreSQL is still down and waits for it
 /// instead of failing.
+///
+/// The server ends a transaction left idle for a minute (a client that vanished mid-batch),
+/// so no lock on an incident outlives the OCC instance that took it.
 pub fn pool(config: &DbConfig) -> Result<PgPool> {
-    let options = PgConnectOptions::from_str(&config.url)?.application_name("occ");
+    let options = PgConnectOptions::from_str(&config.url)?
+        .application_name("occ")
+        .options([("idle_in_transaction_session_timeout", "60s")]);
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.acquire_timeout)
@@ -30,28 +35,30 @@ pub fn pool(config: &DbConfig) -> Result<PgPool> {
 }
 
 /// Creates the database named in `url` if it does not exist yet, connecting to the server's
-/// `postgres` database to do so. Returns true when it created it.
+/// `postgres` database to do so (only then: a database that exists needs no access to any
+/// other). Returns true when it created it.
 pub async fn create_database_if_missing(url: &str) -> Result<bool> {
     let options = PgConnectOptions::from_str(url)?;
+    match sqlx::PgConnection::connect_with(&options).await {
+        Ok(conn) => {
+            let _ = conn.close().await;
+            return Ok(false);
+        }
+        // invalid_catalog_name: the database does not exist.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {}
+        Err(e) => return Err(e.into()),
+    }
     let name = options.get_database().unwrap_or("postgres").to_owned();
     let mut conn = sqlx::PgConnection::connect_with(&options.clone().database("postgres")).await?;
-    let exists: bool = sqlx::query_scalar!(
-        r#"SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS "e!""#,
-        name
-    )
-    .fetch_one(&mut conn)
-    .await?;
-    if exists {
-        return Ok(false);
-    }
     // Identifiers cannot be bound parameters; quote it as PostgreSQL's quote_ident does.
     let quoted = format!("\"{}\"", name.replace('"', "\"\""));
     let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
         .execute(&mut conn)
         .await;
+    let _ = conn.close().await;
     match created {
         Ok(_) => Ok(true),
-        // Another instance created it at the same moment.
+        // duplicate_database: another instance created it at the same moment.
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => Ok(false),
         Err(e) => Err(e.into()),
     }

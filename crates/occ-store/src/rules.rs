@@ -83,7 +83,7 @@ pub async fn list(conn: &mut PgConnection) -> Result<Vec<Rule>> {
                min_severity, thresholds, attributes, category, queue, priority, title_template,
                correlation_fields, correlation_window_seconds, updated_at
           FROM rules
-         ORDER BY name
+         ORDER BY name COLLATE "C"
         "#
     )
     .fetch_all(conn)

@@ -1,6 +1,7 @@
 //! The `occ` command line: parsing and dispatch to the commands.
 
 use std::io::Write;
+use std::time::Duration;
 
 use crate::config::{BrokerArgs, DatabaseArgs, LogArgs, ServeArgs, SimulatorArgs, mask_url};
 use crate::{serve, simulate, telemetry};
@@ -88,7 +89,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate { database } => {
             stop_on_signals(shutdown.clone())?;
-            serve::prepare_database(&database, &shutdown).await?;
+            // A one-shot job: wait a minute for PostgreSQL, then fail.
+            serve::prepare_database(&database, Some(Duration::from_secs(60)), &shutdown).await?;
             tracing::info!(url = %mask_url(&database.url), "database migrated");
             Ok(())
         }

@@ -67,16 +67,32 @@ fn masked<S: Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S::Error
     }
 }
 
-/// A database URL with its password replaced, for printing and logs.
+/// A database URL with its password replaced (in the user part and in a `password` query
+/// parameter), for printing and logs.
 pub fn mask_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("********"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<unparseable URL>".into(),
+    let Ok(mut u) = url::Url::parse(url) else {
+        return "<unparseable URL>".into();
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("********"));
     }
+    if u.query_pairs()
+        .any(|(k, _)| k.eq_ignore_ascii_case("password"))
+    {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k.eq_ignore_ascii_case("password") {
+                    "********".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
 }
 
 fn masked_url<S: Serializer>(value: &str, s: S) -> Result<S::Ok, S::Error> {
@@ -90,18 +106,36 @@ pub struct DatabaseArgs {
     #[arg(
         long = "database-url",
         env = "OCC_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/occ"
+        default_value = "postgres://postgres@127.0.0.1:5432/occ",
+        hide_env_values = true
     )]
     #[serde(serialize_with = "masked_url")]
     pub url: String,
 
-    /// Most connections in the pool.
+    /// Most connections for the gRPC API and background work.
     #[arg(
         long = "database-max-connections",
         env = "OCC_DATABASE_MAX_CONNECTIONS",
         default_value_t = 16
     )]
     pub max_connections: u32,
+
+    /// Connections kept for MQTT ingest alone, so a burst of API calls cannot starve it.
+    #[arg(
+        long = "database-ingest-connections",
+        env = "OCC_DATABASE_INGEST_CONNECTIONS",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub ingest_connections: u32,
+
+    /// How long one ingest commit may take before it is abandoned and retried.
+    #[arg(
+        long = "database-commit-timeout",
+        env = "OCC_DATABASE_COMMIT_TIMEOUT",
+        default_value = "30s"
+    )]
+    pub commit_timeout: Span,
 
     /// How long a request waits for a free connection before failing (UNAVAILABLE).
     #[arg(
@@ -353,5 +387,8 @@ mod tests {
             mask_url("postgres://postgres@127.0.0.1:5432/occ"),
             "postgres://postgres@127.0.0.1:5432/occ"
         );
+        let masked = mask_url("postgres://db/occ?user=occ&password=s3cret&sslmode=require");
+        assert!(!masked.contains("s3cret"), "{masked}");
+        assert!(masked.contains("sslmode=require"), "{masked}");
     }
 }

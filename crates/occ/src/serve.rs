@@ -2,12 +2,15 @@
 //! the gRPC API — with graceful shutdown.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use occ_api::{ApiState, GrpcConfig};
 use occ_domain::Limits;
-use occ_ingest::{Adapters, BatchConfig, Ingest, IngestStatus, MqttConfig, NativeAdapter};
+use occ_ingest::{
+    Adapters, BatchConfig, Ingest, IngestStats, IngestStatus, MqttConfig, NativeAdapter,
+};
 use occ_store::rules::LiveRules;
 use occ_store::{DbConfig, PgPool};
 use tokio::net::TcpListener;
@@ -23,6 +26,7 @@ pub struct Running {
     pub grpc_addr: SocketAddr,
     pub pool: PgPool,
     ingest_status: watch::Receiver<IngestStatus>,
+    ingest_stats: Arc<IngestStats>,
     done: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -30,6 +34,11 @@ impl Running {
     /// Follows whether ingest is taking messages.
     pub fn ingest_status(&self) -> watch::Receiver<IngestStatus> {
         self.ingest_status.clone()
+    }
+
+    /// What ingest has committed so far.
+    pub fn ingest_stats(&self) -> Arc<IngestStats> {
+        self.ingest_stats.clone()
     }
 
     /// Waits until ingest is subscribed and the database reachable.
@@ -56,12 +65,15 @@ pub fn db_config(args: &DatabaseArgs) -> DbConfig {
     }
 }
 
-/// Creates the database if needed and migrates it, retrying while PostgreSQL is unreachable.
+/// Creates the database if needed and migrates it, retrying while PostgreSQL is unreachable
+/// (for at most `max_wait`, when given).
 pub async fn prepare_database(
     args: &DatabaseArgs,
+    max_wait: Option<Duration>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<PgPool> {
     let mut backoff = Duration::from_millis(500);
+    let give_up = max_wait.map(|w| tokio::time::Instant::now() + w);
     loop {
         let attempt = async {
             if occ_store::create_database_if_missing(&args.url).await? {
@@ -73,7 +85,10 @@ pub async fn prepare_database(
         };
         match attempt.await {
             Ok(pool) => return Ok(pool),
-            Err(e) if e.is_unavailable() => {
+            Err(e)
+                if e.is_unavailable()
+                    && give_up.is_none_or(|t| tokio::time::Instant::now() < t) =>
+            {
                 tracing::warn!(error = %e, retry_in = ?backoff, "waiting for PostgreSQL");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
@@ -94,7 +109,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
     let pool = if args.migrate {
-        prepare_database(&args.database, &shutdown).await?
+        prepare_database(&args.database, None, &shutdown).await?
     } else {
         occ_store::pool(&db_config(&args.database))?
     };
@@ -112,6 +127,12 @@ pub async fn start(
             Err(e) => return Err(e).context("cannot load rules"),
         }
     };
+
+    // Ingest has connections of its own: API load cannot starve it (nor mark it unhealthy).
+    let ingest_pool = occ_store::pool(&DbConfig {
+        max_connections: args.database.ingest_connections,
+        ..db_config(&args.database)
+    })?;
 
     let limits = Limits {
         max_payload_bytes: args.ingest.max_payload_bytes,
@@ -148,14 +169,16 @@ pub async fn start(
         BatchConfig {
             size: args.ingest.batch_size as usize,
             deadline: args.ingest.batch_deadline.0,
+            commit_timeout: args.database.commit_timeout.0,
         },
         limits.clone(),
         Adapters::new(vec![Box::new(NativeAdapter::new())]),
-        pool.clone(),
+        ingest_pool,
         rules.clone(),
         ingest_stop.clone(),
     );
     let ingest_status = ingest.status();
+    let ingest_stats = ingest.stats();
 
     // Readiness for the health service follows ingest.
     let (ready_tx, ready_rx) = watch::channel(false);
@@ -241,6 +264,7 @@ pub async fn start(
         grpc_addr,
         pool,
         ingest_status,
+        ingest_stats,
         done,
     })
 }

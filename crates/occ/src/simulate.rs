@@ -40,8 +40,9 @@ const PLATES: [&str; 6] = [
 ];
 const WATCHLIST: [&str; 2] = ["777ABC01", "505AAA02"];
 
-/// A situation's message waiting for its time: (due, tie-breaker, source, payload).
-type Scheduled = (Instant, u64, String, Vec<u8>);
+/// A situation's message waiting for its time: (due, tie-breaker, source, payload). Its
+/// `occurred_at` is stamped when it is published.
+type Scheduled = (Instant, u64, String, String);
 
 /// One message to publish.
 #[derive(Debug, Clone)]
@@ -485,20 +486,18 @@ pub async fn run(
             tracing::info!(situation = name, messages = steps.len(), "situation starts");
             for (delay, m) in steps {
                 tie += 1;
-                pending.push(Reverse((
-                    now + delay,
-                    tie,
-                    m.source,
-                    m.payload.to_string().into_bytes(),
-                )));
+                pending.push(Reverse((now + delay, tie, m.source, m.payload.to_string())));
             }
         }
         let (source, payload) = match pending.peek() {
             Some(Reverse((due, ..))) if *due <= now => {
-                let Some(Reverse((_, _, s, p))) = pending.pop() else {
+                let Some(Reverse((_, _, source, payload))) = pending.pop() else {
                     continue;
                 };
-                (s, p)
+                let mut payload: Value = serde_json::from_str(&payload).unwrap_or_default();
+                payload["occurred_at"] =
+                    json!(Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+                (source, payload.to_string().into_bytes())
             }
             _ if city.rng.random_bool(args.malformed_ratio.clamp(0.0, 1.0)) => city.malformed(),
             _ if city.rng.random_bool(0.005) && last_duplicate.is_some() => {
