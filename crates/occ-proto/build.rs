@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let protos: Vec<PathBuf> = ["event", "ingest", "incident", "rule"]
+    let protos: Vec<PathBuf> = ["event", "ingest", "incident", "rule", "unit", "dispatch"]
         .iter()
         .map(|name| root.join(format!("occ/v1/{name}.proto")))
         .collect();

@@ -174,6 +174,7 @@ fn noise_rule() -> pb::Rule {
                 seconds: 3600,
                 nanos: 0,
             }),
+            claim_within: None,
         }),
         ..Default::default()
     }

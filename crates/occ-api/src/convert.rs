@@ -1,15 +1,18 @@
 //! Proto ⇄ domain mapping. Input is parsed into domain types here, at the edge; every field
 //! error carries the path of the proto field it came from.
 
+use chrono::TimeDelta;
 use chrono::{DateTime, Utc};
 use occ_domain::{
-    Comparison, FieldError, FieldErrors, Incident, IncidentStatus, Priority, Rule, RuleInput,
-    Severity, SourceId, ThresholdInput,
+    ClaimInfo, Comparison, FieldError, FieldErrors, Incident, IncidentId, IncidentStatus, Priority,
+    Rule, RuleInput, Severity, SourceId, ThresholdInput, UnitStatus,
 };
 use occ_domain::{EventInput, LocationInput};
 use occ_proto::v1 as pb;
+use occ_store::changes::{ChangeKind, StoredChange};
 use occ_store::events::StoredEvent;
 use occ_store::timeline::StoredAudit;
+use occ_store::units::Unit;
 use prost_types::value::Kind;
 
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
@@ -231,6 +234,103 @@ pub fn incident(i: &Incident) -> pb::Incident {
         rule_name: i.rule_name.clone(),
         correlation_key: i.correlation_key.clone(),
         correlating: i.correlating,
+        escalated: i.escalated_at.is_some(),
+        escalate_time: i.escalated_at.map(timestamp),
+        claim_deadline: i.claim_deadline.map(timestamp),
+        acknowledged_by: i.acknowledged_by.clone().unwrap_or_default(),
+        acknowledge_time: i.acknowledged_at.map(timestamp),
+        claim: i.claim.as_ref().map(|c| claim(i.id, c)),
+    }
+}
+
+pub fn claim(incident: IncidentId, c: &ClaimInfo) -> pb::Claim {
+    pb::Claim {
+        id: c.id.to_string(),
+        incident_id: incident.to_string(),
+        holder: c.holder.clone(),
+        claim_time: Some(timestamp(c.claimed_at)),
+        lease_expire_time: Some(timestamp(c.lease_until)),
+    }
+}
+
+pub fn duration(d: TimeDelta) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.num_seconds(),
+        nanos: d.subsec_nanos(),
+    }
+}
+
+/// A duration in whole seconds.
+pub fn whole_seconds(field: &str, d: &prost_types::Duration) -> Result<i64, FieldError> {
+    if d.nanos != 0 || d.seconds < 0 {
+        return Err(FieldError::new(
+            field,
+            "must be a whole, non-negative number of seconds",
+        ));
+    }
+    Ok(d.seconds)
+}
+
+pub fn unit_status(s: UnitStatus) -> i32 {
+    use pb::UnitStatus as P;
+    (match s {
+        UnitStatus::Available => P::Available,
+        UnitStatus::Dispatched => P::Dispatched,
+        UnitStatus::EnRoute => P::EnRoute,
+        UnitStatus::OnScene => P::OnScene,
+        UnitStatus::OutOfService => P::OutOfService,
+    }) as i32
+}
+
+pub fn parse_unit_status(field: &str, v: i32) -> Result<UnitStatus, FieldError> {
+    UnitStatus::ALL
+        .into_iter()
+        .find(|s| unit_status(*s) == v)
+        .ok_or_else(|| FieldError::new(field, format!("must be a specified unit status, got {v}")))
+}
+
+pub fn unit(u: &Unit) -> pb::Unit {
+    pb::Unit {
+        id: u.id.to_string(),
+        call_sign: u.call_sign.clone(),
+        agency: u.agency.clone(),
+        home_station: u.home_station.clone(),
+        status: unit_status(u.status),
+        incident_id: u.incident.map(|i| i.to_string()).unwrap_or_default(),
+        location: u.location.map(|l| pb::GeoPoint {
+            lat: l.lat(),
+            lon: l.lon(),
+        }),
+        location_time: u.location_at.map(timestamp),
+        update_time: Some(timestamp(u.updated_at)),
+    }
+}
+
+pub fn change_kind(k: ChangeKind) -> i32 {
+    use pb::ChangeKind as P;
+    (match k {
+        ChangeKind::Opened => P::Opened,
+        ChangeKind::Updated => P::Updated,
+        ChangeKind::Claimed => P::Claimed,
+        ChangeKind::Released => P::Released,
+        ChangeKind::ClaimExpired => P::ClaimExpired,
+        ChangeKind::Dispatched => P::Dispatched,
+        ChangeKind::StatusChanged => P::StatusChanged,
+        ChangeKind::Escalated => P::Escalated,
+        ChangeKind::Transferred => P::Transferred,
+        ChangeKind::Acknowledged => P::Acknowledged,
+        ChangeKind::NoteAdded => P::NoteAdded,
+    }) as i32
+}
+
+pub fn change(c: &StoredChange) -> pb::IncidentChange {
+    pb::IncidentChange {
+        sequence: c.seq,
+        kind: change_kind(c.kind),
+        incident: Some(incident(&c.incident)),
+        time: Some(timestamp(c.at)),
+        actor: c.actor.clone(),
+        detail: c.detail.clone(),
     }
 }
 
@@ -334,10 +434,8 @@ pub fn rule(r: &Rule) -> pb::Rule {
             priority: priority(a.priority),
             title_template: a.title.as_str().to_owned(),
             correlation_fields: a.correlation_fields.iter().map(|f| f.name()).collect(),
-            correlation_window: Some(prost_types::Duration {
-                seconds: a.correlation_window.num_seconds(),
-                nanos: 0,
-            }),
+            correlation_window: Some(duration(a.correlation_window)),
+            claim_within: a.claim_within.map(duration),
         }),
         update_time: Some(timestamp(r.updated_at)),
     }
@@ -350,7 +448,7 @@ pub fn rule_field_path(field: &str) -> String {
         "event_types" | "source_kinds" | "zones" | "min_confidence" | "min_severity"
         | "thresholds" | "attributes" => "condition.",
         "category" | "queue" | "priority" | "title_template" | "correlation_fields"
-        | "correlation_window" => "action.",
+        | "correlation_window" | "claim_within" => "action.",
         _ => "",
     };
     format!("{section}{field}")
@@ -411,17 +509,23 @@ pub fn rule_input(r: &pb::Rule) -> Result<RuleInput, FieldErrors> {
             0
         }
     };
-    let window = match &action.correlation_window {
-        None => 0,
-        Some(d) if d.nanos != 0 => {
-            errors.push(FieldError::new(
-                "action.correlation_window",
-                "must be a whole number of seconds",
-            ));
-            0
-        }
-        Some(d) => d.seconds,
-    };
+    let window = action
+        .correlation_window
+        .as_ref()
+        .map(|d| whole_seconds("action.correlation_window", d))
+        .transpose()
+        .map_err(|e| errors.push(e))
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    let claim_within = action
+        .claim_within
+        .as_ref()
+        .map(|d| whole_seconds("action.claim_within", d))
+        .transpose()
+        .map_err(|e| errors.push(e))
+        .ok()
+        .flatten();
     let input = RuleInput {
         name: r.name.clone(),
         description: r.description.clone(),
@@ -439,6 +543,7 @@ pub fn rule_input(r: &pb::Rule) -> Result<RuleInput, FieldErrors> {
         title_template: action.title_template.clone(),
         correlation_fields: action.correlation_fields.clone(),
         correlation_window_seconds: window,
+        claim_within_seconds: claim_within,
     };
     match FieldErrors::from_vec(errors) {
         None => Ok(input),

@@ -21,6 +21,8 @@ pub enum ApiError {
     FailedPrecondition(String),
     #[error("{0}")]
     Aborted(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("the database is unavailable")]
     Unavailable,
     #[error("internal error: {0}")]
@@ -44,6 +46,8 @@ impl From<StoreError> for ApiError {
             StoreError::Retry(_) => {
                 ApiError::Aborted("a concurrent change won; retry the call".into())
             }
+            StoreError::Precondition(m) => ApiError::FailedPrecondition(m),
+            StoreError::Forbidden(m) => ApiError::PermissionDenied(m),
             StoreError::Unavailable(_) => ApiError::Unavailable,
             other => ApiError::Internal(other.to_string()),
         }
@@ -73,6 +77,7 @@ impl From<ApiError> for Status {
             ApiError::NotFound(what) => Status::not_found(format!("{what} not found")),
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
             ApiError::Aborted(m) => Status::aborted(m),
+            ApiError::PermissionDenied(m) => Status::permission_denied(m),
             ApiError::Unavailable => {
                 tracing::warn!("request failed: database unavailable");
                 Status::unavailable("the database is unavailable; retry shortly")

@@ -12,6 +12,9 @@ use crate::ApiState;
 use crate::convert;
 use crate::error::{ApiError, ApiResult};
 use crate::paging;
+use crate::principal::Principal;
+use crate::watch::{self, WatchStream};
+use occ_store::dispatch;
 
 #[derive(Debug, Clone)]
 pub struct IncidentApi {
@@ -123,8 +126,119 @@ impl IncidentApi {
     }
 }
 
+impl IncidentApi {
+    async fn update_status(
+        &self,
+        who: &Principal,
+        req: pb::UpdateIncidentStatusRequest,
+    ) -> ApiResult<pb::UpdateIncidentStatusResponse> {
+        let to = convert::parse_status("status", req.status)
+            .map_err(|e| ApiError::InvalidArgument(e.into()))?;
+        if req.note.len() > dispatch::MAX_NOTE_LEN {
+            return Err(ApiError::invalid(
+                "note",
+                format!("must be at most {} bytes", dispatch::MAX_NOTE_LEN),
+            ));
+        }
+        let mut tx = occ_store::begin(&self.state.pool).await?;
+        let incident = find(&mut tx, &req.id).await?;
+        let updated =
+            dispatch::update_status(&mut tx, incident.id, to, &req.note, &who.subject).await?;
+        occ_store::commit(tx).await?;
+        Ok(pb::UpdateIncidentStatusResponse {
+            incident: Some(convert::incident(&updated)),
+        })
+    }
+
+    async fn acknowledge(
+        &self,
+        who: &Principal,
+        req: pb::AcknowledgeIncidentRequest,
+    ) -> ApiResult<pb::AcknowledgeIncidentResponse> {
+        let mut tx = occ_store::begin(&self.state.pool).await?;
+        let incident = find(&mut tx, &req.id).await?;
+        let updated = dispatch::acknowledge(&mut tx, incident.id, &who.subject).await?;
+        occ_store::commit(tx).await?;
+        Ok(pb::AcknowledgeIncidentResponse {
+            incident: Some(convert::incident(&updated)),
+        })
+    }
+
+    async fn add_note(
+        &self,
+        who: &Principal,
+        req: pb::AddNoteRequest,
+    ) -> ApiResult<pb::AddNoteResponse> {
+        let mut tx = occ_store::begin(&self.state.pool).await?;
+        let incident = find(&mut tx, &req.id).await?;
+        let note = dispatch::add_note(&mut tx, incident.id, &req.text, &who.subject).await?;
+        occ_store::commit(tx).await?;
+        Ok(pb::AddNoteResponse {
+            entry: Some(pb::TimelineEntry {
+                time: Some(convert::timestamp(note.at)),
+                entry: Some(pb::timeline_entry::Entry::Audit(convert::audit(&note))),
+            }),
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl IncidentService for IncidentApi {
+    type WatchIncidentsStream = WatchStream<pb::WatchIncidentsResponse>;
+
+    #[tracing::instrument(skip_all, fields(id = %request.get_ref().id))]
+    async fn update_incident_status(
+        &self,
+        request: Request<pb::UpdateIncidentStatusRequest>,
+    ) -> Result<Response<pb::UpdateIncidentStatusResponse>, Status> {
+        let who = Principal::of(&request);
+        Ok(Response::new(
+            self.update_status(&who, request.into_inner()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(id = %request.get_ref().id))]
+    async fn acknowledge_incident(
+        &self,
+        request: Request<pb::AcknowledgeIncidentRequest>,
+    ) -> Result<Response<pb::AcknowledgeIncidentResponse>, Status> {
+        let who = Principal::of(&request);
+        Ok(Response::new(
+            self.acknowledge(&who, request.into_inner()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(id = %request.get_ref().id))]
+    async fn add_note(
+        &self,
+        request: Request<pb::AddNoteRequest>,
+    ) -> Result<Response<pb::AddNoteResponse>, Status> {
+        let who = Principal::of(&request);
+        Ok(Response::new(
+            IncidentApi::add_note(self, &who, request.into_inner()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(queue = %request.get_ref().queue))]
+    async fn watch_incidents(
+        &self,
+        request: Request<pb::WatchIncidentsRequest>,
+    ) -> Result<Response<Self::WatchIncidentsStream>, Status> {
+        let queue = &request.get_ref().queue;
+        let queue = if queue.is_empty() {
+            None
+        } else {
+            Some(crate::dispatch::parse_queue("queue", queue)?)
+        };
+        let stream = watch::watch(&self.state.pool, &self.state.feed, queue, |change| {
+            pb::WatchIncidentsResponse {
+                change: Some(change),
+            }
+        })
+        .await?;
+        Ok(Response::new(stream))
+    }
+
     #[tracing::instrument(skip_all, fields(id = %request.get_ref().id))]
     async fn get_incident(
         &self,

@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
+use occ_proto::v1::dispatch_service_server::DispatchServiceServer;
 use occ_proto::v1::incident_service_server::IncidentServiceServer;
 use occ_proto::v1::ingest_service_server::IngestServiceServer;
 use occ_proto::v1::rule_service_server::RuleServiceServer;
+use occ_proto::v1::unit_service_server::UnitServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -14,10 +16,12 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::ApiState;
+use crate::dispatch::DispatchApi;
 use crate::incidents::IncidentApi;
 use crate::ingest::IngestApi;
 use crate::principal::PrincipalLayer;
 use crate::rules::RuleApi;
+use crate::units::UnitApi;
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -80,6 +84,10 @@ pub async fn serve(
         .set_serving::<IncidentServiceServer<IncidentApi>>()
         .await;
     health.set_serving::<RuleServiceServer<RuleApi>>().await;
+    health
+        .set_serving::<DispatchServiceServer<DispatchApi>>()
+        .await;
+    health.set_serving::<UnitServiceServer<UnitApi>>().await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(occ_proto::v1::FILE_DESCRIPTOR_SET)
@@ -109,6 +117,13 @@ pub async fn serve(
         .add_service(
             IncidentServiceServer::new(IncidentApi::new(state.clone()))
                 .max_decoding_message_size(max),
+        )
+        .add_service(
+            DispatchServiceServer::new(DispatchApi::new(state.clone()))
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            UnitServiceServer::new(UnitApi::new(state.clone())).max_decoding_message_size(max),
         )
         .add_service(RuleServiceServer::new(RuleApi::new(state)).max_decoding_message_size(max))
         .serve_with_incoming_shutdown(

@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, Datelike, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -83,6 +83,17 @@ impl Priority {
     /// One step less urgent (P4 stays P4).
     pub fn lowered(self) -> Self {
         Self::from_level((self.level() + 1).min(4)).unwrap_or(self)
+    }
+
+    /// How long an incident of this priority may wait in its queue before it is escalated,
+    /// unless its rule says otherwise.
+    pub fn default_claim_within(self) -> TimeDelta {
+        TimeDelta::seconds(match self {
+            Priority::P1 => 60,
+            Priority::P2 => 180,
+            Priority::P3 => 600,
+            Priority::P4 => 1800,
+        })
     }
 
     pub fn as_str(self) -> &'static str {
@@ -263,6 +274,25 @@ pub struct Incident {
     pub event_count: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// How long it may wait in its queue before escalation.
+    pub claim_within: TimeDelta,
+    /// When it escalates if still waiting (set while QUEUED).
+    pub claim_deadline: Option<DateTime<Utc>>,
+    /// It waited past its deadline: its priority was raised and supervisors are told.
+    pub escalated_at: Option<DateTime<Utc>>,
+    pub acknowledged_at: Option<DateTime<Utc>>,
+    pub acknowledged_by: Option<String>,
+    /// The active claim, while CLAIMED.
+    pub claim: Option<ClaimInfo>,
+}
+
+/// Who holds an incident and until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClaimInfo {
+    pub id: Uuid,
+    pub holder: String,
+    pub claimed_at: DateTime<Utc>,
+    pub lease_until: DateTime<Utc>,
 }
 
 /// The number people say on the radio: `INC-2026-000123` (year of creation, then a sequence

@@ -10,6 +10,7 @@ pub mod event;
 pub mod glob;
 pub mod incident;
 pub mod rule;
+pub mod unit;
 pub mod validation;
 
 pub use correlation::{Candidate, CorrelationPlan, OpenIncident, Segment, plan_correlation};
@@ -18,11 +19,12 @@ pub use event::{
     LocationInput, Severity, SourceId, SourceKind, Zone,
 };
 pub use incident::{
-    Incident, IncidentCommand, IncidentId, IncidentNumber, IncidentStatus, Priority,
+    ClaimInfo, Incident, IncidentCommand, IncidentId, IncidentNumber, IncidentStatus, Priority,
     TransitionError,
 };
 pub use rule::{
     Category, Comparison, CorrelationField, QueueName, Rule, RuleAction, RuleHit, RuleId,
     RuleInput, RuleMatch, RuleName, RuleSet, Threshold, ThresholdInput, TitleTemplate,
 };
+pub use unit::{UnitCommand, UnitId, UnitStatus, UnitTransitionError, distance_m};
 pub use validation::{FieldError, FieldErrors};

@@ -324,6 +324,9 @@ pub struct RuleAction {
     pub correlation_fields: Vec<CorrelationField>,
     /// How long after the last event of an incident a new one still joins it.
     pub correlation_window: TimeDelta,
+    /// How long its incidents may wait to be claimed before escalation; the default for
+    /// their priority when `None`.
+    pub claim_within: Option<TimeDelta>,
 }
 
 impl RuleAction {
@@ -425,6 +428,9 @@ pub struct RuleInput {
     pub title_template: String,
     pub correlation_fields: Vec<String>,
     pub correlation_window_seconds: i64,
+    /// None: the default for the priority (P1 1 min, P2 3 min, P3 10 min, P4 30 min).
+    #[serde(default)]
+    pub claim_within_seconds: Option<i64>,
 }
 
 /// A threshold as written, before it is checked.
@@ -553,6 +559,14 @@ impl Rule {
                 ),
             );
         }
+        if let Some(secs) = input.claim_within_seconds
+            && !(1..=86_400).contains(&secs)
+        {
+            c.push(
+                "claim_within",
+                format!("must be between 1 second and 1 day, got {secs} seconds"),
+            );
+        }
         c.finish(|| Rule {
             id,
             name: name.expect("checked"),
@@ -574,6 +588,7 @@ impl Rule {
                 title: title.expect("checked"),
                 correlation_fields,
                 correlation_window: TimeDelta::seconds(input.correlation_window_seconds),
+                claim_within: input.claim_within_seconds.map(TimeDelta::seconds),
             },
             updated_at,
         })
@@ -622,6 +637,7 @@ impl Rule {
                 .map(CorrelationField::name)
                 .collect(),
             correlation_window_seconds: self.action.correlation_window.num_seconds(),
+            claim_within_seconds: self.action.claim_within.map(|d| d.num_seconds()),
         }
     }
 
@@ -636,6 +652,7 @@ impl Rule {
             title: self.action.title.render(event),
             correlation_key: self.action.correlation_key(event),
             correlation_window: self.action.correlation_window,
+            claim_within: self.action.claim_within,
         })
     }
 }
@@ -651,6 +668,8 @@ pub struct RuleHit {
     pub title: String,
     pub correlation_key: String,
     pub correlation_window: TimeDelta,
+    /// The rule's claim deadline; the priority's default when `None`.
+    pub claim_within: Option<TimeDelta>,
 }
 
 /// The rules in force, compiled for evaluation. Cheap to share behind an `Arc`.

@@ -11,6 +11,7 @@ use crate::error::Result;
 pub enum Entity {
     Incident(Uuid),
     Rule(Uuid),
+    Unit(Uuid),
 }
 
 impl Entity {
@@ -18,6 +19,7 @@ impl Entity {
         match self {
             Entity::Incident(id) => ("incident", id),
             Entity::Rule(id) => ("rule", id),
+            Entity::Unit(id) => ("unit", id),
         }
     }
 }
@@ -77,4 +79,30 @@ pub async fn append(conn: &mut PgConnection, entries: &[AuditEntry]) -> Result<(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Appends one entry and returns it as stored (with its id), for callers that show it.
+pub async fn append_returning(
+    conn: &mut PgConnection,
+    e: &AuditEntry,
+) -> Result<crate::timeline::StoredAudit> {
+    let (entity_type, entity_id) = e.entity.parts();
+    Ok(sqlx::query_as!(
+        crate::timeline::StoredAudit,
+        r#"
+        INSERT INTO audit_log (entity_type, entity_id, at, actor, action, before, after, detail)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        RETURNING id, at, actor, action, before, after, detail
+        "#,
+        entity_type,
+        entity_id,
+        e.at,
+        e.actor,
+        e.action,
+        e.before,
+        e.after,
+        e.detail,
+    )
+    .fetch_one(conn)
+    .await?)
 }

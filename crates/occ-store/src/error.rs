@@ -22,6 +22,13 @@ pub enum StoreError {
     /// The input refers to something that does not exist (a rule naming an unknown queue).
     #[error("{0}")]
     Invalid(FieldErrors),
+    /// The change does not apply to the current state (an incident in the wrong status, an
+    /// expired claim, a unit that is not available). The message says what the state is.
+    #[error("{0}")]
+    Precondition(String),
+    /// The caller is not the one who may do this (the claim is someone else's).
+    #[error("{0}")]
+    Forbidden(String),
     /// Stored data that does not parse into the domain: a bug or a hand edit.
     #[error("stored data is invalid: {0}")]
     Corrupt(String),

@@ -1,9 +1,10 @@
 //! Incidents: correlation-safe opening and joining, reads, listing and timelines.
 
+use chrono::TimeDelta;
 use chrono::{DateTime, Utc};
 use occ_domain::{
-    Category, GeoPoint, Incident, IncidentId, IncidentNumber, IncidentStatus, OpenIncident,
-    Priority, QueueName, RuleId, Zone,
+    Category, ClaimInfo, GeoPoint, Incident, IncidentId, IncidentNumber, IncidentStatus,
+    OpenIncident, Priority, QueueName, RuleId, Zone,
 };
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -30,6 +31,15 @@ struct IncidentRow {
     event_count: i32,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    claim_within_seconds: i32,
+    claim_deadline: Option<DateTime<Utc>>,
+    escalated_at: Option<DateTime<Utc>>,
+    acknowledged_at: Option<DateTime<Utc>>,
+    acknowledged_by: Option<String>,
+    claim_id: Option<Uuid>,
+    claim_holder: Option<String>,
+    claimed_at: Option<DateTime<Utc>>,
+    lease_until: Option<DateTime<Utc>>,
 }
 
 impl TryFrom<IncidentRow> for Incident {
@@ -62,8 +72,63 @@ impl TryFrom<IncidentRow> for Incident {
             event_count: i64::from(r.event_count),
             created_at: r.created_at,
             updated_at: r.updated_at,
+            claim_within: TimeDelta::seconds(i64::from(r.claim_within_seconds)),
+            claim_deadline: r.claim_deadline,
+            escalated_at: r.escalated_at,
+            acknowledged_at: r.acknowledged_at,
+            acknowledged_by: r.acknowledged_by,
+            claim: match (r.claim_id, r.claim_holder, r.claimed_at, r.lease_until) {
+                (Some(id), Some(holder), Some(claimed_at), Some(lease_until)) => Some(ClaimInfo {
+                    id,
+                    holder,
+                    claimed_at,
+                    lease_until,
+                }),
+                _ => None,
+            },
         })
     }
+}
+
+/// The incidents with these ids, with their active claims, in the order of `ids` (missing
+/// ones left out). The one place that reads the whole of an incident.
+pub async fn load(conn: &mut PgConnection, ids: &[IncidentId]) -> Result<Vec<Incident>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let uuids: Vec<Uuid> = ids.iter().map(|i| i.0).collect();
+    let rows = sqlx::query_as!(
+        IncidentRow,
+        r#"
+        SELECT i.id, i.number, i.category, i.queue, i.priority, i.status, i.title, i.lat, i.lon,
+               i.zone, i.correlation_key, i.correlating, i.rule_id, i.rule_name, i.first_seen,
+               i.last_seen, i.event_count, i.created_at, i.updated_at, i.claim_within_seconds,
+               i.claim_deadline, i.escalated_at, i.acknowledged_at, i.acknowledged_by,
+               c.id AS "claim_id?", c.holder AS "claim_holder?", c.claimed_at AS "claimed_at?",
+               c.lease_until AS "lease_until?"
+          FROM incidents i
+          LEFT JOIN claims c ON c.incident_id = i.id AND c.ended_at IS NULL
+         WHERE i.id = ANY($1)
+        "#,
+        &uuids
+    )
+    .fetch_all(conn)
+    .await?;
+    let mut by_id: std::collections::HashMap<Uuid, IncidentRow> =
+        rows.into_iter().map(|r| (r.id, r)).collect();
+    uuids
+        .iter()
+        .filter_map(|id| by_id.remove(id))
+        .map(Incident::try_from)
+        .collect()
+}
+
+async fn load_one(conn: &mut PgConnection, id: Option<Uuid>) -> Result<Incident> {
+    let id = id.ok_or(StoreError::NotFound { what: "incident" })?;
+    load(conn, &[IncidentId(id)])
+        .await?
+        .pop()
+        .ok_or(StoreError::NotFound { what: "incident" })
 }
 
 /// The correlating incident of `key`, locked for the rest of the transaction so that
@@ -94,21 +159,16 @@ pub async fn lock_correlating(conn: &mut PgConnection, key: &str) -> Result<Opti
 
 /// The correlating incident of `key`, without locking (dry runs).
 pub async fn find_correlating(conn: &mut PgConnection, key: &str) -> Result<Option<Incident>> {
-    sqlx::query_as!(
-        IncidentRow,
-        r#"
-        SELECT id, number, category, queue, priority, status, title, lat, lon, zone,
-               correlation_key, correlating, rule_id, rule_name, first_seen, last_seen,
-               event_count, created_at, updated_at
-          FROM incidents
-         WHERE correlation_key = $1 AND correlating
-        "#,
+    let id = sqlx::query_scalar!(
+        "SELECT id FROM incidents WHERE correlation_key = $1 AND correlating",
         key
     )
-    .fetch_optional(conn)
-    .await?
-    .map(Incident::try_from)
-    .transpose()
+    .fetch_optional(&mut *conn)
+    .await?;
+    match id {
+        None => Ok(None),
+        Some(id) => Ok(load(conn, &[IncidentId(id)]).await?.pop()),
+    }
 }
 
 /// A new incident to insert.
@@ -128,6 +188,8 @@ pub struct NewIncident<'a> {
     pub first_seen: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
     pub event_count: i32,
+    /// How long it may wait to be claimed before it escalates.
+    pub claim_within: TimeDelta,
     pub now: DateTime<Utc>,
 }
 
@@ -145,9 +207,10 @@ pub async fn insert(
         r#"
         INSERT INTO incidents (id, number, category, queue, priority, status, title, lat, lon,
                                zone, correlation_key, correlating, rule_id, rule_name,
-                               first_seen, last_seen, event_count, created_at, updated_at)
+                               first_seen, last_seen, event_count, created_at, updated_at,
+                               claim_within_seconds, claim_deadline)
         VALUES ($1, $2, $3, $4, $5, 'QUEUED', $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                $17, $17)
+                $17, $17, $18, $17::timestamptz + make_interval(secs => $18::int4))
         ON CONFLICT (correlation_key) WHERE correlating DO NOTHING
         RETURNING id
         "#,
@@ -168,6 +231,7 @@ pub async fn insert(
         new.last_seen,
         new.event_count,
         new.now,
+        i32::try_from(new.claim_within.num_seconds()).unwrap_or(i32::MAX),
     )
     .fetch_optional(conn)
     .await?;
@@ -253,39 +317,14 @@ pub async fn link_events(
 }
 
 pub async fn get(conn: &mut PgConnection, id: IncidentId) -> Result<Incident> {
-    sqlx::query_as!(
-        IncidentRow,
-        r#"
-        SELECT id, number, category, queue, priority, status, title, lat, lon, zone,
-               correlation_key, correlating, rule_id, rule_name, first_seen, last_seen,
-               event_count, created_at, updated_at
-          FROM incidents
-         WHERE id = $1
-        "#,
-        id.0
-    )
-    .fetch_optional(conn)
-    .await?
-    .ok_or(StoreError::NotFound { what: "incident" })?
-    .try_into()
+    load_one(conn, Some(id.0)).await
 }
 
 pub async fn get_by_number(conn: &mut PgConnection, number: &str) -> Result<Incident> {
-    sqlx::query_as!(
-        IncidentRow,
-        r#"
-        SELECT id, number, category, queue, priority, status, title, lat, lon, zone,
-               correlation_key, correlating, rule_id, rule_name, first_seen, last_seen,
-               event_count, created_at, updated_at
-          FROM incidents
-         WHERE number = $1
-        "#,
-        number
-    )
-    .fetch_optional(conn)
-    .await?
-    .ok_or(StoreError::NotFound { what: "incident" })?
-    .try_into()
+    let id = sqlx::query_scalar!("SELECT id FROM incidents WHERE number = $1", number)
+        .fetch_optional(&mut *conn)
+        .await?;
+    load_one(conn, id).await
 }
 
 /// Which incidents to list.
@@ -325,12 +364,9 @@ pub async fn list(
 ) -> Result<Vec<Incident>> {
     let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
     let min_priority = filter.min_priority.unwrap_or(Priority::P4).level();
-    sqlx::query_as!(
-        IncidentRow,
+    let ids = sqlx::query_scalar!(
         r#"
-        SELECT id, number, category, queue, priority, status, title, lat, lon, zone,
-               correlation_key, correlating, rule_id, rule_name, first_seen, last_seen,
-               event_count, created_at, updated_at
+        SELECT id
           FROM incidents
          WHERE ($1::text IS NULL OR queue = $1)
            AND (cardinality($2::text[]) = 0 OR status = ANY($2))
@@ -348,9 +384,8 @@ pub async fn list(
         after.map(|c| c.id.0),
         limit,
     )
-    .fetch_all(conn)
-    .await?
-    .into_iter()
-    .map(Incident::try_from)
-    .collect()
+    .fetch_all(&mut *conn)
+    .await?;
+    let ids: Vec<IncidentId> = ids.into_iter().map(IncidentId).collect();
+    load(conn, &ids).await
 }

@@ -12,6 +12,7 @@ use serde_json::json;
 use sqlx::{PgConnection, PgPool};
 
 use crate::audit::{self, AuditEntry, Entity};
+use crate::changes::{self, Change, ChangeKind};
 use crate::dead_letters::{self, DeadLetter};
 use crate::error::{Result, StoreError};
 use crate::events::{self, Transport};
@@ -224,6 +225,9 @@ async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Re
                         first_seen: seg.first_seen,
                         last_seen: seg.last_seen,
                         event_count: i32::try_from(seg.events.len()).unwrap_or(i32::MAX),
+                        claim_within: hit
+                            .claim_within
+                            .unwrap_or_else(|| seg.priority.default_claim_within()),
                         now,
                     };
                     let Some(number) = incidents::insert(conn, &new).await? else {
@@ -276,6 +280,36 @@ async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Re
     }
     incidents::link_events(conn, &links, now).await?;
     audit::append(conn, &entries).await?;
+    // Consoles hear of new incidents and of incidents that grew, once per incident per batch.
+    let mut touched: Vec<(IncidentId, bool)> = per_event
+        .iter()
+        .flatten()
+        .map(|l| (l.id, l.opened))
+        .collect();
+    touched.sort_by_key(|(id, opened)| (*id, !opened));
+    touched.dedup_by_key(|(id, _)| *id);
+    if !touched.is_empty() {
+        let ids: Vec<IncidentId> = touched.iter().map(|(id, _)| *id).collect();
+        let current = incidents::load(conn, &ids).await?;
+        let log: Vec<Change> = current
+            .iter()
+            .zip(&touched)
+            .map(|(incident, (_, opened))| {
+                let kind = if *opened {
+                    ChangeKind::Opened
+                } else {
+                    ChangeKind::Updated
+                };
+                Change::new(
+                    incident,
+                    kind,
+                    RULES_ACTOR,
+                    format!("{} events", incident.event_count),
+                )
+            })
+            .collect();
+        changes::append(conn, &log, now).await?;
+    }
 
     let events = all
         .iter()

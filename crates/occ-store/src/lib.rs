@@ -10,14 +10,19 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod changes;
 pub mod db;
 pub mod dead_letters;
+pub mod dispatch;
 pub mod error;
 pub mod events;
 pub mod incidents;
 pub mod ingest;
+pub mod queues;
 pub mod rules;
+pub mod sweep;
 pub mod timeline;
+pub mod units;
 
 pub use db::{DbConfig, MIGRATOR, create_database_if_missing, migrate, pool};
 pub use error::{Result, StoreError};

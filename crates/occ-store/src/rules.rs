@@ -37,6 +37,7 @@ struct RuleRow {
     title_template: String,
     correlation_fields: Vec<String>,
     correlation_window_seconds: i32,
+    claim_within_seconds: Option<i32>,
     updated_at: DateTime<Utc>,
 }
 
@@ -68,6 +69,7 @@ impl TryFrom<RuleRow> for Rule {
             title_template: r.title_template,
             correlation_fields: r.correlation_fields,
             correlation_window_seconds: i64::from(r.correlation_window_seconds),
+            claim_within_seconds: r.claim_within_seconds.map(i64::from),
         };
         Rule::parse(RuleId(r.id), input, r.updated_at).map_err(|e| corrupt(e.to_string()))
     }
@@ -81,7 +83,7 @@ pub async fn list(conn: &mut PgConnection) -> Result<Vec<Rule>> {
         r#"
         SELECT id, name, description, enabled, event_types, source_kinds, zones, min_confidence,
                min_severity, thresholds, attributes, category, queue, priority, title_template,
-               correlation_fields, correlation_window_seconds, updated_at
+               correlation_fields, correlation_window_seconds, claim_within_seconds, updated_at
           FROM rules
          ORDER BY name COLLATE "C"
         "#
@@ -106,7 +108,7 @@ pub async fn get_by_name(conn: &mut PgConnection, name: &str) -> Result<Option<R
         r#"
         SELECT id, name, description, enabled, event_types, source_kinds, zones, min_confidence,
                min_severity, thresholds, attributes, category, queue, priority, title_template,
-               correlation_fields, correlation_window_seconds, updated_at
+               correlation_fields, correlation_window_seconds, claim_within_seconds, updated_at
           FROM rules
          WHERE name = $1
            FOR UPDATE
@@ -153,9 +155,10 @@ pub async fn put(
         INSERT INTO rules (id, name, description, enabled, event_types, source_kinds, zones,
                            min_confidence, min_severity, thresholds, attributes, category, queue,
                            priority, title_template, correlation_fields,
-                           correlation_window_seconds, created_at, updated_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
-                $18)
+                           correlation_window_seconds, claim_within_seconds, created_at,
+                           updated_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $19,
+                $18, $18)
         ON CONFLICT (id) DO UPDATE
            SET description = EXCLUDED.description,
                enabled = EXCLUDED.enabled,
@@ -172,6 +175,7 @@ pub async fn put(
                title_template = EXCLUDED.title_template,
                correlation_fields = EXCLUDED.correlation_fields,
                correlation_window_seconds = EXCLUDED.correlation_window_seconds,
+               claim_within_seconds = EXCLUDED.claim_within_seconds,
                updated_at = EXCLUDED.updated_at
         "#,
         rule.id.0,
@@ -192,6 +196,9 @@ pub async fn put(
         &stored.correlation_fields,
         window,
         now,
+        stored
+            .claim_within_seconds
+            .map(|s| i32::try_from(s).unwrap_or(i32::MAX)),
     )
     .execute(&mut *conn)
     .await

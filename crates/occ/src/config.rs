@@ -283,6 +283,14 @@ pub struct ServeArgs {
     )]
     pub rules_refresh: Span,
 
+    /// How often claim leases and claim deadlines are checked (expiry, escalation).
+    #[arg(
+        long = "sweep-interval",
+        env = "OCC_SWEEP_INTERVAL",
+        default_value = "1s"
+    )]
+    pub sweep_interval: Span,
+
     /// How long shutdown waits for the batch in hand and calls in flight.
     #[arg(
         long = "shutdown-grace",

@@ -198,10 +198,19 @@ pub async fn start(
 
     let grpc_addr = listener.local_addr()?;
     let grpc_stop = CancellationToken::new();
+    let feed = occ_store::changes::Feed::start(pool.clone(), shutdown.clone())
+        .await
+        .context("cannot read the incident change log")?;
+    tokio::spawn(occ_store::sweep::run(
+        pool.clone(),
+        args.sweep_interval.0,
+        shutdown.clone(),
+    ));
     let state = ApiState {
         pool: pool.clone(),
         rules,
         limits,
+        feed,
     };
     let grpc = tokio::spawn(occ_api::serve(
         listener,

@@ -1,0 +1,683 @@
+//! Working incidents: claims, dispatch, transfers, status changes, acknowledgements and notes.
+//!
+//! Every function runs inside the caller's transaction and leaves, in it, the change, its
+//! audit entries and its change-log entry, so they commit together or not at all. Status
+//! changes are decided by the domain's state machines; this module persists them.
+//!
+//! Lock order, everywhere: the incident row, then its claim, then units (by id), then the
+//! change log's append lock last. Time comes from the database (`now()` of the transaction),
+//! so leases and deadlines mean the same on every instance.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use occ_domain::{
+    ClaimInfo, Incident, IncidentCommand, IncidentId, IncidentStatus, UnitCommand, UnitId,
+    UnitStatus,
+};
+use serde_json::json;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::audit::{self, AuditEntry, Entity};
+use crate::changes::{self, Change, ChangeKind};
+use crate::error::{Result, StoreError};
+use crate::incidents;
+use crate::timeline::StoredAudit;
+use crate::units::{self, Unit};
+
+/// The shortest and longest lease a claim may have.
+pub const MIN_LEASE: TimeDelta = TimeDelta::seconds(1);
+pub const MAX_LEASE: TimeDelta = TimeDelta::hours(1);
+
+/// The database's clock, for this transaction.
+pub async fn now(conn: &mut PgConnection) -> Result<DateTime<Utc>> {
+    Ok(sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+        .fetch_one(conn)
+        .await?)
+}
+
+fn entry(incident: IncidentId, at: DateTime<Utc>, actor: &str, action: &str) -> AuditEntry {
+    AuditEntry {
+        entity: Entity::Incident(incident.0),
+        at,
+        actor: actor.to_owned(),
+        action: action.to_owned(),
+        before: None,
+        after: None,
+        detail: String::new(),
+    }
+}
+
+/// Locks an incident and reads it.
+pub async fn lock(conn: &mut PgConnection, id: IncidentId) -> Result<Incident> {
+    let found = sqlx::query_scalar!("SELECT id FROM incidents WHERE id = $1 FOR UPDATE", id.0)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if found.is_none() {
+        return Err(StoreError::NotFound { what: "incident" });
+    }
+    incidents::get(conn, id).await
+}
+
+fn refuse(incident: &Incident, command: IncidentCommand) -> Result<IncidentStatus> {
+    incident.status.apply(command).map_err(|e| {
+        StoreError::Precondition(format!("{} {}: {e}", incident.number, incident.title))
+    })
+}
+
+/// Locks the incident of an active claim and checks that `holder` holds it and its lease has
+/// not run out.
+async fn lock_claim(
+    conn: &mut PgConnection,
+    claim: Uuid,
+    holder: &str,
+    now: DateTime<Utc>,
+) -> Result<(Incident, ClaimInfo)> {
+    let incident = sqlx::query_scalar!("SELECT incident_id FROM claims WHERE id = $1", claim)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(StoreError::NotFound { what: "claim" })?;
+    let incident = lock(conn, IncidentId(incident)).await?;
+    let row = sqlx::query!(
+        "SELECT holder, claimed_at, lease_until, ended_at, end_reason FROM claims WHERE id = $1 FOR UPDATE",
+        claim
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if let (Some(ended), Some(reason)) = (row.ended_at, row.end_reason) {
+        return Err(StoreError::Precondition(format!(
+            "the claim on {} ended at {ended} ({reason}); the incident is {}",
+            incident.number, incident.status
+        )));
+    }
+    if row.lease_until <= now {
+        return Err(StoreError::Precondition(format!(
+            "the claim on {} expired at {}",
+            incident.number, row.lease_until
+        )));
+    }
+    if row.holder != holder {
+        return Err(StoreError::Forbidden(format!(
+            "the claim on {} is held by {}",
+            incident.number, row.holder
+        )));
+    }
+    Ok((
+        incident,
+        ClaimInfo {
+            id: claim,
+            holder: row.holder,
+            claimed_at: row.claimed_at,
+            lease_until: row.lease_until,
+        },
+    ))
+}
+
+async fn end_claim(
+    conn: &mut PgConnection,
+    claim: Uuid,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query!(
+        "UPDATE claims SET ended_at = $2, end_reason = $3 WHERE id = $1 AND ended_at IS NULL",
+        claim,
+        now,
+        reason
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Puts an incident back in its queue with a fresh claim deadline.
+async fn requeue(
+    conn: &mut PgConnection,
+    id: IncidentId,
+    queue: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query!(
+        r#"
+        UPDATE incidents
+           SET status = 'QUEUED', queue = $2, updated_at = $3,
+               claim_deadline = $3::timestamptz + make_interval(secs => claim_within_seconds)
+         WHERE id = $1
+        "#,
+        id.0,
+        queue,
+        now
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+fn check_lease(lease: TimeDelta) -> Result<()> {
+    if lease < MIN_LEASE || lease > MAX_LEASE {
+        return Err(StoreError::Invalid(occ_domain::FieldErrors::one(
+            "lease",
+            format!(
+                "must be between {} and {} seconds, got {}",
+                MIN_LEASE.num_seconds(),
+                MAX_LEASE.num_seconds(),
+                lease.num_seconds()
+            ),
+        )));
+    }
+    Ok(())
+}
+
+/// Claims the most urgent, then oldest, waiting incident of `queue` for `holder`, or `None`
+/// when the queue has none. Concurrent callers never get the same incident: a row another
+/// claimer has locked is skipped, not waited for.
+pub async fn claim_next(
+    conn: &mut PgConnection,
+    queue: &str,
+    holder: &str,
+    lease: TimeDelta,
+) -> Result<Option<Incident>> {
+    check_lease(lease)?;
+    let now = now(conn).await?;
+    let Some(id) = sqlx::query_scalar!(
+        r#"
+        SELECT id FROM incidents
+         WHERE queue = $1 AND status = 'QUEUED'
+         ORDER BY priority, created_at, id
+         LIMIT 1
+           FOR UPDATE SKIP LOCKED
+        "#,
+        queue
+    )
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let incident = incidents::get(conn, IncidentId(id)).await?;
+    refuse(&incident, IncidentCommand::Claim)?;
+    let lease_until = now + lease;
+    sqlx::query!(
+        "UPDATE incidents SET status = 'CLAIMED', claim_deadline = NULL, updated_at = $2 WHERE id = $1",
+        id,
+        now
+    )
+    .execute(&mut *conn)
+    .await?;
+    let claim = Uuid::now_v7();
+    sqlx::query!(
+        "INSERT INTO claims (id, incident_id, holder, claimed_at, lease_until) VALUES ($1, $2, $3, $4, $5)",
+        claim,
+        id,
+        holder,
+        now,
+        lease_until
+    )
+    .execute(&mut *conn)
+    .await?;
+    audit::append(
+        conn,
+        &[AuditEntry {
+            before: Some(json!({"status": "QUEUED"})),
+            after: Some(json!({"status": "CLAIMED", "holder": holder, "lease_until": lease_until})),
+            detail: format!("claim {claim}"),
+            ..entry(incident.id, now, holder, "incident.claimed")
+        }],
+    )
+    .await?;
+    changes::append(
+        conn,
+        &[Change::new(&incident, ChangeKind::Claimed, holder, "")],
+        now,
+    )
+    .await?;
+    incidents::get(conn, incident.id).await.map(Some)
+}
+
+/// Gives a claimed incident back to its queue.
+pub async fn release(
+    conn: &mut PgConnection,
+    claim: Uuid,
+    holder: &str,
+    reason: &str,
+) -> Result<Incident> {
+    let now = now(conn).await?;
+    let (incident, _) = lock_claim(conn, claim, holder, now).await?;
+    refuse(&incident, IncidentCommand::Release)?;
+    requeue(conn, incident.id, incident.queue.as_str(), now).await?;
+    end_claim(conn, claim, "released", now).await?;
+    audit::append(
+        conn,
+        &[AuditEntry {
+            before: Some(json!({"status": "CLAIMED", "holder": holder})),
+            after: Some(json!({"status": "QUEUED"})),
+            detail: reason.to_owned(),
+            ..entry(incident.id, now, holder, "incident.released")
+        }],
+    )
+    .await?;
+    changes::append(
+        conn,
+        &[Change::new(&incident, ChangeKind::Released, holder, reason)],
+        now,
+    )
+    .await?;
+    incidents::get(conn, incident.id).await
+}
+
+/// Renews a claim's lease from now. Returns the incident it holds and the renewed claim.
+pub async fn extend(
+    conn: &mut PgConnection,
+    claim: Uuid,
+    holder: &str,
+    lease: TimeDelta,
+) -> Result<(IncidentId, ClaimInfo)> {
+    check_lease(lease)?;
+    let now = now(conn).await?;
+    let (incident, mut info) = lock_claim(conn, claim, holder, now).await?;
+    info.lease_until = now + lease;
+    sqlx::query!(
+        "UPDATE claims SET lease_until = $2 WHERE id = $1",
+        claim,
+        info.lease_until
+    )
+    .execute(&mut *conn)
+    .await?;
+    audit::append(
+        conn,
+        &[AuditEntry {
+            after: Some(json!({"lease_until": info.lease_until})),
+            detail: format!("claim {claim}"),
+            ..entry(incident.id, now, holder, "incident.claim_extended")
+        }],
+    )
+    .await?;
+    Ok((incident.id, info))
+}
+
+/// Assigns available units of the incident's agency, sets the incident and the units
+/// DISPATCHED, and ends the claim.
+pub async fn dispatch_units(
+    conn: &mut PgConnection,
+    claim: Uuid,
+    holder: &str,
+    unit_ids: &[UnitId],
+) -> Result<(Incident, Vec<Unit>)> {
+    let now = now(conn).await?;
+    let (incident, _) = lock_claim(conn, claim, holder, now).await?;
+    let next = refuse(&incident, IncidentCommand::Dispatch)?;
+    if unit_ids.is_empty() {
+        return Err(StoreError::Invalid(occ_domain::FieldErrors::one(
+            "unit_ids",
+            "name at least one unit",
+        )));
+    }
+    let agency = sqlx::query_scalar!(
+        "SELECT agency FROM queues WHERE name = $1",
+        incident.queue.as_str()
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let mut wanted: Vec<UnitId> = unit_ids.to_vec();
+    wanted.sort();
+    wanted.dedup();
+    let found = units::load(conn, &wanted, true).await?;
+    if found.len() != wanted.len() {
+        return Err(StoreError::NotFound { what: "unit" });
+    }
+    let mut entries = Vec::new();
+    let mut dispatched = Vec::new();
+    for unit in &found {
+        if unit.agency != agency {
+            return Err(StoreError::Precondition(format!(
+                "unit {} belongs to {}, not {agency}, which handles the {} queue",
+                unit.call_sign, unit.agency, incident.queue
+            )));
+        }
+        let status = unit
+            .status
+            .apply(UnitCommand::Dispatch)
+            .map_err(|e| StoreError::Precondition(format!("unit {}: {e}", unit.call_sign)))?;
+        let detail = format!("dispatched to {}", incident.number);
+        dispatched.push(
+            units::set_status(conn, unit, status, Some(incident.id), holder, &detail, now).await?,
+        );
+    }
+    sqlx::query!(
+        "UPDATE incidents SET status = $2, updated_at = $3 WHERE id = $1",
+        incident.id.0,
+        next.as_str(),
+        now
+    )
+    .execute(&mut *conn)
+    .await?;
+    end_claim(conn, claim, "dispatched", now).await?;
+    let call_signs: Vec<&str> = dispatched.iter().map(|u| u.call_sign.as_str()).collect();
+    entries.push(AuditEntry {
+        before: Some(json!({"status": incident.status.as_str()})),
+        after: Some(json!({"status": next.as_str(), "units": call_signs})),
+        detail: call_signs.join(", "),
+        ..entry(incident.id, now, holder, "incident.dispatched")
+    });
+    audit::append(conn, &entries).await?;
+    changes::append(
+        conn,
+        &[Change::new(
+            &incident,
+            ChangeKind::Dispatched,
+            holder,
+            call_signs.join(", "),
+        )],
+        now,
+    )
+    .await?;
+    Ok((incidents::get(conn, incident.id).await?, dispatched))
+}
+
+/// Moves a waiting or claimed incident to another agency's queue. A claimed incident moves
+/// only for the holder of its claim, which ends.
+pub async fn transfer(
+    conn: &mut PgConnection,
+    id: IncidentId,
+    to_queue: &str,
+    reason: &str,
+    claim: Option<Uuid>,
+    actor: &str,
+) -> Result<Incident> {
+    let now = now(conn).await?;
+    let queue_known: bool = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM queues WHERE name = $1) AS "e!""#,
+        to_queue
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if !queue_known {
+        return Err(StoreError::Invalid(occ_domain::FieldErrors::one(
+            "queue",
+            format!("no queue named {to_queue:?}"),
+        )));
+    }
+    let incident = lock(conn, id).await?;
+    refuse(&incident, IncidentCommand::Transfer)?;
+    if incident.queue.as_str() == to_queue {
+        return Err(StoreError::Precondition(format!(
+            "{} is already in the {to_queue} queue",
+            incident.number
+        )));
+    }
+    if let Some(active) = &incident.claim {
+        match claim {
+            Some(c) if c == active.id => {
+                lock_claim(conn, c, actor, now).await?;
+                end_claim(conn, c, "transferred", now).await?;
+            }
+            _ => {
+                return Err(StoreError::Precondition(format!(
+                    "{} is claimed by {}: only that claim can transfer it",
+                    incident.number, active.holder
+                )));
+            }
+        }
+    }
+    requeue(conn, incident.id, to_queue, now).await?;
+    audit::append(
+        conn,
+        &[AuditEntry {
+            before: Some(
+                json!({"queue": incident.queue.as_str(), "status": incident.status.as_str()}),
+            ),
+            after: Some(json!({"queue": to_queue, "status": "QUEUED"})),
+            detail: reason.to_owned(),
+            ..entry(incident.id, now, actor, "incident.transferred")
+        }],
+    )
+    .await?;
+    changes::append(
+        conn,
+        &[Change {
+            queues: vec![incident.queue.to_string(), to_queue.to_owned()],
+            ..Change::new(&incident, ChangeKind::Transferred, actor, reason)
+        }],
+        now,
+    )
+    .await?;
+    incidents::get(conn, incident.id).await
+}
+
+/// Moves an incident along EN_ROUTE → ON_SCENE → RESOLVED → CLOSED, or DISMISSED. Resolving
+/// or dismissing releases its units; dismissing a claimed incident ends the claim.
+pub async fn update_status(
+    conn: &mut PgConnection,
+    id: IncidentId,
+    to: IncidentStatus,
+    note: &str,
+    actor: &str,
+) -> Result<Incident> {
+    let command = match to {
+        IncidentStatus::EnRoute => IncidentCommand::MarkEnRoute,
+        IncidentStatus::OnScene => IncidentCommand::MarkOnScene,
+        IncidentStatus::Resolved => IncidentCommand::Resolve,
+        IncidentStatus::Closed => IncidentCommand::Close,
+        IncidentStatus::Dismissed => IncidentCommand::Dismiss,
+        other => {
+            return Err(StoreError::Invalid(occ_domain::FieldErrors::one(
+                "status",
+                format!(
+                    "{other} is reached through the queue (ClaimNext, ReleaseClaim, DispatchUnits, TransferIncident), not set"
+                ),
+            )));
+        }
+    };
+    let now = now(conn).await?;
+    let incident = lock(conn, id).await?;
+    apply_status(conn, &incident, command, note, actor, now).await
+}
+
+/// Persists an incident status transition the domain allows.
+pub(crate) async fn apply_status(
+    conn: &mut PgConnection,
+    incident: &Incident,
+    command: IncidentCommand,
+    note: &str,
+    actor: &str,
+    now: DateTime<Utc>,
+) -> Result<Incident> {
+    let next = refuse(incident, command)?;
+    let mut entries = Vec::new();
+    if matches!(next, IncidentStatus::Resolved | IncidentStatus::Dismissed) {
+        for unit in units::assigned_to(conn, incident.id).await? {
+            let status = unit
+                .status
+                .apply(UnitCommand::Release)
+                .map_err(|e| StoreError::Precondition(format!("unit {}: {e}", unit.call_sign)))?;
+            let detail = format!("released: {} is {next}", incident.number);
+            units::set_status(conn, &unit, status, None, actor, &detail, now).await?;
+        }
+    }
+    if let Some(claim) = &incident.claim {
+        end_claim(conn, claim.id, "dismissed", now).await?;
+    }
+    sqlx::query!(
+        r#"
+        UPDATE incidents
+           SET status = $2, updated_at = $3, claim_deadline = NULL,
+               correlating = correlating AND $4
+         WHERE id = $1
+        "#,
+        incident.id.0,
+        next.as_str(),
+        now,
+        next.is_open(),
+    )
+    .execute(&mut *conn)
+    .await?;
+    entries.push(AuditEntry {
+        before: Some(json!({"status": incident.status.as_str()})),
+        after: Some(json!({"status": next.as_str()})),
+        detail: note.to_owned(),
+        ..entry(incident.id, now, actor, "incident.status_changed")
+    });
+    audit::append(conn, &entries).await?;
+    changes::append(
+        conn,
+        &[Change::new(
+            incident,
+            ChangeKind::StatusChanged,
+            actor,
+            format!("{} → {next}", incident.status),
+        )],
+        now,
+    )
+    .await?;
+    incidents::get(conn, incident.id).await
+}
+
+/// Records that an operator or supervisor has seen an incident (an escalation, typically).
+pub async fn acknowledge(conn: &mut PgConnection, id: IncidentId, actor: &str) -> Result<Incident> {
+    let now = now(conn).await?;
+    let incident = lock(conn, id).await?;
+    sqlx::query!(
+        "UPDATE incidents SET acknowledged_at = $2, acknowledged_by = $3, updated_at = $2 WHERE id = $1",
+        id.0,
+        now,
+        actor
+    )
+    .execute(&mut *conn)
+    .await?;
+    audit::append(
+        conn,
+        &[AuditEntry {
+            after: Some(json!({"acknowledged_by": actor})),
+            ..entry(id, now, actor, "incident.acknowledged")
+        }],
+    )
+    .await?;
+    changes::append(
+        conn,
+        &[Change::new(&incident, ChangeKind::Acknowledged, actor, "")],
+        now,
+    )
+    .await?;
+    incidents::get(conn, id).await
+}
+
+/// The longest note.
+pub const MAX_NOTE_LEN: usize = 4000;
+
+/// Adds an operator's note to an incident's timeline.
+pub async fn add_note(
+    conn: &mut PgConnection,
+    id: IncidentId,
+    text: &str,
+    actor: &str,
+) -> Result<StoredAudit> {
+    if text.trim().is_empty() || text.len() > MAX_NOTE_LEN {
+        return Err(StoreError::Invalid(occ_domain::FieldErrors::one(
+            "text",
+            format!("must be 1 to {MAX_NOTE_LEN} bytes"),
+        )));
+    }
+    let now = now(conn).await?;
+    let incident = lock(conn, id).await?;
+    let note = AuditEntry {
+        detail: text.to_owned(),
+        ..entry(id, now, actor, "incident.note")
+    };
+    let stored = audit::append_returning(conn, &note).await?;
+    changes::append(
+        conn,
+        &[Change::new(&incident, ChangeKind::NoteAdded, actor, text)],
+        now,
+    )
+    .await?;
+    Ok(stored)
+}
+
+/// When a unit reports EN_ROUTE or ON_SCENE, its incident follows if it is behind.
+pub(crate) fn incident_follows(
+    unit: UnitStatus,
+    incident: IncidentStatus,
+) -> Option<IncidentCommand> {
+    match (unit, incident) {
+        (UnitStatus::EnRoute, IncidentStatus::Dispatched) => Some(IncidentCommand::MarkEnRoute),
+        (UnitStatus::OnScene, IncidentStatus::Dispatched | IncidentStatus::EnRoute) => {
+            Some(IncidentCommand::MarkOnScene)
+        }
+        _ => None,
+    }
+}
+
+/// A crew's status report: EN_ROUTE, ON_SCENE, AVAILABLE (cleared) or OUT_OF_SERVICE. The
+/// incident it works advances with its first unit en route or on scene.
+pub async fn unit_status(
+    conn: &mut PgConnection,
+    id: UnitId,
+    to: UnitStatus,
+    actor: &str,
+) -> Result<Unit> {
+    let now = now(conn).await?;
+    // Incident before unit, as everywhere.
+    let incident = match units::get(conn, id, false).await?.incident {
+        Some(i) => Some(lock(conn, i).await?),
+        None => None,
+    };
+    let unit = units::get(conn, id, true).await?;
+    if unit.incident != incident.as_ref().map(|i| i.id) {
+        return Err(StoreError::Retry(format!(
+            "unit {} changed meanwhile",
+            unit.call_sign
+        )));
+    }
+    let command = unit.status.command_to(to).ok_or_else(|| {
+        StoreError::Invalid(occ_domain::FieldErrors::one(
+            "status",
+            "a unit is DISPATCHED by DispatchUnits, not by a status report",
+        ))
+    })?;
+    let status = unit
+        .status
+        .apply(command)
+        .map_err(|e| StoreError::Precondition(format!("unit {}: {e}", unit.call_sign)))?;
+    let keeps = status.is_assigned().then_some(unit.incident).flatten();
+    let detail = match (&incident, command) {
+        (Some(i), UnitCommand::Release) => format!("cleared from {}", i.number),
+        (Some(i), _) => format!("{}", i.number),
+        (None, _) => String::new(),
+    };
+    let unit = units::set_status(conn, &unit, status, keeps, actor, &detail, now).await?;
+    if let Some(incident) = incident
+        && let Some(cmd) = incident_follows(status, incident.status)
+    {
+        apply_status(
+            conn,
+            &incident,
+            cmd,
+            &format!("unit {} reported {status}", unit.call_sign),
+            actor,
+            now,
+        )
+        .await?;
+    }
+    Ok(unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incidents_follow_their_first_unit() {
+        use IncidentStatus as I;
+        use UnitStatus as U;
+        assert_eq!(
+            incident_follows(U::EnRoute, I::Dispatched),
+            Some(IncidentCommand::MarkEnRoute)
+        );
+        assert_eq!(incident_follows(U::EnRoute, I::OnScene), None);
+        assert_eq!(
+            incident_follows(U::OnScene, I::EnRoute),
+            Some(IncidentCommand::MarkOnScene)
+        );
+        assert_eq!(incident_follows(U::OnScene, I::Resolved), None);
+        assert_eq!(incident_follows(U::Available, I::Dispatched), None);
+    }
+}
