@@ -349,6 +349,24 @@ pub struct SimulatorArgs {
     /// Random seed, for a reproducible stream.
     #[arg(long = "sim-seed", env = "OCC_SIM_SEED")]
     pub seed: Option<u64>,
+
+    /// Also simulate the dispatch room: units of every agency, and an operator per queue who
+    /// claims, dispatches, resolves and closes incidents through the gRPC API.
+    #[arg(
+        long = "sim-operators",
+        env = "OCC_SIM_OPERATORS",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub operators: bool,
+
+    /// The OCC API the simulated operators use (`occ serve --simulate` uses its own).
+    #[arg(
+        long = "sim-grpc",
+        env = "OCC_SIM_GRPC",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub grpc: String,
 }
 
 /// Logs.

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+mod operators;
 pub mod serve;
 pub mod simulate;
 pub mod telemetry;

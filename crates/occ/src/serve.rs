@@ -221,9 +221,14 @@ pub async fn start(
     ));
 
     let simulator = args.simulate.then(|| {
+        let simulator = crate::config::SimulatorArgs {
+            // The operators work this instance, wherever it listens.
+            grpc: format!("http://{grpc_addr}"),
+            ..args.simulator.clone()
+        };
         tokio::spawn(crate::simulate::run(
             args.broker.clone(),
-            args.simulator.clone(),
+            simulator,
             shutdown.clone(),
         ))
     });

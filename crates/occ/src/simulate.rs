@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{BrokerArgs, SimulatorArgs};
 
 /// Astana's districts, with a centre to scatter devices around.
-const DISTRICTS: [(&str, f64, f64); 5] = [
+pub(crate) const DISTRICTS: [(&str, f64, f64); 5] = [
     ("esil", 51.1280, 71.4300),
     ("almaty", 51.1500, 71.4800),
     ("saryarka", 51.1850, 71.4100),
@@ -416,7 +416,8 @@ fn round2(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
 }
 
-/// Publishes the simulated city until `shutdown` (or `args.count` events).
+/// Publishes the simulated city until `shutdown` (or `args.count` events), with the
+/// simulated dispatch room working the incidents when `args.operators`.
 pub async fn run(
     broker: BrokerArgs,
     args: SimulatorArgs,
@@ -424,6 +425,30 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     anyhow::ensure!(args.rate > 0.0, "--sim-rate must be positive");
     let seed = args.seed.unwrap_or_else(|| rand::rng().random());
+    let room_stop = shutdown.child_token();
+    let room = args.operators.then(|| {
+        let endpoint = args.grpc.clone();
+        let stop = room_stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::operators::run(endpoint, seed, stop).await {
+                tracing::error!(error = %e, "the simulated dispatch room stopped");
+            }
+        })
+    });
+    let published = publish(broker, args, seed, shutdown).await;
+    room_stop.cancel();
+    if let Some(room) = room {
+        let _ = room.await;
+    }
+    published
+}
+
+async fn publish(
+    broker: BrokerArgs,
+    args: SimulatorArgs,
+    seed: u64,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut city = City::new(seed);
 
     let mut options = MqttOptions::new(
