@@ -63,7 +63,10 @@ CREATE INDEX units_by_incident ON units (incident_id) WHERE incident_id IS NOT N
 
 ALTER TABLE audit_log DROP CONSTRAINT audit_log_entity_type_check;
 ALTER TABLE audit_log ADD CONSTRAINT audit_log_entity_type_check
-    CHECK (entity_type IN ('incident', 'rule', 'unit'));
+    CHECK (entity_type IN ('incident', 'rule', 'unit', 'queue'));
+
+-- Queues are configured at run time (DispatchService.PutQueue); their changes are audited.
+ALTER TABLE queues ADD COLUMN id uuid NOT NULL UNIQUE DEFAULT gen_random_uuid();
 
 -- Every change to an incident that consoles watch, in commit order. Writers take a
 -- transaction-level advisory lock just before appending here, so sequence order is commit

@@ -523,6 +523,21 @@ async fn an_operator_takes_an_mqtt_event_all_the_way_to_closed(pool: PgPool) {
         get(&occ.grpc, &id).await.status,
         pb::IncidentStatus::OnScene as i32
     );
+    // E-2 is sent back; E-1, the last one on the fire, cannot leave it unattended.
+    crew.update_unit_status(pb::UpdateUnitStatusRequest {
+        unit_id: "E-2".into(),
+        status: pb::UnitStatus::Available as i32,
+    })
+    .await
+    .expect("E-2 cleared");
+    let last = crew
+        .update_unit_status(pb::UpdateUnitStatusRequest {
+            unit_id: "E-1".into(),
+            status: pb::UnitStatus::Available as i32,
+        })
+        .await
+        .expect_err("the last unit on a burning flat stays");
+    assert_eq!(last.code(), Code::FailedPrecondition);
 
     let mut inc = incidents(&occ.grpc).await;
     let too_early = inc
@@ -530,6 +545,7 @@ async fn an_operator_takes_an_mqtt_event_all_the_way_to_closed(pool: PgPool) {
             id: id.clone(),
             status: pb::IncidentStatus::Closed as i32,
             note: String::new(),
+            claim_id: String::new(),
         })
         .await
         .expect_err("not resolved yet");
@@ -545,6 +561,7 @@ async fn an_operator_takes_an_mqtt_event_all_the_way_to_closed(pool: PgPool) {
             id: id.clone(),
             status: status as i32,
             note: "fire out, flat ventilated".into(),
+            claim_id: String::new(),
         })
         .await
         .expect("UpdateIncidentStatus");
@@ -583,24 +600,192 @@ async fn an_operator_takes_an_mqtt_event_all_the_way_to_closed(pool: PgPool) {
     occ.stop().await.expect("stop");
 }
 
-#[sqlx::test(migrations = false)]
-async fn only_the_holder_of_a_claim_transfers_a_claimed_incident(pool: PgPool) {
-    let broker = Broker::start().await.expect("broker");
-    let occ = start(&pool, &broker, "occ-transfer").await;
-    let number = open(&occ.grpc, vec![panic_button(3)]).await.remove(0);
-    claim_next(&occ.grpc, "police", 60).await;
+/// A request as a named operator's console sends it.
+fn from<T>(operator: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-occ-operator", operator.parse().expect("valid header"));
+    request
+}
 
+#[sqlx::test(migrations = false)]
+async fn only_the_holder_of_a_claim_can_act_on_it(pool: PgPool) {
+    let broker = Broker::start().await.expect("broker");
+    let occ = start(&pool, &broker, "occ-holder").await;
+    let number = open(&occ.grpc, vec![panic_button(3)]).await.remove(0);
+    let patrol = upsert_unit(&occ.grpc, "P-1", "police", 51.13, 71.43).await;
     let mut client = dispatch(&occ.grpc).await;
-    let refused = client
-        .transfer_incident(pb::TransferIncidentRequest {
-            incident_id: number.clone(),
-            queue: "ems".into(),
-            reason: "no claim".into(),
-            claim_id: String::new(),
+    let claimed = client
+        .claim_next(from(
+            "alice",
+            pb::ClaimNextRequest {
+                queue: "police".into(),
+                lease: None,
+            },
+        ))
+        .await
+        .expect("ClaimNext")
+        .into_inner();
+    let claim = claimed.claim.expect("claim").id;
+
+    // Others see who holds it, not the claim's id.
+    let seen = get(&occ.grpc, &number).await.claim.expect("claim shown");
+    assert_eq!(seen.holder, "operator:alice");
+    assert!(seen.id.is_empty(), "the claim id is the holder's alone");
+
+    // Bob, with Alice's claim id, can do nothing with it.
+    let denied = [
+        client
+            .release_claim(from(
+                "bob",
+                pb::ReleaseClaimRequest {
+                    claim_id: claim.clone(),
+                    reason: String::new(),
+                },
+            ))
+            .await
+            .map(|_| ()),
+        client
+            .extend_claim(from(
+                "bob",
+                pb::ExtendClaimRequest {
+                    claim_id: claim.clone(),
+                    lease: None,
+                },
+            ))
+            .await
+            .map(|_| ()),
+        client
+            .dispatch_units(from(
+                "bob",
+                pb::DispatchUnitsRequest {
+                    claim_id: claim.clone(),
+                    unit_ids: vec![patrol.call_sign.clone()],
+                },
+            ))
+            .await
+            .map(|_| ()),
+        client
+            .transfer_incident(from(
+                "bob",
+                pb::TransferIncidentRequest {
+                    incident_id: number.clone(),
+                    queue: "ems".into(),
+                    reason: String::new(),
+                    claim_id: claim.clone(),
+                },
+            ))
+            .await
+            .map(|_| ()),
+        incidents(&occ.grpc)
+            .await
+            .update_incident_status(from(
+                "bob",
+                pb::UpdateIncidentStatusRequest {
+                    id: number.clone(),
+                    status: pb::IncidentStatus::Dismissed as i32,
+                    note: "not mine".into(),
+                    claim_id: claim.clone(),
+                },
+            ))
+            .await
+            .map(|_| ()),
+    ];
+    for (i, result) in denied.into_iter().enumerate() {
+        let status = result.expect_err("refused");
+        assert_eq!(
+            status.code(),
+            Code::PermissionDenied,
+            "call {i}: {status:?}"
+        );
+    }
+    // Without any claim, a claimed incident cannot be dismissed or transferred either.
+    let no_claim = incidents(&occ.grpc)
+        .await
+        .update_incident_status(from(
+            "bob",
+            pb::UpdateIncidentStatusRequest {
+                id: number.clone(),
+                status: pb::IncidentStatus::Dismissed as i32,
+                note: String::new(),
+                claim_id: String::new(),
+            },
+        ))
+        .await
+        .expect_err("claimed by Alice");
+    assert_eq!(no_claim.code(), Code::FailedPrecondition);
+    assert!(
+        no_claim.message().contains("operator:alice"),
+        "{}",
+        no_claim.message()
+    );
+
+    // Alice can.
+    let done = client
+        .dispatch_units(from(
+            "alice",
+            pb::DispatchUnitsRequest {
+                claim_id: claim,
+                unit_ids: vec![patrol.call_sign],
+            },
+        ))
+        .await
+        .expect("the holder dispatches")
+        .into_inner();
+    assert_eq!(
+        done.incident.expect("incident").status,
+        pb::IncidentStatus::Dispatched as i32
+    );
+    let actors: Vec<String> = incidents(&occ.grpc)
+        .await
+        .get_timeline(pb::GetTimelineRequest {
+            id: number,
+            ..Default::default()
         })
         .await
-        .expect_err("claimed by someone");
-    assert_eq!(refused.code(), Code::FailedPrecondition);
+        .expect("timeline")
+        .into_inner()
+        .entries
+        .into_iter()
+        .filter_map(|e| match e.entry {
+            Some(pb::timeline_entry::Entry::Audit(a)) => Some(a.actor),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(actors, ["system:rules", "operator:alice", "operator:alice"]);
+    occ.stop().await.expect("stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn queues_are_configured_at_run_time(pool: PgPool) {
+    let broker = Broker::start().await.expect("broker");
+    let occ = start(&pool, &broker, "occ-queues").await;
+    let mut client = dispatch(&occ.grpc).await;
+    let created = client
+        .put_queue(pb::PutQueueRequest {
+            name: "river_rescue".into(),
+            display_name: "River rescue".into(),
+            agency: "river_rescue".into(),
+        })
+        .await
+        .expect("PutQueue")
+        .into_inner();
+    assert!(created.created);
+    let names: Vec<String> = client
+        .list_queues(pb::ListQueuesRequest {})
+        .await
+        .expect("ListQueues")
+        .into_inner()
+        .queues
+        .into_iter()
+        .map(|q| q.name)
+        .collect();
+    assert!(names.iter().any(|n| n == "river_rescue"), "{names:?}");
+    // Its agency's units can be declared, and its queue claimed from (empty for now).
+    upsert_unit(&occ.grpc, "BOAT-1", "river_rescue", 51.15, 71.42).await;
+    let empty = claim_next(&occ.grpc, "river_rescue", 60).await;
+    assert!(empty.claim.is_none() && empty.incident.is_none());
 
     let unknown = client
         .claim_next(pb::ClaimNextRequest {
@@ -610,8 +795,7 @@ async fn only_the_holder_of_a_claim_transfers_a_claimed_incident(pool: PgPool) {
         .await
         .expect_err("no such queue");
     assert_eq!(unknown.code(), Code::NotFound);
-
-    let short = client
+    let long_lease = client
         .claim_next(pb::ClaimNextRequest {
             queue: "police".into(),
             lease: Some(prost_types::Duration {
@@ -621,6 +805,6 @@ async fn only_the_holder_of_a_claim_transfers_a_claimed_incident(pool: PgPool) {
         })
         .await
         .expect_err("too long a lease");
-    assert_eq!(short.code(), Code::InvalidArgument);
+    assert_eq!(long_lease.code(), Code::InvalidArgument);
     occ.stop().await.expect("stop");
 }

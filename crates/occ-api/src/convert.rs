@@ -239,7 +239,11 @@ pub fn incident(i: &Incident) -> pb::Incident {
         claim_deadline: i.claim_deadline.map(timestamp),
         acknowledged_by: i.acknowledged_by.clone().unwrap_or_default(),
         acknowledge_time: i.acknowledged_at.map(timestamp),
-        claim: i.claim.as_ref().map(|c| claim(i.id, c)),
+        // Who holds it and until when; the claim's id goes to its holder only.
+        claim: i.claim.as_ref().map(|c| pb::Claim {
+            id: String::new(),
+            ..claim(i.id, c)
+        }),
     }
 }
 
@@ -312,6 +316,7 @@ pub fn change_kind(k: ChangeKind) -> i32 {
         ChangeKind::Opened => P::Opened,
         ChangeKind::Updated => P::Updated,
         ChangeKind::Claimed => P::Claimed,
+        ChangeKind::ClaimExtended => P::ClaimExtended,
         ChangeKind::Released => P::Released,
         ChangeKind::ClaimExpired => P::ClaimExpired,
         ChangeKind::Dispatched => P::Dispatched,

@@ -86,6 +86,28 @@ impl DispatchApi {
         Ok(pb::ListQueuesResponse { queues })
     }
 
+    async fn put_queue(
+        &self,
+        who: &Principal,
+        req: pb::PutQueueRequest,
+    ) -> ApiResult<pb::PutQueueResponse> {
+        let name = parse_queue("name", &req.name)?;
+        for (field, value) in [("display_name", &req.display_name), ("agency", &req.agency)] {
+            if value.trim().is_empty() || value.len() > 100 || value.chars().any(char::is_control) {
+                return Err(ApiError::invalid(
+                    field,
+                    "must be 1 to 100 bytes without control characters",
+                ));
+            }
+        }
+        let mut tx = occ_store::begin(&self.state.pool).await?;
+        let created =
+            queues::put(&mut tx, &name, &req.display_name, &req.agency, &who.subject).await?;
+        occ_store::commit(tx).await?;
+        tracing::info!(queue = %name, agency = %req.agency, created, actor = %who.subject, "queue stored");
+        Ok(pb::PutQueueResponse { created })
+    }
+
     async fn claim_next(
         &self,
         who: &Principal,
@@ -140,7 +162,7 @@ impl DispatchApi {
             .map_err(|e| lease_error(e, "lease"))?;
         occ_store::commit(tx).await?;
         Ok(pb::ExtendClaimResponse {
-            claim: Some(convert::claim(incident, &info)),
+            claim: Some(convert::claim(incident.id, &info)),
         })
     }
 
@@ -234,6 +256,17 @@ impl DispatchService for DispatchApi {
         _: Request<pb::ListQueuesRequest>,
     ) -> Result<Response<pb::ListQueuesResponse>, Status> {
         Ok(Response::new(self.list_queues().await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(queue = %request.get_ref().name))]
+    async fn put_queue(
+        &self,
+        request: Request<pb::PutQueueRequest>,
+    ) -> Result<Response<pb::PutQueueResponse>, Status> {
+        let who = Principal::of(&request);
+        Ok(Response::new(
+            self.put_queue(&who, request.into_inner()).await?,
+        ))
     }
 
     #[tracing::instrument(skip_all, fields(queue = %request.get_ref().queue))]

@@ -140,10 +140,16 @@ impl IncidentApi {
                 format!("must be at most {} bytes", dispatch::MAX_NOTE_LEN),
             ));
         }
+        let claim = if req.claim_id.is_empty() {
+            None
+        } else {
+            Some(crate::dispatch::parse_uuid("claim_id", &req.claim_id)?)
+        };
         let mut tx = occ_store::begin(&self.state.pool).await?;
         let incident = find(&mut tx, &req.id).await?;
         let updated =
-            dispatch::update_status(&mut tx, incident.id, to, &req.note, &who.subject).await?;
+            dispatch::update_status(&mut tx, incident.id, to, &req.note, claim, &who.subject)
+                .await?;
         occ_store::commit(tx).await?;
         Ok(pb::UpdateIncidentStatusResponse {
             incident: Some(convert::incident(&updated)),
@@ -228,7 +234,18 @@ impl IncidentService for IncidentApi {
         let queue = if queue.is_empty() {
             None
         } else {
-            Some(crate::dispatch::parse_queue("queue", queue)?)
+            let queue = crate::dispatch::parse_queue("queue", queue)?;
+            let mut conn = occ_store::acquire(&self.state.pool)
+                .await
+                .map_err(ApiError::from)?;
+            if occ_store::queues::agency(&mut conn, queue.as_str())
+                .await
+                .map_err(ApiError::from)?
+                .is_none()
+            {
+                return Err(ApiError::NotFound("queue").into());
+            }
+            Some(queue)
         };
         let stream = watch::watch(&self.state.pool, &self.state.feed, queue, |change| {
             pb::WatchIncidentsResponse {

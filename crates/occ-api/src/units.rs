@@ -154,11 +154,16 @@ impl UnitApi {
     ) -> ApiResult<pb::ReportUnitLocationResponse> {
         let at = point("location", req.location.as_ref())?
             .ok_or_else(|| ApiError::invalid("location", "is required"))?;
+        let now = Utc::now();
         let when = match &req.time {
-            None => Utc::now(),
+            None => now,
             Some(t) => convert::from_timestamp("time", t)
                 .map_err(|e| ApiError::InvalidArgument(e.into()))?,
         };
+        // A fix from the future would hide every later one (older fixes are ignored).
+        if when > now + chrono::TimeDelta::minutes(1) {
+            return Err(ApiError::invalid("time", "is in the future"));
+        }
         let mut conn = occ_store::acquire(&self.state.pool).await?;
         let id = resolve(&mut conn, "unit_id", &req.unit_id).await?;
         let unit = units::report_location(&mut conn, id, at, when).await?;

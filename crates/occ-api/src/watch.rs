@@ -1,26 +1,61 @@
 //! Watch streams: a snapshot of the open incidents, then every change as it commits.
+//!
+//! Each stream has a bounded buffer. A client that leaves it full for too long, or falls so
+//! far behind that the instance's feed drops changes for it, is cut off with
+//! RESOURCE_EXHAUSTED (it should watch again and get a fresh snapshot); other clients are not
+//! slowed. The final status always reaches the client after the buffered messages.
 
+use std::pin::Pin;
 use std::time::Duration;
 
+use futures_util::{Stream, StreamExt};
 use occ_domain::QueueName;
 use occ_proto::v1 as pb;
 use occ_store::PgPool;
 use occ_store::changes::{self, Feed};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::convert;
 use crate::error::ApiResult;
 
-/// The most open incidents a snapshot carries.
+/// The most open incidents a snapshot carries; past it, the snapshot says it is truncated.
 const SNAPSHOT_LIMIT: i64 = 10_000;
 /// Messages buffered for one client.
 const BUFFER: usize = 256;
 /// How long a client may leave its buffer full before it is cut off.
 const STALL: Duration = Duration::from_secs(10);
 
-pub type WatchStream<T> = ReceiverStream<Result<T, Status>>;
+pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Where a watch task sends: data into the buffer, the final status after it.
+struct Sink<T> {
+    data: mpsc::Sender<Result<T, Status>>,
+    end: Option<oneshot::Sender<Status>>,
+}
+
+impl<T> Sink<T> {
+    /// False when the stream is over (client gone or cut off).
+    async fn send(&mut self, item: T) -> bool {
+        match self.data.send_timeout(Ok(item), STALL).await {
+            Ok(()) => true,
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                self.finish(Status::resource_exhausted(
+                    "the client did not keep up with the stream; watch again",
+                ));
+                false
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+        }
+    }
+
+    fn finish(&mut self, status: Status) {
+        if let Some(end) = self.end.take() {
+            let _ = end.send(status);
+        }
+    }
+}
 
 /// Starts a watch of one queue or all. `wrap` makes the RPC's response message.
 pub async fn watch<T, F>(
@@ -38,79 +73,81 @@ where
     let stopping = feed.stopping();
     let mut feed = feed.subscribe();
     let (seq, open) =
-        changes::snapshot(pool, queue.as_ref().map(|q| q.as_str()), SNAPSHOT_LIMIT).await?;
-    let (tx, rx) = mpsc::channel(BUFFER);
+        changes::snapshot(pool, queue.as_ref().map(|q| q.as_str()), SNAPSHOT_LIMIT + 1).await?;
+    let (data_tx, data_rx) = mpsc::channel(BUFFER);
+    let (end_tx, end_rx) = oneshot::channel::<Status>();
+    let mut sink = Sink {
+        data: data_tx,
+        end: Some(end_tx),
+    };
     tokio::spawn(async move {
-        let send = |m: pb::IncidentChange| {
-            let tx = tx.clone();
-            let item = wrap(m);
-            async move {
-                match tx.send_timeout(Ok(item), STALL).await {
-                    Ok(()) => true,
-                    Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                        let _ = tx.try_send(Err(Status::resource_exhausted(
-                            "the client did not keep up with the stream; watch again",
-                        )));
-                        false
-                    }
-                    Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
-                }
+        let truncated = open.len() as i64 > SNAPSHOT_LIMIT;
+        for incident in open.iter().take(SNAPSHOT_LIMIT as usize) {
+            if stopping.is_cancelled() {
+                sink.finish(Status::unavailable("OCC is shutting down; watch again"));
+                return;
             }
-        };
-        for incident in &open {
             let snapshot = pb::IncidentChange {
                 kind: pb::ChangeKind::Snapshot as i32,
                 incident: Some(convert::incident(incident)),
                 time: Some(convert::timestamp(incident.updated_at)),
                 ..Default::default()
             };
-            if !send(snapshot).await {
+            if !sink.send(wrap(snapshot)).await {
                 return;
             }
         }
         let complete = pb::IncidentChange {
             sequence: seq,
             kind: pb::ChangeKind::SnapshotComplete as i32,
+            detail: if truncated {
+                format!("truncated: the {SNAPSHOT_LIMIT} most urgent open incidents only")
+            } else {
+                String::new()
+            },
             ..Default::default()
         };
-        if !send(complete).await {
+        if !sink.send(wrap(complete)).await {
             return;
         }
+        let mut sent = seq;
         loop {
             let next = tokio::select! {
-                () = tx.closed() => return,
+                () = sink.data.closed() => return,
                 () = stopping.cancelled() => Err(broadcast::error::RecvError::Closed),
                 next = feed.recv() => next,
             };
             match next {
                 Ok(change) => {
-                    if change.seq <= seq {
+                    // At or below what this stream has shown: in its snapshot or sent.
+                    if change.seq <= sent {
                         continue;
                     }
+                    sent = change.seq;
                     if queue
                         .as_ref()
                         .is_some_and(|q| !change.queues.iter().any(|c| c == q.as_str()))
                     {
                         continue;
                     }
-                    if !send(convert::change(&change)).await {
+                    if !sink.send(wrap(convert::change(&change))).await {
                         return;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
-                    let _ = tx.try_send(Err(Status::resource_exhausted(format!(
+                    sink.finish(Status::resource_exhausted(format!(
                         "the stream fell {n} changes behind; watch again"
-                    ))));
+                    )));
                     return;
                 }
                 Err(broadcast::error::RecvError::Closed) => {
-                    let _ = tx.try_send(Err(Status::unavailable(
-                        "OCC is shutting down; watch again",
-                    )));
+                    sink.finish(Status::unavailable("OCC is shutting down; watch again"));
                     return;
                 }
             }
         }
     });
-    Ok(ReceiverStream::new(rx))
+    // The buffered messages, then the final status if the watch task set one.
+    let end = futures_util::stream::once(end_rx).filter_map(|r| async move { r.ok().map(Err) });
+    Ok(Box::pin(ReceiverStream::new(data_rx).chain(end)))
 }

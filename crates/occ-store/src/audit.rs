@@ -12,6 +12,7 @@ pub enum Entity {
     Incident(Uuid),
     Rule(Uuid),
     Unit(Uuid),
+    Queue(Uuid),
 }
 
 impl Entity {
@@ -20,6 +21,7 @@ impl Entity {
             Entity::Incident(id) => ("incident", id),
             Entity::Rule(id) => ("rule", id),
             Entity::Unit(id) => ("unit", id),
+            Entity::Queue(id) => ("queue", id),
         }
     }
 }

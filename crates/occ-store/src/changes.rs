@@ -34,6 +34,7 @@ pub enum ChangeKind {
     /// Events joined it, or raised its priority.
     Updated,
     Claimed,
+    ClaimExtended,
     Released,
     ClaimExpired,
     Dispatched,
@@ -45,10 +46,11 @@ pub enum ChangeKind {
 }
 
 impl ChangeKind {
-    pub const ALL: [ChangeKind; 11] = [
+    pub const ALL: [ChangeKind; 12] = [
         ChangeKind::Opened,
         ChangeKind::Updated,
         ChangeKind::Claimed,
+        ChangeKind::ClaimExtended,
         ChangeKind::Released,
         ChangeKind::ClaimExpired,
         ChangeKind::Dispatched,
@@ -64,6 +66,7 @@ impl ChangeKind {
             ChangeKind::Opened => "opened",
             ChangeKind::Updated => "updated",
             ChangeKind::Claimed => "claimed",
+            ChangeKind::ClaimExtended => "claim_extended",
             ChangeKind::Released => "released",
             ChangeKind::ClaimExpired => "claim_expired",
             ChangeKind::Dispatched => "dispatched",
@@ -339,16 +342,16 @@ async fn follow(
             if tx.receiver_count() == 0 {
                 return Ok::<_, crate::StoreError>(end);
             }
-            let mut from = last;
             loop {
-                let (page, upto) = after(&mut conn, from, None, PAGE).await?;
-                let full = upto - from >= PAGE;
+                let (page, upto) = after(&mut conn, last, None, PAGE).await?;
+                let full = upto - last >= PAGE;
                 for change in page {
                     let _ = tx.send(Arc::new(change));
                 }
-                from = upto;
+                // Advanced page by page: a failure later re-reads nothing already sent.
+                last = upto;
                 if !full {
-                    return Ok(from);
+                    return Ok(last);
                 }
             }
         };

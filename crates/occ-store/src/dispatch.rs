@@ -5,8 +5,9 @@
 //! changes are decided by the domain's state machines; this module persists them.
 //!
 //! Lock order, everywhere: the incident row, then its claim, then units (by id), then the
-//! change log's append lock last. Time comes from the database (`now()` of the transaction),
-//! so leases and deadlines mean the same on every instance.
+//! change log's append lock, taken by the last statement before commit. Time comes from the
+//! database's clock, read once the rows are locked, so leases and deadlines mean the same on
+//! every instance and audit times follow the order in which changes commit.
 
 use chrono::{DateTime, TimeDelta, Utc};
 use occ_domain::{
@@ -28,9 +29,12 @@ use crate::units::{self, Unit};
 pub const MIN_LEASE: TimeDelta = TimeDelta::seconds(1);
 pub const MAX_LEASE: TimeDelta = TimeDelta::hours(1);
 
-/// The database's clock, for this transaction.
+/// The longest note, release or transfer reason.
+pub const MAX_NOTE_LEN: usize = 4000;
+
+/// The database's clock, now (not at the start of the transaction).
 pub async fn now(conn: &mut PgConnection) -> Result<DateTime<Utc>> {
-    Ok(sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+    Ok(sqlx::query_scalar!(r#"SELECT clock_timestamp() AS "now!""#)
         .fetch_one(conn)
         .await?)
 }
@@ -45,6 +49,20 @@ fn entry(incident: IncidentId, at: DateTime<Utc>, actor: &str, action: &str) -> 
         after: None,
         detail: String::new(),
     }
+}
+
+/// Checks a free text an operator gives (a note, a reason).
+pub fn check_text(field: &str, text: &str, required: bool) -> Result<()> {
+    if (required && text.trim().is_empty()) || text.len() > MAX_NOTE_LEN {
+        return Err(StoreError::Invalid(occ_domain::FieldErrors::one(
+            field,
+            format!(
+                "must be {} to {MAX_NOTE_LEN} bytes",
+                if required { 1 } else { 0 }
+            ),
+        )));
+    }
+    Ok(())
 }
 
 /// Locks an incident and reads it.
@@ -64,14 +82,16 @@ fn refuse(incident: &Incident, command: IncidentCommand) -> Result<IncidentStatu
     })
 }
 
-/// Locks the incident of an active claim and checks that `holder` holds it and its lease has
-/// not run out.
-async fn lock_claim(
-    conn: &mut PgConnection,
-    claim: Uuid,
-    holder: &str,
+/// An active claim, locked with its incident, held by the caller, its lease running.
+struct Held {
+    incident: Incident,
+    claim: ClaimInfo,
     now: DateTime<Utc>,
-) -> Result<(Incident, ClaimInfo)> {
+}
+
+/// Locks the incident of a claim, then the claim, and checks that `holder` holds it and its
+/// lease has not run out.
+async fn lock_claim(conn: &mut PgConnection, claim: Uuid, holder: &str) -> Result<Held> {
     let incident = sqlx::query_scalar!("SELECT incident_id FROM claims WHERE id = $1", claim)
         .fetch_optional(&mut *conn)
         .await?
@@ -83,6 +103,13 @@ async fn lock_claim(
     )
     .fetch_one(&mut *conn)
     .await?;
+    let now = now(conn).await?;
+    if row.holder != holder {
+        return Err(StoreError::Forbidden(format!(
+            "the claim on {} is held by {}",
+            incident.number, row.holder
+        )));
+    }
     if let (Some(ended), Some(reason)) = (row.ended_at, row.end_reason) {
         return Err(StoreError::Precondition(format!(
             "the claim on {} ended at {ended} ({reason}); the incident is {}",
@@ -95,21 +122,38 @@ async fn lock_claim(
             incident.number, row.lease_until
         )));
     }
-    if row.holder != holder {
-        return Err(StoreError::Forbidden(format!(
-            "the claim on {} is held by {}",
-            incident.number, row.holder
-        )));
-    }
-    Ok((
+    Ok(Held {
         incident,
-        ClaimInfo {
+        claim: ClaimInfo {
             id: claim,
             holder: row.holder,
             claimed_at: row.claimed_at,
             lease_until: row.lease_until,
         },
-    ))
+        now,
+    })
+}
+
+/// A claimed incident is its holder's: a change to it needs that claim. Returns the time to
+/// record the change at.
+async fn require_claim_if_claimed(
+    conn: &mut PgConnection,
+    incident: &Incident,
+    claim: Option<Uuid>,
+    actor: &str,
+) -> Result<DateTime<Utc>> {
+    match (&incident.claim, claim) {
+        (None, _) => now(conn).await,
+        (Some(active), Some(c)) if c == active.id => Ok(lock_claim(conn, c, actor).await?.now),
+        (Some(active), Some(_)) => Err(StoreError::Forbidden(format!(
+            "{} is claimed by {} under another claim",
+            incident.number, active.holder
+        ))),
+        (Some(active), None) => Err(StoreError::Precondition(format!(
+            "{} is CLAIMED by {}: only that claim can change it",
+            incident.number, active.holder
+        ))),
+    }
 }
 
 async fn end_claim(
@@ -129,7 +173,7 @@ async fn end_claim(
     Ok(())
 }
 
-/// Puts an incident back in its queue with a fresh claim deadline.
+/// Puts an incident back in a queue with a fresh claim deadline.
 async fn requeue(
     conn: &mut PgConnection,
     id: IncidentId,
@@ -167,9 +211,26 @@ fn check_lease(lease: TimeDelta) -> Result<()> {
     Ok(())
 }
 
+/// Writes the audit entries and the change-log entries of a change, then reads the incident
+/// as it now is. The change log's lock comes last, held only until commit.
+async fn record(
+    conn: &mut PgConnection,
+    incident: IncidentId,
+    entries: &[AuditEntry],
+    log: &[Change],
+    now: DateTime<Utc>,
+) -> Result<Incident> {
+    audit::append(conn, entries).await?;
+    let after = incidents::get(conn, incident).await?;
+    changes::append(conn, log, now).await?;
+    Ok(after)
+}
+
 /// Claims the most urgent, then oldest, waiting incident of `queue` for `holder`, or `None`
 /// when the queue has none. Concurrent callers never get the same incident: a row another
-/// claimer has locked is skipped, not waited for.
+/// transaction has locked is skipped, not waited for. If every waiting incident was locked
+/// for a moment (a note, an acknowledgement, joining events), it looks again briefly rather
+/// than answer "empty" for a queue that is not.
 pub async fn claim_next(
     conn: &mut PgConnection,
     queue: &str,
@@ -177,24 +238,38 @@ pub async fn claim_next(
     lease: TimeDelta,
 ) -> Result<Option<Incident>> {
     check_lease(lease)?;
-    let now = now(conn).await?;
-    let Some(id) = sqlx::query_scalar!(
-        r#"
-        SELECT id FROM incidents
-         WHERE queue = $1 AND status = 'QUEUED'
-         ORDER BY priority, created_at, id
-         LIMIT 1
-           FOR UPDATE SKIP LOCKED
-        "#,
-        queue
-    )
-    .fetch_optional(&mut *conn)
-    .await?
-    else {
-        return Ok(None);
+    let mut attempts = 0;
+    let id = loop {
+        let next = sqlx::query_scalar!(
+            r#"
+            SELECT id FROM incidents
+             WHERE queue = $1 AND status = 'QUEUED'
+             ORDER BY priority, created_at, id
+             LIMIT 1
+               FOR UPDATE SKIP LOCKED
+            "#,
+            queue
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(id) = next {
+            break id;
+        }
+        let waiting: bool = sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM incidents WHERE queue = $1 AND status = 'QUEUED') AS "w!""#,
+            queue
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        attempts += 1;
+        if !waiting || attempts > 3 {
+            return Ok(None);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     let incident = incidents::get(conn, IncidentId(id)).await?;
     refuse(&incident, IncidentCommand::Claim)?;
+    let now = now(conn).await?;
     let lease_until = now + lease;
     sqlx::query!(
         "UPDATE incidents SET status = 'CLAIMED', claim_deadline = NULL, updated_at = $2 WHERE id = $1",
@@ -214,23 +289,16 @@ pub async fn claim_next(
     )
     .execute(&mut *conn)
     .await?;
-    audit::append(
-        conn,
-        &[AuditEntry {
-            before: Some(json!({"status": "QUEUED"})),
-            after: Some(json!({"status": "CLAIMED", "holder": holder, "lease_until": lease_until})),
-            detail: format!("claim {claim}"),
-            ..entry(incident.id, now, holder, "incident.claimed")
-        }],
-    )
-    .await?;
-    changes::append(
-        conn,
-        &[Change::new(&incident, ChangeKind::Claimed, holder, "")],
-        now,
-    )
-    .await?;
-    incidents::get(conn, incident.id).await.map(Some)
+    let entries = [AuditEntry {
+        before: Some(json!({"status": "QUEUED"})),
+        after: Some(json!({"status": "CLAIMED", "holder": holder, "lease_until": lease_until})),
+        detail: format!("claim {claim}"),
+        ..entry(incident.id, now, holder, "incident.claimed")
+    }];
+    let log = [Change::new(&incident, ChangeKind::Claimed, holder, "")];
+    record(conn, incident.id, &entries, &log, now)
+        .await
+        .map(Some)
 }
 
 /// Gives a claimed incident back to its queue.
@@ -240,40 +308,34 @@ pub async fn release(
     holder: &str,
     reason: &str,
 ) -> Result<Incident> {
-    let now = now(conn).await?;
-    let (incident, _) = lock_claim(conn, claim, holder, now).await?;
+    check_text("reason", reason, false)?;
+    let Held { incident, now, .. } = lock_claim(conn, claim, holder).await?;
     refuse(&incident, IncidentCommand::Release)?;
     requeue(conn, incident.id, incident.queue.as_str(), now).await?;
     end_claim(conn, claim, "released", now).await?;
-    audit::append(
-        conn,
-        &[AuditEntry {
-            before: Some(json!({"status": "CLAIMED", "holder": holder})),
-            after: Some(json!({"status": "QUEUED"})),
-            detail: reason.to_owned(),
-            ..entry(incident.id, now, holder, "incident.released")
-        }],
-    )
-    .await?;
-    changes::append(
-        conn,
-        &[Change::new(&incident, ChangeKind::Released, holder, reason)],
-        now,
-    )
-    .await?;
-    incidents::get(conn, incident.id).await
+    let entries = [AuditEntry {
+        before: Some(json!({"status": "CLAIMED", "holder": holder})),
+        after: Some(json!({"status": "QUEUED"})),
+        detail: reason.to_owned(),
+        ..entry(incident.id, now, holder, "incident.released")
+    }];
+    let log = [Change::new(&incident, ChangeKind::Released, holder, reason)];
+    record(conn, incident.id, &entries, &log, now).await
 }
 
-/// Renews a claim's lease from now. Returns the incident it holds and the renewed claim.
+/// Renews a claim's lease from now. Returns the incident with the renewed claim.
 pub async fn extend(
     conn: &mut PgConnection,
     claim: Uuid,
     holder: &str,
     lease: TimeDelta,
-) -> Result<(IncidentId, ClaimInfo)> {
+) -> Result<(Incident, ClaimInfo)> {
     check_lease(lease)?;
-    let now = now(conn).await?;
-    let (incident, mut info) = lock_claim(conn, claim, holder, now).await?;
+    let Held {
+        incident,
+        claim: mut info,
+        now,
+    } = lock_claim(conn, claim, holder).await?;
     info.lease_until = now + lease;
     sqlx::query!(
         "UPDATE claims SET lease_until = $2 WHERE id = $1",
@@ -282,16 +344,19 @@ pub async fn extend(
     )
     .execute(&mut *conn)
     .await?;
-    audit::append(
-        conn,
-        &[AuditEntry {
-            after: Some(json!({"lease_until": info.lease_until})),
-            detail: format!("claim {claim}"),
-            ..entry(incident.id, now, holder, "incident.claim_extended")
-        }],
-    )
-    .await?;
-    Ok((incident.id, info))
+    let entries = [AuditEntry {
+        after: Some(json!({"lease_until": info.lease_until})),
+        detail: format!("claim {claim}"),
+        ..entry(incident.id, now, holder, "incident.claim_extended")
+    }];
+    let log = [Change::new(
+        &incident,
+        ChangeKind::ClaimExtended,
+        holder,
+        "",
+    )];
+    let after = record(conn, incident.id, &entries, &log, now).await?;
+    Ok((after, info))
 }
 
 /// Assigns available units of the incident's agency, sets the incident and the units
@@ -302,8 +367,7 @@ pub async fn dispatch_units(
     holder: &str,
     unit_ids: &[UnitId],
 ) -> Result<(Incident, Vec<Unit>)> {
-    let now = now(conn).await?;
-    let (incident, _) = lock_claim(conn, claim, holder, now).await?;
+    let Held { incident, now, .. } = lock_claim(conn, claim, holder).await?;
     let next = refuse(&incident, IncidentCommand::Dispatch)?;
     if unit_ids.is_empty() {
         return Err(StoreError::Invalid(occ_domain::FieldErrors::one(
@@ -324,7 +388,6 @@ pub async fn dispatch_units(
     if found.len() != wanted.len() {
         return Err(StoreError::NotFound { what: "unit" });
     }
-    let mut entries = Vec::new();
     let mut dispatched = Vec::new();
     for unit in &found {
         if unit.agency != agency {
@@ -352,29 +415,24 @@ pub async fn dispatch_units(
     .await?;
     end_claim(conn, claim, "dispatched", now).await?;
     let call_signs: Vec<&str> = dispatched.iter().map(|u| u.call_sign.as_str()).collect();
-    entries.push(AuditEntry {
+    let entries = [AuditEntry {
         before: Some(json!({"status": incident.status.as_str()})),
         after: Some(json!({"status": next.as_str(), "units": call_signs})),
         detail: call_signs.join(", "),
         ..entry(incident.id, now, holder, "incident.dispatched")
-    });
-    audit::append(conn, &entries).await?;
-    changes::append(
-        conn,
-        &[Change::new(
-            &incident,
-            ChangeKind::Dispatched,
-            holder,
-            call_signs.join(", "),
-        )],
-        now,
-    )
-    .await?;
-    Ok((incidents::get(conn, incident.id).await?, dispatched))
+    }];
+    let log = [Change::new(
+        &incident,
+        ChangeKind::Dispatched,
+        holder,
+        call_signs.join(", "),
+    )];
+    let after = record(conn, incident.id, &entries, &log, now).await?;
+    Ok((after, dispatched))
 }
 
 /// Moves a waiting or claimed incident to another agency's queue. A claimed incident moves
-/// only for the holder of its claim, which ends.
+/// only with its claim, which ends.
 pub async fn transfer(
     conn: &mut PgConnection,
     id: IncidentId,
@@ -383,7 +441,7 @@ pub async fn transfer(
     claim: Option<Uuid>,
     actor: &str,
 ) -> Result<Incident> {
-    let now = now(conn).await?;
+    check_text("reason", reason, false)?;
     let queue_known: bool = sqlx::query_scalar!(
         r#"SELECT EXISTS (SELECT 1 FROM queues WHERE name = $1) AS "e!""#,
         to_queue
@@ -391,13 +449,11 @@ pub async fn transfer(
     .fetch_one(&mut *conn)
     .await?;
     if !queue_known {
-        return Err(StoreError::Invalid(occ_domain::FieldErrors::one(
-            "queue",
-            format!("no queue named {to_queue:?}"),
-        )));
+        return Err(StoreError::NotFound { what: "queue" });
     }
     let incident = lock(conn, id).await?;
     refuse(&incident, IncidentCommand::Transfer)?;
+    let now = require_claim_if_claimed(conn, &incident, claim, actor).await?;
     if incident.queue.as_str() == to_queue {
         return Err(StoreError::Precondition(format!(
             "{} is already in the {to_queue} queue",
@@ -405,53 +461,34 @@ pub async fn transfer(
         )));
     }
     if let Some(active) = &incident.claim {
-        match claim {
-            Some(c) if c == active.id => {
-                lock_claim(conn, c, actor, now).await?;
-                end_claim(conn, c, "transferred", now).await?;
-            }
-            _ => {
-                return Err(StoreError::Precondition(format!(
-                    "{} is claimed by {}: only that claim can transfer it",
-                    incident.number, active.holder
-                )));
-            }
-        }
+        end_claim(conn, active.id, "transferred", now).await?;
     }
     requeue(conn, incident.id, to_queue, now).await?;
-    audit::append(
-        conn,
-        &[AuditEntry {
-            before: Some(
-                json!({"queue": incident.queue.as_str(), "status": incident.status.as_str()}),
-            ),
-            after: Some(json!({"queue": to_queue, "status": "QUEUED"})),
-            detail: reason.to_owned(),
-            ..entry(incident.id, now, actor, "incident.transferred")
-        }],
-    )
-    .await?;
-    changes::append(
-        conn,
-        &[Change {
-            queues: vec![incident.queue.to_string(), to_queue.to_owned()],
-            ..Change::new(&incident, ChangeKind::Transferred, actor, reason)
-        }],
-        now,
-    )
-    .await?;
-    incidents::get(conn, incident.id).await
+    let entries = [AuditEntry {
+        before: Some(json!({"queue": incident.queue.as_str(), "status": incident.status.as_str()})),
+        after: Some(json!({"queue": to_queue, "status": "QUEUED"})),
+        detail: reason.to_owned(),
+        ..entry(incident.id, now, actor, "incident.transferred")
+    }];
+    let log = [Change {
+        queues: vec![incident.queue.to_string(), to_queue.to_owned()],
+        ..Change::new(&incident, ChangeKind::Transferred, actor, reason)
+    }];
+    record(conn, incident.id, &entries, &log, now).await
 }
 
 /// Moves an incident along EN_ROUTE → ON_SCENE → RESOLVED → CLOSED, or DISMISSED. Resolving
-/// or dismissing releases its units; dismissing a claimed incident ends the claim.
+/// or dismissing releases its units; dismissing a claimed incident needs its claim, which
+/// ends.
 pub async fn update_status(
     conn: &mut PgConnection,
     id: IncidentId,
     to: IncidentStatus,
     note: &str,
+    claim: Option<Uuid>,
     actor: &str,
 ) -> Result<Incident> {
+    check_text("note", note, false)?;
     let command = match to {
         IncidentStatus::EnRoute => IncidentCommand::MarkEnRoute,
         IncidentStatus::OnScene => IncidentCommand::MarkOnScene,
@@ -467,13 +504,14 @@ pub async fn update_status(
             )));
         }
     };
-    let now = now(conn).await?;
     let incident = lock(conn, id).await?;
+    refuse(&incident, command)?;
+    let now = require_claim_if_claimed(conn, &incident, claim, actor).await?;
     apply_status(conn, &incident, command, note, actor, now).await
 }
 
-/// Persists an incident status transition the domain allows.
-pub(crate) async fn apply_status(
+/// Persists an incident status transition the domain allows (the incident is locked).
+async fn apply_status(
     conn: &mut PgConnection,
     incident: &Incident,
     command: IncidentCommand,
@@ -482,7 +520,6 @@ pub(crate) async fn apply_status(
     now: DateTime<Utc>,
 ) -> Result<Incident> {
     let next = refuse(incident, command)?;
-    let mut entries = Vec::new();
     if matches!(next, IncidentStatus::Resolved | IncidentStatus::Dismissed) {
         for unit in units::assigned_to(conn, incident.id).await? {
             let status = unit
@@ -494,6 +531,7 @@ pub(crate) async fn apply_status(
         }
     }
     if let Some(claim) = &incident.claim {
+        // Only DISMISSED leaves CLAIMED here.
         end_claim(conn, claim.id, "dismissed", now).await?;
     }
     sqlx::query!(
@@ -510,31 +548,25 @@ pub(crate) async fn apply_status(
     )
     .execute(&mut *conn)
     .await?;
-    entries.push(AuditEntry {
+    let entries = [AuditEntry {
         before: Some(json!({"status": incident.status.as_str()})),
         after: Some(json!({"status": next.as_str()})),
         detail: note.to_owned(),
         ..entry(incident.id, now, actor, "incident.status_changed")
-    });
-    audit::append(conn, &entries).await?;
-    changes::append(
-        conn,
-        &[Change::new(
-            incident,
-            ChangeKind::StatusChanged,
-            actor,
-            format!("{} → {next}", incident.status),
-        )],
-        now,
-    )
-    .await?;
-    incidents::get(conn, incident.id).await
+    }];
+    let log = [Change::new(
+        incident,
+        ChangeKind::StatusChanged,
+        actor,
+        format!("{} → {next}", incident.status),
+    )];
+    record(conn, incident.id, &entries, &log, now).await
 }
 
 /// Records that an operator or supervisor has seen an incident (an escalation, typically).
 pub async fn acknowledge(conn: &mut PgConnection, id: IncidentId, actor: &str) -> Result<Incident> {
-    let now = now(conn).await?;
     let incident = lock(conn, id).await?;
+    let now = now(conn).await?;
     sqlx::query!(
         "UPDATE incidents SET acknowledged_at = $2, acknowledged_by = $3, updated_at = $2 WHERE id = $1",
         id.0,
@@ -543,41 +575,25 @@ pub async fn acknowledge(conn: &mut PgConnection, id: IncidentId, actor: &str) -
     )
     .execute(&mut *conn)
     .await?;
-    audit::append(
-        conn,
-        &[AuditEntry {
-            after: Some(json!({"acknowledged_by": actor})),
-            ..entry(id, now, actor, "incident.acknowledged")
-        }],
-    )
-    .await?;
-    changes::append(
-        conn,
-        &[Change::new(&incident, ChangeKind::Acknowledged, actor, "")],
-        now,
-    )
-    .await?;
-    incidents::get(conn, id).await
+    let entries = [AuditEntry {
+        after: Some(json!({"acknowledged_by": actor})),
+        ..entry(id, now, actor, "incident.acknowledged")
+    }];
+    let log = [Change::new(&incident, ChangeKind::Acknowledged, actor, "")];
+    record(conn, id, &entries, &log, now).await
 }
 
-/// The longest note.
-pub const MAX_NOTE_LEN: usize = 4000;
-
-/// Adds an operator's note to an incident's timeline.
+/// Adds an operator's note to an incident's timeline. It changes nothing of the incident, so
+/// it takes no lock on it (a claimer skipping locked rows never misses it for a note).
 pub async fn add_note(
     conn: &mut PgConnection,
     id: IncidentId,
     text: &str,
     actor: &str,
 ) -> Result<StoredAudit> {
-    if text.trim().is_empty() || text.len() > MAX_NOTE_LEN {
-        return Err(StoreError::Invalid(occ_domain::FieldErrors::one(
-            "text",
-            format!("must be 1 to {MAX_NOTE_LEN} bytes"),
-        )));
-    }
+    check_text("text", text, true)?;
+    let incident = incidents::get(conn, id).await?;
     let now = now(conn).await?;
-    let incident = lock(conn, id).await?;
     let note = AuditEntry {
         detail: text.to_owned(),
         ..entry(id, now, actor, "incident.note")
@@ -607,14 +623,14 @@ pub(crate) fn incident_follows(
 }
 
 /// A crew's status report: EN_ROUTE, ON_SCENE, AVAILABLE (cleared) or OUT_OF_SERVICE. The
-/// incident it works advances with its first unit en route or on scene.
+/// incident it works advances with its first unit en route or on scene. The last unit of an
+/// incident still being worked cannot clear: the incident would be left with no one on it.
 pub async fn unit_status(
     conn: &mut PgConnection,
     id: UnitId,
     to: UnitStatus,
     actor: &str,
 ) -> Result<Unit> {
-    let now = now(conn).await?;
     // Incident before unit, as everywhere.
     let incident = match units::get(conn, id, false).await?.incident {
         Some(i) => Some(lock(conn, i).await?),
@@ -627,6 +643,7 @@ pub async fn unit_status(
             unit.call_sign
         )));
     }
+    let now = now(conn).await?;
     let command = unit.status.command_to(to).ok_or_else(|| {
         StoreError::Invalid(occ_domain::FieldErrors::one(
             "status",
@@ -637,25 +654,27 @@ pub async fn unit_status(
         .status
         .apply(command)
         .map_err(|e| StoreError::Precondition(format!("unit {}: {e}", unit.call_sign)))?;
+    if let (Some(incident), UnitCommand::Release) = (&incident, command) {
+        let others = units::assigned_to(conn, incident.id).await?.len() - 1;
+        if others == 0 {
+            return Err(StoreError::Precondition(format!(
+                "unit {} is the last one on {} ({}): dispatch another, or resolve or dismiss the incident",
+                unit.call_sign, incident.number, incident.status
+            )));
+        }
+    }
     let keeps = status.is_assigned().then_some(unit.incident).flatten();
     let detail = match (&incident, command) {
         (Some(i), UnitCommand::Release) => format!("cleared from {}", i.number),
-        (Some(i), _) => format!("{}", i.number),
+        (Some(i), _) => i.number.to_string(),
         (None, _) => String::new(),
     };
     let unit = units::set_status(conn, &unit, status, keeps, actor, &detail, now).await?;
     if let Some(incident) = incident
         && let Some(cmd) = incident_follows(status, incident.status)
     {
-        apply_status(
-            conn,
-            &incident,
-            cmd,
-            &format!("unit {} reported {status}", unit.call_sign),
-            actor,
-            now,
-        )
-        .await?;
+        let note = format!("unit {} reported {status}", unit.call_sign);
+        apply_status(conn, &incident, cmd, &note, actor, now).await?;
     }
     Ok(unit)
 }

@@ -238,19 +238,26 @@ pub async fn insert(
     Ok(inserted.map(|_| number))
 }
 
-/// Adds `added` events to an incident, widening its seen interval and raising (never
-/// lowering) its priority. Returns its number.
-#[allow(clippy::too_many_arguments)]
-pub async fn join(
-    conn: &mut PgConnection,
-    id: IncidentId,
-    added: i32,
-    first_seen: DateTime<Utc>,
-    last_seen: DateTime<Utc>,
-    priority: Priority,
-    correlating: bool,
-    now: DateTime<Utc>,
-) -> Result<IncidentNumber> {
+/// Events joining an incident.
+#[derive(Debug, Clone)]
+pub struct Join {
+    pub id: IncidentId,
+    pub added: i32,
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub priority: Priority,
+    pub correlating: bool,
+    /// When the events raised its priority: how soon it must now be claimed. A waiting
+    /// incident's deadline moves up accordingly (never back).
+    pub claim_within: Option<TimeDelta>,
+}
+
+/// Adds events to an incident, widening its seen interval and raising (never lowering) its
+/// priority. Returns its number.
+pub async fn join(conn: &mut PgConnection, j: &Join, now: DateTime<Utc>) -> Result<IncidentNumber> {
+    let within = j
+        .claim_within
+        .map(|d| i32::try_from(d.num_seconds()).unwrap_or(i32::MAX));
     let number = sqlx::query_scalar!(
         r#"
         UPDATE incidents
@@ -259,17 +266,24 @@ pub async fn join(
                last_seen = GREATEST(last_seen, $4),
                priority = LEAST(priority, $5),
                correlating = $6,
-               updated_at = $7
+               updated_at = $7,
+               claim_within_seconds = LEAST(claim_within_seconds, COALESCE($8, claim_within_seconds)),
+               -- Only a waiting incident has a deadline (LEAST would ignore the NULL).
+               claim_deadline = CASE WHEN claim_deadline IS NULL THEN NULL
+                                     ELSE LEAST(claim_deadline, $7::timestamptz
+                                                + make_interval(secs => COALESCE($8::int4, claim_within_seconds)))
+                                END
          WHERE id = $1
         RETURNING number
         "#,
-        id.0,
-        added,
-        first_seen,
-        last_seen,
-        priority.level(),
-        correlating,
+        j.id.0,
+        j.added,
+        j.first_seen,
+        j.last_seen,
+        j.priority.level(),
+        j.correlating,
         now,
+        within,
     )
     .fetch_one(conn)
     .await?;

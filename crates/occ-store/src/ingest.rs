@@ -116,7 +116,8 @@ pub async fn commit_batch(
 }
 
 async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Result<BatchOutcome> {
-    let now = Utc::now();
+    // The database's clock, like every other change to incidents.
+    let now = crate::dispatch::now(conn).await?;
     let all: Vec<&Event> = batch.events.iter().collect();
 
     dead_letters::insert(conn, batch.dead_letters).await?;
@@ -173,17 +174,21 @@ async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Re
         for seg in &plan.segments {
             let (id, number) = match seg.joins {
                 Some(id) => {
-                    let number = incidents::join(
-                        conn,
+                    let raised = seg.raised_priority().then(|| {
+                        let (_, hit) = &hits[*seg.events.last().unwrap_or(&0)];
+                        hit.claim_within
+                            .unwrap_or_else(|| seg.priority.default_claim_within())
+                    });
+                    let join = incidents::Join {
                         id,
-                        i32::try_from(seg.events.len()).unwrap_or(i32::MAX),
-                        seg.first_seen,
-                        seg.last_seen,
-                        seg.priority,
-                        seg.keeps_correlating,
-                        now,
-                    )
-                    .await?;
+                        added: i32::try_from(seg.events.len()).unwrap_or(i32::MAX),
+                        first_seen: seg.first_seen,
+                        last_seen: seg.last_seen,
+                        priority: seg.priority,
+                        correlating: seg.keeps_correlating,
+                        claim_within: raised,
+                    };
+                    let number = incidents::join(conn, &join, now).await?;
                     joined += 1;
                     if seg.raised_priority() {
                         let (ei, hit) = &hits[*seg.events.last().unwrap_or(&0)];

@@ -1,9 +1,11 @@
 //! Dispatch queues and what waits in them.
 
 use chrono::{DateTime, TimeDelta, Utc};
-use occ_domain::Priority;
+use occ_domain::{Priority, QueueName};
+use serde_json::json;
 use sqlx::PgConnection;
 
+use crate::audit::{self, AuditEntry, Entity};
 use crate::error::Result;
 
 /// A queue and its load.
@@ -78,4 +80,55 @@ pub async fn agency(conn: &mut PgConnection, queue: &str) -> Result<Option<Strin
             .fetch_optional(conn)
             .await?,
     )
+}
+
+/// Creates the queue `name` or changes its display name and agency, with an audit entry.
+/// Returns whether it was created.
+pub async fn put(
+    conn: &mut PgConnection,
+    name: &QueueName,
+    display_name: &str,
+    agency: &str,
+    actor: &str,
+) -> Result<bool> {
+    let before = sqlx::query!(
+        "SELECT id, display_name, agency FROM queues WHERE name = $1 FOR UPDATE",
+        name.as_str()
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    let id = sqlx::query_scalar!(
+        r#"
+        INSERT INTO queues (name, display_name, agency) VALUES ($1, $2, $3)
+        ON CONFLICT (name) DO UPDATE
+           SET display_name = EXCLUDED.display_name, agency = EXCLUDED.agency
+        RETURNING id
+        "#,
+        name.as_str(),
+        display_name,
+        agency
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let now = crate::dispatch::now(conn).await?;
+    let created = before.is_none();
+    audit::append(
+        conn,
+        &[AuditEntry {
+            entity: Entity::Queue(id),
+            at: now,
+            actor: actor.to_owned(),
+            action: if created {
+                "queue.created"
+            } else {
+                "queue.updated"
+            }
+            .into(),
+            before: before.map(|b| json!({"display_name": b.display_name, "agency": b.agency})),
+            after: Some(json!({"display_name": display_name, "agency": agency})),
+            detail: name.to_string(),
+        }],
+    )
+    .await?;
+    Ok(created)
 }

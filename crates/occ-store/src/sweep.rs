@@ -29,7 +29,7 @@ pub async fn expire_claims(pool: &PgPool, limit: i64) -> Result<usize> {
          WHERE c.lease_until <= $1 AND i.status = 'CLAIMED'
          ORDER BY c.lease_until
          LIMIT $2
-           FOR UPDATE OF i SKIP LOCKED
+           FOR UPDATE OF i, c SKIP LOCKED
         "#,
         now,
         limit
@@ -49,7 +49,7 @@ pub async fn expire_claims(pool: &PgPool, limit: i64) -> Result<usize> {
             .apply(IncidentCommand::Release)
             .map_err(|e| crate::StoreError::Corrupt(e.to_string()))?;
         sqlx::query!(
-            "UPDATE claims SET ended_at = $2, end_reason = 'expired' WHERE id = $1",
+            "UPDATE claims SET ended_at = $2, end_reason = 'expired' WHERE id = $1 AND ended_at IS NULL AND lease_until <= $2",
             row.claim_id,
             now
         )

@@ -28,6 +28,15 @@ const FLEET: [(&str, &str, usize); 6] = [
     ("municipal", "M", 1),
 ];
 
+/// A request made by a simulated console, named in the `x-occ-operator` header.
+fn ask<T>(desk: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(name) = desk.parse() {
+        request.metadata_mut().insert("x-occ-operator", name);
+    }
+    request
+}
+
 #[derive(Clone)]
 struct Api {
     dispatch: DispatchServiceClient<Channel>,
@@ -44,6 +53,7 @@ pub async fn run(endpoint: String, seed: u64, shutdown: CancellationToken) -> an
         units: UnitServiceClient::new(channel),
     };
     station_units(&api, seed).await?;
+    recover(&api).await?;
     let queues: Vec<String> = api
         .dispatch
         .clone()
@@ -121,6 +131,58 @@ async fn station_units(api: &Api, seed: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Incidents an earlier run of the simulator left with units on them (it was stopped
+/// mid-response): resolved and closed now, so the fleet is available again.
+async fn recover(api: &Api) -> anyhow::Result<()> {
+    let busy = api
+        .units
+        .clone()
+        .list_units(pb::ListUnitsRequest {
+            statuses: vec![
+                pb::UnitStatus::Dispatched as i32,
+                pb::UnitStatus::EnRoute as i32,
+                pb::UnitStatus::OnScene as i32,
+            ],
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .units;
+    let mut incidents: Vec<String> = busy.into_iter().map(|u| u.incident_id).collect();
+    incidents.sort();
+    incidents.dedup();
+    let mut client = api.incidents.clone();
+    for id in &incidents {
+        for (status, note) in [
+            (
+                pb::IncidentStatus::Resolved,
+                "resolved when the simulator restarted",
+            ),
+            (pb::IncidentStatus::Closed, ""),
+        ] {
+            let _ = client
+                .update_incident_status(ask(
+                    "sim-supervisor",
+                    pb::UpdateIncidentStatusRequest {
+                        id: id.clone(),
+                        status: status as i32,
+                        note: note.into(),
+                        claim_id: String::new(),
+                    },
+                ))
+                .await;
+        }
+    }
+    if !incidents.is_empty() {
+        tracing::info!(
+            incidents = incidents.len(),
+            "closed what an earlier simulation left open"
+        );
+    }
+    Ok(())
+}
+
 async fn pause(
     range: std::ops::Range<f64>,
     rng: &mut StdRng,
@@ -137,15 +199,19 @@ async fn pause(
 async fn operator(api: Api, queue: String, seed: u64, shutdown: CancellationToken) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut dispatch = api.dispatch.clone();
+    let desk = format!("sim-{queue}-desk");
     while !shutdown.is_cancelled() {
         let claimed = dispatch
-            .claim_next(pb::ClaimNextRequest {
-                queue: queue.clone(),
-                lease: Some(prost_types::Duration {
-                    seconds: 90,
-                    nanos: 0,
-                }),
-            })
+            .claim_next(ask(
+                &desk,
+                pb::ClaimNextRequest {
+                    queue: queue.clone(),
+                    lease: Some(prost_types::Duration {
+                        seconds: 90,
+                        nanos: 0,
+                    }),
+                },
+            ))
             .await;
         let (claim, incident) = match claimed.map(tonic::Response::into_inner) {
             Ok(pb::ClaimNextResponse {
@@ -171,14 +237,26 @@ async fn operator(api: Api, queue: String, seed: u64, shutdown: CancellationToke
         if !pause(2.0..6.0, &mut rng, &shutdown).await {
             return;
         }
-        if let Err(e) = work(&api, &queue, claim, incident, &mut rng, &shutdown).await {
+        let claim_id = claim.id.clone();
+        if let Err(e) = work(&api, &desk, &queue, claim, incident, &mut rng, &shutdown).await {
             tracing::debug!(queue, error = %e, "simulated operator gave up an incident");
+            // Back to the queue for the next attempt (if the claim still stands).
+            let _ = dispatch
+                .release_claim(ask(
+                    &desk,
+                    pb::ReleaseClaimRequest {
+                        claim_id,
+                        reason: format!("console error: {e}"),
+                    },
+                ))
+                .await;
         }
     }
 }
 
 async fn work(
     api: &Api,
+    desk: &str,
     queue: &str,
     claim: pb::Claim,
     incident: pb::Incident,
@@ -189,23 +267,30 @@ async fn work(
     let mut incidents = api.incidents.clone();
     if rng.random_bool(0.08) {
         incidents
-            .update_incident_status(pb::UpdateIncidentStatusRequest {
-                id: incident.id.clone(),
-                status: pb::IncidentStatus::Dismissed as i32,
-                note: "false alarm: confirmed on camera".into(),
-            })
+            .update_incident_status(ask(
+                desk,
+                pb::UpdateIncidentStatusRequest {
+                    id: incident.id.clone(),
+                    status: pb::IncidentStatus::Dismissed as i32,
+                    note: "false alarm: confirmed on camera".into(),
+                    claim_id: claim.id,
+                },
+            ))
             .await?;
         tracing::info!(number = %incident.number, "simulated operator dismissed a false alarm");
         return Ok(());
     }
     if queue == "police" && incident.category == "panic_alarm" && rng.random_bool(0.2) {
         dispatch
-            .transfer_incident(pb::TransferIncidentRequest {
-                incident_id: incident.id.clone(),
-                queue: "ems".into(),
-                reason: "the caller reports a medical emergency".into(),
-                claim_id: claim.id,
-            })
+            .transfer_incident(ask(
+                desk,
+                pb::TransferIncidentRequest {
+                    incident_id: incident.id.clone(),
+                    queue: "ems".into(),
+                    reason: "the caller reports a medical emergency".into(),
+                    claim_id: claim.id,
+                },
+            ))
             .await?;
         tracing::info!(number = %incident.number, "simulated operator transferred an incident to EMS");
         return Ok(());
@@ -228,19 +313,25 @@ async fn work(
     let crews: Vec<pb::Unit> = recommended.into_iter().filter_map(|r| r.unit).collect();
     if crews.is_empty() {
         dispatch
-            .release_claim(pb::ReleaseClaimRequest {
-                claim_id: claim.id,
-                reason: "no unit available".into(),
-            })
+            .release_claim(ask(
+                desk,
+                pb::ReleaseClaimRequest {
+                    claim_id: claim.id,
+                    reason: "no unit available".into(),
+                },
+            ))
             .await?;
         pause(5.0..10.0, rng, shutdown).await;
         return Ok(());
     }
     dispatch
-        .dispatch_units(pb::DispatchUnitsRequest {
-            claim_id: claim.id,
-            unit_ids: crews.iter().map(|u| u.id.clone()).collect(),
-        })
+        .dispatch_units(ask(
+            desk,
+            pb::DispatchUnitsRequest {
+                claim_id: claim.id,
+                unit_ids: crews.iter().map(|u| u.id.clone()).collect(),
+            },
+        ))
         .await?;
     let names: Vec<&str> = crews.iter().map(|u| u.call_sign.as_str()).collect();
     tracing::info!(number = %incident.number, units = ?names, "simulated operator dispatched units");
@@ -248,8 +339,9 @@ async fn work(
     let api = api.clone();
     let mut crew_rng = StdRng::seed_from_u64(rng.random());
     let shutdown = shutdown.clone();
+    let desk = desk.to_owned();
     tokio::spawn(async move {
-        if let Err(e) = respond(&api, &incident, &crews, &mut crew_rng, &shutdown).await {
+        if let Err(e) = respond(&api, &desk, &incident, &crews, &mut crew_rng, &shutdown).await {
             tracing::debug!(number = %incident.number, error = %e, "simulated response ended early");
         }
     });
@@ -259,6 +351,7 @@ async fn work(
 /// The crews drive there, work the scene, and the operator resolves and closes the incident.
 async fn respond(
     api: &Api,
+    desk: &str,
     incident: &pb::Incident,
     crews: &[pb::Unit],
     rng: &mut StdRng,
@@ -271,10 +364,13 @@ async fn respond(
     }
     for crew in crews {
         units
-            .update_unit_status(pb::UpdateUnitStatusRequest {
-                unit_id: crew.id.clone(),
-                status: pb::UnitStatus::EnRoute as i32,
-            })
+            .update_unit_status(ask(
+                &crew.call_sign,
+                pb::UpdateUnitStatusRequest {
+                    unit_id: crew.id.clone(),
+                    status: pb::UnitStatus::EnRoute as i32,
+                },
+            ))
             .await?;
     }
     // On the way: each crew reports its position, closing in on the scene.
@@ -301,10 +397,13 @@ async fn respond(
     }
     for crew in crews {
         units
-            .update_unit_status(pb::UpdateUnitStatusRequest {
-                unit_id: crew.id.clone(),
-                status: pb::UnitStatus::OnScene as i32,
-            })
+            .update_unit_status(ask(
+                &crew.call_sign,
+                pb::UpdateUnitStatusRequest {
+                    unit_id: crew.id.clone(),
+                    status: pb::UnitStatus::OnScene as i32,
+                },
+            ))
             .await?;
     }
     if !pause(10.0..25.0, rng, shutdown).await {
@@ -318,11 +417,15 @@ async fn respond(
         (pb::IncidentStatus::Closed, "report filed"),
     ] {
         incidents
-            .update_incident_status(pb::UpdateIncidentStatusRequest {
-                id: incident.id.clone(),
-                status: status as i32,
-                note: note.into(),
-            })
+            .update_incident_status(ask(
+                desk,
+                pb::UpdateIncidentStatusRequest {
+                    id: incident.id.clone(),
+                    status: status as i32,
+                    note: note.into(),
+                    claim_id: String::new(),
+                },
+            ))
             .await?;
         if !pause(3.0..6.0, rng, shutdown).await {
             return Ok(());

@@ -1,0 +1,245 @@
+//! The clock-driven sweeps and the claim queue under concurrency, against the real PostgreSQL:
+//! however many transactions race, each expiry and each escalation happens exactly once.
+
+use chrono::Utc;
+use occ_domain::{Event, EventInput, Limits, Priority, RuleSet, SourceId};
+use occ_store::ingest::{Batch, commit_batch};
+use occ_store::{Transport, dispatch, incidents, rules, sweep};
+use sqlx::PgPool;
+
+fn air(zone: usize, severity: &str) -> Event {
+    let input = EventInput {
+        id: Some(format!("{zone}-{severity}")),
+        event_type: Some("air.quality".into()),
+        severity: Some(severity.into()),
+        zone: Some(format!("zone_{zone}")),
+        measurements: [("pm2_5".to_owned(), 90.0)].into(),
+        ..EventInput::default()
+    };
+    Event::parse(
+        SourceId::parse(&format!("aq-{zone}")).expect("valid source"),
+        input,
+        b"",
+        Utc::now(),
+        &Limits::default(),
+    )
+    .expect("valid event")
+}
+
+async fn open_air_incidents(pool: &PgPool, n: usize) {
+    let mut conn = pool.acquire().await.expect("connection");
+    let rules = RuleSet::new(rules::list(&mut conn).await.expect("rules"));
+    let events: Vec<Event> = (0..n).map(|z| air(z, "minor")).collect();
+    let outcome = commit_batch(
+        pool,
+        Batch {
+            events: &events,
+            transport: Transport::Grpc,
+            dead_letters: &[],
+        },
+        &rules,
+    )
+    .await
+    .expect("commit");
+    assert_eq!(outcome.incidents_opened, n);
+}
+
+async fn count(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+/// Runs `sweep` from many tasks at once until none finds work; returns the total done.
+async fn race<F, Fut>(pool: &PgPool, sweep: F) -> usize
+where
+    F: Fn(PgPool) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = occ_store::Result<usize>> + Send,
+{
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let pool = pool.clone();
+        let sweep = sweep.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0;
+            loop {
+                match sweep(pool.clone()).await {
+                    Ok(0) => return done,
+                    Ok(n) => done += n,
+                    Err(occ_store::StoreError::Unavailable(_)) => {}
+                    Err(e) => panic!("sweep failed: {e}"),
+                }
+            }
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("task");
+    }
+    total
+}
+
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn twenty_sweepers_escalate_each_overdue_incident_once(pool: PgPool) {
+    open_air_incidents(&pool, 200).await;
+    sqlx::query("UPDATE incidents SET claim_deadline = now() - interval '1 second'")
+        .execute(&pool)
+        .await
+        .expect("overdue");
+
+    let escalated = race(&pool, |pool| async move {
+        sweep::escalate_overdue(&pool, 7).await
+    })
+    .await;
+    assert_eq!(escalated, 200);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM audit_log WHERE action = 'incident.escalated'"
+        )
+        .await,
+        200
+    );
+    // P3 air-quality incidents, raised once: all P2 now, none P1.
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM incidents WHERE priority = 2 AND escalated_at IS NOT NULL"
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM incidents WHERE claim_deadline IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM incident_changes WHERE kind = 'escalated'"
+        )
+        .await,
+        200
+    );
+}
+
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn twenty_sweepers_expire_each_lapsed_claim_once(pool: PgPool) {
+    open_air_incidents(&pool, 100).await;
+    let mut tx = pool.begin().await.expect("tx");
+    for _ in 0..100 {
+        dispatch::claim_next(
+            &mut tx,
+            "environment",
+            "operator:test",
+            chrono::TimeDelta::seconds(60),
+        )
+        .await
+        .expect("claim")
+        .expect("an incident");
+    }
+    tx.commit().await.expect("commit");
+    sqlx::query("UPDATE claims SET lease_until = now() - interval '1 second'")
+        .execute(&pool)
+        .await
+        .expect("lapsed");
+
+    let expired = race(
+        &pool,
+        |pool| async move { sweep::expire_claims(&pool, 7).await },
+    )
+    .await;
+    assert_eq!(expired, 100);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM claims WHERE end_reason = 'expired'"
+        )
+        .await,
+        100
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM audit_log WHERE action = 'incident.claim_expired'"
+        )
+        .await,
+        100
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM incidents WHERE status = 'QUEUED' AND claim_deadline IS NOT NULL"
+        )
+        .await,
+        100
+    );
+}
+
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn an_extended_lease_is_not_expired(pool: PgPool) {
+    open_air_incidents(&pool, 1).await;
+    let mut tx = pool.begin().await.expect("tx");
+    let incident = dispatch::claim_next(
+        &mut tx,
+        "environment",
+        "operator:a",
+        chrono::TimeDelta::seconds(1),
+    )
+    .await
+    .expect("claim")
+    .expect("an incident");
+    tx.commit().await.expect("commit");
+    let claim = incident.claim.expect("claim").id;
+    let mut tx = pool.begin().await.expect("tx");
+    dispatch::extend(&mut tx, claim, "operator:a", chrono::TimeDelta::seconds(60))
+        .await
+        .expect("extend");
+    tx.commit().await.expect("commit");
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(sweep::expire_claims(&pool, 10).await.expect("sweep"), 0);
+    let mut conn = pool.acquire().await.expect("connection");
+    let still = incidents::get(&mut conn, incident.id)
+        .await
+        .expect("incident");
+    assert_eq!(still.claim.map(|c| c.holder).as_deref(), Some("operator:a"));
+}
+
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn a_priority_raised_by_events_brings_the_claim_deadline_forward(pool: PgPool) {
+    open_air_incidents(&pool, 1).await;
+    let mut conn = pool.acquire().await.expect("connection");
+    let before = incidents::list(&mut conn, &Default::default(), None, 1)
+        .await
+        .expect("list")
+        .remove(0);
+    assert_eq!(before.priority, Priority::P3);
+    let rules = RuleSet::new(rules::list(&mut conn).await.expect("rules"));
+    commit_batch(
+        &pool,
+        Batch {
+            events: &[air(0, "critical")],
+            transport: Transport::Grpc,
+            dead_letters: &[],
+        },
+        &rules,
+    )
+    .await
+    .expect("commit");
+    let after = incidents::get(&mut conn, before.id)
+        .await
+        .expect("incident");
+    assert_eq!(after.priority, Priority::P2);
+    let deadline = after.claim_deadline.expect("still waiting");
+    assert!(
+        deadline < before.claim_deadline.expect("waiting") - chrono::TimeDelta::minutes(5),
+        "a P2 must be claimed within 3 minutes, not the P3's 10: {deadline} vs {:?}",
+        before.claim_deadline
+    );
+    assert_eq!(after.claim_within, Priority::P2.default_claim_within());
+}
