@@ -98,7 +98,7 @@ async fn get(grpc: &str, id: &str) -> pb::Incident {
         .expect("incident")
 }
 
-async fn audit_actions(grpc: &str, id: &str) -> Vec<String> {
+async fn audit_entries(grpc: &str, id: &str) -> Vec<pb::AuditEntry> {
     incidents(grpc)
         .await
         .get_timeline(pb::GetTimelineRequest {
@@ -112,9 +112,17 @@ async fn audit_actions(grpc: &str, id: &str) -> Vec<String> {
         .entries
         .into_iter()
         .filter_map(|e| match e.entry {
-            Some(pb::timeline_entry::Entry::Audit(a)) => Some(a.action),
+            Some(pb::timeline_entry::Entry::Audit(a)) => Some(a),
             _ => None,
         })
+        .collect()
+}
+
+async fn audit_actions(grpc: &str, id: &str) -> Vec<String> {
+    audit_entries(grpc, id)
+        .await
+        .into_iter()
+        .map(|a| a.action)
         .collect()
 }
 
@@ -737,21 +745,10 @@ async fn only_the_holder_of_a_claim_can_act_on_it(pool: PgPool) {
         done.incident.expect("incident").status,
         pb::IncidentStatus::Dispatched as i32
     );
-    let actors: Vec<String> = incidents(&occ.grpc)
+    let actors: Vec<String> = audit_entries(&occ.grpc, &number)
         .await
-        .get_timeline(pb::GetTimelineRequest {
-            id: number,
-            ..Default::default()
-        })
-        .await
-        .expect("timeline")
-        .into_inner()
-        .entries
         .into_iter()
-        .filter_map(|e| match e.entry {
-            Some(pb::timeline_entry::Entry::Audit(a)) => Some(a.actor),
-            _ => None,
-        })
+        .map(|a| a.actor)
         .collect();
     assert_eq!(actors, ["system:rules", "operator:alice", "operator:alice"]);
     occ.stop().await.expect("stop");

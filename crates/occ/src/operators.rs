@@ -348,6 +348,26 @@ async fn work(
     Ok(())
 }
 
+/// Each crew reports a status, as itself.
+async fn report(
+    units: &mut UnitServiceClient<Channel>,
+    crews: &[pb::Unit],
+    status: pb::UnitStatus,
+) -> anyhow::Result<()> {
+    for crew in crews {
+        units
+            .update_unit_status(ask(
+                &crew.call_sign,
+                pb::UpdateUnitStatusRequest {
+                    unit_id: crew.id.clone(),
+                    status: status as i32,
+                },
+            ))
+            .await?;
+    }
+    Ok(())
+}
+
 /// The crews drive there, work the scene, and the operator resolves and closes the incident.
 async fn respond(
     api: &Api,
@@ -362,17 +382,7 @@ async fn respond(
     if !pause(3.0..8.0, rng, shutdown).await {
         return Ok(());
     }
-    for crew in crews {
-        units
-            .update_unit_status(ask(
-                &crew.call_sign,
-                pb::UpdateUnitStatusRequest {
-                    unit_id: crew.id.clone(),
-                    status: pb::UnitStatus::EnRoute as i32,
-                },
-            ))
-            .await?;
-    }
+    report(&mut units, crews, pb::UnitStatus::EnRoute).await?;
     // On the way: each crew reports its position, closing in on the scene.
     let target = incident.location;
     for step in 1..=4 {
@@ -395,17 +405,7 @@ async fn respond(
             }
         }
     }
-    for crew in crews {
-        units
-            .update_unit_status(ask(
-                &crew.call_sign,
-                pb::UpdateUnitStatusRequest {
-                    unit_id: crew.id.clone(),
-                    status: pb::UnitStatus::OnScene as i32,
-                },
-            ))
-            .await?;
-    }
+    report(&mut units, crews, pb::UnitStatus::OnScene).await?;
     if !pause(10.0..25.0, rng, shutdown).await {
         return Ok(());
     }
