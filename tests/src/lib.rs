@@ -238,6 +238,23 @@ pub async fn incidents(grpc: &str) -> IncidentServiceClient<Channel> {
         .expect("gRPC connects")
 }
 
+/// One incident by id or number.
+pub async fn get_incident(grpc: &str, id: &str) -> occ_proto::v1::Incident {
+    incidents(grpc)
+        .await
+        .get_incident(occ_proto::v1::GetIncidentRequest { id: id.to_owned() })
+        .await
+        .expect("GetIncident")
+        .into_inner()
+        .incident
+        .expect("incident")
+}
+
+/// The reference smoke-detector envelope (`tests/fixtures/native/smoke.json`).
+pub fn smoke_fixture() -> Vec<u8> {
+    std::fs::read(workspace_root().join("tests/fixtures/native/smoke.json")).expect("fixture")
+}
+
 pub async fn ingest(grpc: &str) -> IngestServiceClient<Channel> {
     IngestServiceClient::connect(grpc.to_owned())
         .await

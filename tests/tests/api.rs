@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use occ_proto::v1 as pb;
 use occ_tests::{
-    Broker, Occ, database_url, event_count, eventually, incidents, ingest, rules, serve_args,
+    Broker, Occ, database_url, event_count, eventually, get_incident, incidents, ingest, rules,
+    serve_args,
 };
 use sqlx::PgPool;
 use tonic::Code;
@@ -57,17 +58,6 @@ async fn publish(grpc: &str, events: Vec<pb::Event>) -> Vec<pb::PublishResult> {
         .expect("PublishEvents")
         .into_inner()
         .results
-}
-
-async fn get_incident(grpc: &str, id: &str) -> pb::Incident {
-    incidents(grpc)
-        .await
-        .get_incident(pb::GetIncidentRequest { id: id.to_owned() })
-        .await
-        .expect("GetIncident")
-        .into_inner()
-        .incident
-        .expect("incident")
 }
 
 fn violations(status: &tonic::Status) -> Vec<String> {

@@ -9,7 +9,8 @@ use occ_proto::v1 as pb;
 use occ_proto::v1::dispatch_service_client::DispatchServiceClient;
 use occ_proto::v1::unit_service_client::UnitServiceClient;
 use occ_tests::{
-    Broker, Occ, Publisher, database_url, eventually, incidents, ingest, rules, serve_args,
+    Broker, Occ, Publisher, database_url, eventually, get_incident, incidents, ingest, rules,
+    serve_args,
 };
 use sqlx::PgPool;
 use tokio_stream::StreamExt;
@@ -85,17 +86,6 @@ async fn claim_next(grpc: &str, queue: &str, lease_s: i64) -> pb::ClaimNextRespo
         .await
         .expect("ClaimNext")
         .into_inner()
-}
-
-async fn get(grpc: &str, id: &str) -> pb::Incident {
-    incidents(grpc)
-        .await
-        .get_incident(pb::GetIncidentRequest { id: id.into() })
-        .await
-        .expect("GetIncident")
-        .into_inner()
-        .incident
-        .expect("incident")
 }
 
 async fn audit_entries(grpc: &str, id: &str) -> Vec<pb::AuditEntry> {
@@ -206,7 +196,8 @@ async fn an_expired_lease_returns_the_incident_and_the_old_claim_is_refused(pool
         Duration::from_secs(10),
         "the incident back in its queue",
         || async {
-            (get(&occ.grpc, &id).await.status == pb::IncidentStatus::Queued as i32).then_some(())
+            (get_incident(&occ.grpc, &id).await.status == pb::IncidentStatus::Queued as i32)
+                .then_some(())
         },
     )
     .await;
@@ -297,7 +288,7 @@ async fn escalation_fires_once_with_two_instances(pool: PgPool) {
     .await;
 
     let escalated = eventually(Duration::from_secs(10), "the escalation", || async {
-        let i = get(&a.grpc, &number).await;
+        let i = get_incident(&a.grpc, &number).await;
         i.escalated.then_some(i)
     })
     .await;
@@ -318,7 +309,7 @@ async fn escalation_fires_once_with_two_instances(pool: PgPool) {
         "{actions:?}"
     );
     assert_eq!(
-        get(&b.grpc, &number).await.priority,
+        get_incident(&b.grpc, &number).await.priority,
         pb::Priority::P3 as i32
     );
 
@@ -455,11 +446,8 @@ async fn an_operator_takes_an_mqtt_event_all_the_way_to_closed(pool: PgPool) {
     upsert_unit(&occ.grpc, "AMB-1", "ems", 51.128, 71.430).await;
 
     let mut publisher = Publisher::connect(broker.port).await;
-    let fixture =
-        std::fs::read(occ_tests::workspace_root().join("tests/fixtures/native/smoke.json"))
-            .expect("fixture");
     publisher
-        .publish("occ/v1/events/det-esil-0042", fixture)
+        .publish("occ/v1/events/det-esil-0042", occ_tests::smoke_fixture())
         .await;
     let queued = eventually(Duration::from_secs(10), "the fire incident", || async {
         let r = claim_next(&occ.grpc, "fire", 120).await;
@@ -528,7 +516,7 @@ async fn an_operator_takes_an_mqtt_event_all_the_way_to_closed(pool: PgPool) {
         .expect("UpdateUnitStatus");
     }
     assert_eq!(
-        get(&occ.grpc, &id).await.status,
+        get_incident(&occ.grpc, &id).await.status,
         pb::IncidentStatus::OnScene as i32
     );
     // E-2 is sent back; E-1, the last one on the fire, cannot leave it unattended.
@@ -574,7 +562,7 @@ async fn an_operator_takes_an_mqtt_event_all_the_way_to_closed(pool: PgPool) {
         .await
         .expect("UpdateIncidentStatus");
     }
-    let closed = get(&occ.grpc, &id).await;
+    let closed = get_incident(&occ.grpc, &id).await;
     assert_eq!(closed.status, pb::IncidentStatus::Closed as i32);
     assert!(
         !closed.correlating,
@@ -638,7 +626,10 @@ async fn only_the_holder_of_a_claim_can_act_on_it(pool: PgPool) {
     let claim = claimed.claim.expect("claim").id;
 
     // Others see who holds it, not the claim's id.
-    let seen = get(&occ.grpc, &number).await.claim.expect("claim shown");
+    let seen = get_incident(&occ.grpc, &number)
+        .await
+        .claim
+        .expect("claim shown");
     assert_eq!(seen.holder, "operator:alice");
     assert!(seen.id.is_empty(), "the claim id is the holder's alone");
 

@@ -47,11 +47,8 @@ async fn an_mqtt_event_becomes_an_incident_visible_over_grpc(pool: PgPool) {
     .await
     .expect("occ starts");
     let mut publisher = Publisher::connect(broker.port).await;
-    let fixture =
-        std::fs::read(occ_tests::workspace_root().join("tests/fixtures/native/smoke.json"))
-            .expect("fixture");
     publisher
-        .publish("occ/v1/events/det-esil-0042", fixture)
+        .publish("occ/v1/events/det-esil-0042", occ_tests::smoke_fixture())
         .await;
 
     let listed = eventually(Duration::from_secs(10), "an incident", || async {

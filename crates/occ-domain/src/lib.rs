@@ -13,6 +13,35 @@ pub mod rule;
 pub mod unit;
 pub mod validation;
 
+/// Checks a status machine against its table of allowed transitions: every (status, command)
+/// pair either reaches exactly the listed status or is refused with an error naming both.
+#[cfg(test)]
+pub(crate) fn check_transitions<S, C, E>(
+    statuses: &[S],
+    commands: &[C],
+    allowed: &[(S, C, S)],
+    apply: impl Fn(S, C) -> Result<S, E>,
+    refusal: impl Fn(S, C) -> E,
+) where
+    S: Copy + PartialEq + std::fmt::Debug,
+    C: Copy + PartialEq + std::fmt::Debug,
+    E: PartialEq + std::fmt::Debug,
+{
+    for &from in statuses {
+        for &command in commands {
+            let expected = allowed
+                .iter()
+                .find(|(f, c, _)| *f == from && *c == command)
+                .map(|(_, _, to)| *to);
+            match (apply(from, command), expected) {
+                (Ok(to), Some(e)) => assert_eq!(to, e, "{from:?} {command:?}"),
+                (Err(err), None) => assert_eq!(err, refusal(from, command)),
+                (got, want) => panic!("{from:?} + {command:?}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+}
+
 pub use correlation::{Candidate, CorrelationPlan, OpenIncident, Segment, plan_correlation};
 pub use event::{
     Confidence, Event, EventId, EventInput, EventType, GeoPoint, IdempotencyKey, Limits,

@@ -176,19 +176,9 @@ mod tests {
             C::TakeOutOfService,
             C::ReturnToService,
         ];
-        for from in S::ALL {
-            for command in commands {
-                let expected = allowed
-                    .iter()
-                    .find(|(f, c, _)| *f == from && *c == command)
-                    .map(|(_, _, to)| *to);
-                match (from.apply(command), expected) {
-                    (Ok(to), Some(e)) => assert_eq!(to, e, "{from} {command}"),
-                    (Err(err), None) => assert_eq!(err, UnitTransitionError { from, command }),
-                    (got, want) => panic!("{from} + {command}: got {got:?}, want {want:?}"),
-                }
-            }
-        }
+        crate::check_transitions(&S::ALL, &commands, &allowed, S::apply, |from, command| {
+            UnitTransitionError { from, command }
+        });
     }
 
     #[test]
