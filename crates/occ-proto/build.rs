@@ -5,10 +5,21 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let protos: Vec<PathBuf> = ["event", "ingest", "incident", "rule", "unit", "dispatch"]
-        .iter()
-        .map(|name| root.join(format!("occ/v1/{name}.proto")))
-        .collect();
+    let protos: Vec<PathBuf> = [
+        "event",
+        "ingest",
+        "incident",
+        "rule",
+        "unit",
+        "dispatch",
+        "source",
+        "zone",
+        "watchlist",
+        "dead_letter",
+    ]
+    .iter()
+    .map(|name| root.join(format!("occ/v1/{name}.proto")))
+    .collect();
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
 
     let protoc = protoc_bin_vendored::protoc_bin_path()?;

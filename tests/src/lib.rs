@@ -15,9 +15,13 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use occ::ServeArgs;
 use occ::serve::Running;
+use occ_proto::v1::dead_letter_service_client::DeadLetterServiceClient;
 use occ_proto::v1::incident_service_client::IncidentServiceClient;
 use occ_proto::v1::ingest_service_client::IngestServiceClient;
 use occ_proto::v1::rule_service_client::RuleServiceClient;
+use occ_proto::v1::source_service_client::SourceServiceClient;
+use occ_proto::v1::watchlist_service_client::WatchlistServiceClient;
+use occ_proto::v1::zone_service_client::ZoneServiceClient;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -267,6 +271,41 @@ pub async fn rules(grpc: &str) -> RuleServiceClient<Channel> {
         .expect("gRPC connects")
 }
 
+pub async fn sources(grpc: &str) -> SourceServiceClient<Channel> {
+    SourceServiceClient::connect(grpc.to_owned())
+        .await
+        .expect("gRPC connects")
+}
+
+pub async fn zones(grpc: &str) -> ZoneServiceClient<Channel> {
+    ZoneServiceClient::connect(grpc.to_owned())
+        .await
+        .expect("gRPC connects")
+}
+
+pub async fn watchlist(grpc: &str) -> WatchlistServiceClient<Channel> {
+    WatchlistServiceClient::connect(grpc.to_owned())
+        .await
+        .expect("gRPC connects")
+}
+
+pub async fn dead_letters(grpc: &str) -> DeadLetterServiceClient<Channel> {
+    DeadLetterServiceClient::connect(grpc.to_owned())
+        .await
+        .expect("gRPC connects")
+}
+
+/// A fixture from `tests/fixtures/`.
+pub fn fixture(path: &str) -> Vec<u8> {
+    std::fs::read(workspace_root().join("tests/fixtures").join(path))
+        .unwrap_or_else(|e| panic!("fixture {path}: {e}"))
+}
+
+/// A fixture from `tests/fixtures/`, as JSON to change before publishing.
+pub fn fixture_json(path: &str) -> serde_json::Value {
+    serde_json::from_slice(&fixture(path)).expect("fixture is JSON")
+}
+
 /// The server-wide health status (`""`), if the server answers.
 pub async fn health(grpc: &str) -> Option<ServingStatus> {
     let channel = Channel::from_shared(grpc.to_owned())
@@ -394,6 +433,15 @@ impl Publisher {
             .await
             .expect("publish queued");
         self.published += 1;
+    }
+
+    /// Publishes at QoS 0, as Frigate and ChirpStack do unless configured: nothing waits for
+    /// the broker.
+    pub async fn publish_qos0(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtMostOnce, false, payload.into())
+            .await
+            .expect("publish queued");
     }
 
     /// Waits until the broker has acknowledged every message published so far.

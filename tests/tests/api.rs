@@ -186,7 +186,7 @@ async fn a_rule_added_at_run_time_applies_without_restart(pool: PgPool) {
         .expect("ListRules")
         .into_inner()
         .rules;
-    assert_eq!(before.len(), 9, "the default city rules");
+    assert_eq!(before.len(), 11, "the default city rules");
 
     let put = rule_client
         .put_rule(pb::PutRuleRequest {

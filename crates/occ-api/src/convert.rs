@@ -7,7 +7,7 @@ use occ_domain::{
     ClaimInfo, Comparison, FieldError, FieldErrors, Incident, IncidentId, IncidentStatus, Priority,
     Rule, RuleInput, Severity, SourceId, ThresholdInput, UnitStatus,
 };
-use occ_domain::{EventInput, LocationInput};
+use occ_domain::{EventInput, Evidence, EvidenceKind, LocationInput};
 use occ_proto::v1 as pb;
 use occ_store::changes::{ChangeKind, StoredChange};
 use occ_store::events::StoredEvent;
@@ -190,6 +190,30 @@ pub fn event_input(e: &pb::Event) -> Result<(SourceId, EventInput), FieldErrors>
         .ok()
         .flatten()
         .unwrap_or_default();
+    let evidence = e
+        .evidence
+        .iter()
+        .enumerate()
+        .filter_map(|(i, x)| {
+            let kind = match pb::EvidenceKind::try_from(x.kind) {
+                Ok(pb::EvidenceKind::Snapshot) => EvidenceKind::Snapshot,
+                Ok(pb::EvidenceKind::Clip) => EvidenceKind::Clip,
+                Ok(pb::EvidenceKind::Thumbnail) => EvidenceKind::Thumbnail,
+                _ => {
+                    errors.push(FieldError::new(
+                        format!("evidence[{i}].kind"),
+                        "must be a specified evidence kind",
+                    ));
+                    return None;
+                }
+            };
+            Some(Evidence {
+                kind,
+                reference: x.reference.clone(),
+                url: non_empty(&x.url),
+            })
+        })
+        .collect();
     let input = EventInput {
         id: non_empty(&e.external_id),
         event_type: (!e.r#type.is_empty()).then(|| e.r#type.clone()),
@@ -200,10 +224,14 @@ pub fn event_input(e: &pb::Event) -> Result<(SourceId, EventInput), FieldErrors>
             lon: l.lon,
         }),
         zone: non_empty(&e.zone),
+        extra_zones: e.extra_zones.clone(),
+        district: non_empty(&e.district),
         confidence: e.confidence,
         source_kind: non_empty(&e.source_kind),
         measurements: e.measurements.clone(),
         attributes,
+        evidence,
+        revision: None,
     };
     match (source, FieldErrors::from_vec(errors)) {
         (Some(source), None) => Ok((source, input)),
@@ -369,6 +397,23 @@ pub fn stored_event(e: &StoredEvent) -> pb::Event {
         source_kind: e.source_kind.clone().unwrap_or_default(),
         measurements,
         attributes,
+        district: e.district.clone().unwrap_or_default(),
+        extra_zones: e.extra_zones.clone(),
+        evidence: e.evidence.iter().map(evidence).collect(),
+        revisions: e.revisions,
+        revise_time: e.revised_at.map(timestamp),
+    }
+}
+
+pub fn evidence(x: &Evidence) -> pb::Evidence {
+    pb::Evidence {
+        kind: (match x.kind {
+            EvidenceKind::Snapshot => pb::EvidenceKind::Snapshot,
+            EvidenceKind::Clip => pb::EvidenceKind::Clip,
+            EvidenceKind::Thumbnail => pb::EvidenceKind::Thumbnail,
+        }) as i32,
+        reference: x.reference.clone(),
+        url: x.url.clone().unwrap_or_default(),
     }
 }
 
@@ -420,6 +465,7 @@ pub fn rule(r: &Rule) -> pb::Rule {
             event_types: m.event_types.iter().map(ToString::to_string).collect(),
             source_kinds: m.source_kinds.iter().map(ToString::to_string).collect(),
             zones: m.zones.iter().map(ToString::to_string).collect(),
+            districts: m.districts.iter().map(ToString::to_string).collect(),
             min_confidence: m.min_confidence.map(|c| c.value()),
             min_severity: m.min_severity.map_or(0, severity),
             thresholds: m
@@ -450,8 +496,8 @@ pub fn rule(r: &Rule) -> pb::Rule {
 pub fn rule_field_path(field: &str) -> String {
     let root = field.split(['[', '.']).next().unwrap_or(field);
     let section = match root {
-        "event_types" | "source_kinds" | "zones" | "min_confidence" | "min_severity"
-        | "thresholds" | "attributes" => "condition.",
+        "event_types" | "source_kinds" | "zones" | "districts" | "min_confidence"
+        | "min_severity" | "thresholds" | "attributes" => "condition.",
         "category" | "queue" | "priority" | "title_template" | "correlation_fields"
         | "correlation_window" | "claim_within" => "action.",
         _ => "",
@@ -538,6 +584,7 @@ pub fn rule_input(r: &pb::Rule) -> Result<RuleInput, FieldErrors> {
         event_types: condition.event_types.clone(),
         source_kinds: condition.source_kinds.clone(),
         zones: condition.zones.clone(),
+        districts: condition.districts.clone(),
         min_confidence: condition.min_confidence,
         min_severity: min_severity.map(|s| s.as_str().to_owned()),
         thresholds,

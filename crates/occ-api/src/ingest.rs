@@ -1,7 +1,7 @@
 //! `IngestService`: events from gateways that do not speak MQTT.
 
 use chrono::Utc;
-use occ_domain::{Event, FieldErrors};
+use occ_domain::{Enriched, Event, FieldErrors};
 use occ_proto::v1::{self as pb, ingest_service_server::IngestService};
 use occ_store::Transport;
 use occ_store::dead_letters::DeadLetter;
@@ -46,7 +46,8 @@ impl IngestApi {
         let limits = &self.state.limits;
         // Per request event: its index among the valid events, or its errors.
         let mut parsed: Vec<Result<usize, FieldErrors>> = Vec::with_capacity(req.events.len());
-        let mut events: Vec<Event> = Vec::new();
+        let mut events: Vec<Enriched> = Vec::new();
+        let registry = self.state.registry.current();
         let mut dead_letters = Vec::new();
         for e in &req.events {
             // The producer-visible content: what it sent, without output-only fields.
@@ -62,7 +63,7 @@ impl IngestApi {
             match result {
                 Ok(event) => {
                     parsed.push(Ok(events.len()));
-                    events.push(event);
+                    events.push(registry.enrich(event));
                 }
                 Err(errors) => {
                     dead_letters.push(DeadLetter::new(
@@ -79,6 +80,14 @@ impl IngestApi {
         }
 
         let stored = self.commit(&events, &dead_letters, received_at).await?;
+        self.state.activity.record(
+            events
+                .iter()
+                .zip(&stored)
+                .filter(|(_, s)| matches!(s, Ok(EventOutcome::Accepted { .. })))
+                .map(|(e, _)| &e.event),
+            false,
+        );
 
         let results = parsed
             .into_iter()
@@ -107,6 +116,7 @@ impl IngestApi {
                     Ok(EventOutcome::Accepted {
                         event_id,
                         incidents,
+                        ..
                     }) => pb::PublishResult {
                         outcome: pb::PublishOutcome::Accepted as i32,
                         event_id: event_id.to_string(),
@@ -136,18 +146,14 @@ impl IngestApi {
     /// kept as dead letters). Per event: its outcome, or why it could not be stored.
     async fn commit(
         &self,
-        events: &[Event],
+        events: &[Enriched],
         dead_letters: &[DeadLetter],
         received_at: chrono::DateTime<Utc>,
     ) -> ApiResult<Vec<Result<EventOutcome, String>>> {
         let rules = self.state.rules.current();
         let pool = &self.state.pool;
-        fn batch<'a>(events: &'a [Event], dead_letters: &'a [DeadLetter]) -> Batch<'a> {
-            Batch {
-                events,
-                transport: Transport::Grpc,
-                dead_letters,
-            }
+        fn batch<'a>(events: &'a [Enriched], dead_letters: &'a [DeadLetter]) -> Batch<'a> {
+            Batch::new(events, Transport::Grpc, dead_letters)
         }
         match commit_batch(pool, batch(events, dead_letters), &rules).await {
             Ok(outcome) => return Ok(outcome.events.into_iter().map(Ok).collect()),
@@ -166,7 +172,7 @@ impl IngestApi {
                     let letter = DeadLetter::new(
                         Transport::Grpc,
                         DEAD_LETTER_TOPIC,
-                        &serde_json::to_vec(event).unwrap_or_default(),
+                        &serde_json::to_vec(&event.event).unwrap_or_default(),
                         self.state.limits.max_payload_bytes,
                         reason,
                         received_at,

@@ -1,5 +1,6 @@
 //! OCC's gRPC API: `IngestService`, `IncidentService`, `DispatchService`, `UnitService`,
-//! `RuleService`, with `grpc.health.v1.Health` and server reflection.
+//! `RuleService`, `SourceService`, `ZoneService`, `WatchlistService`, `DeadLetterService`,
+//! with `grpc.health.v1.Health` and server reflection.
 //!
 //! Handlers parse requests into domain types ([`convert`]), call the store, and return errors
 //! through the one mapping in [`error`]. Every request carries a [`principal::Principal`],
@@ -7,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod convert;
+pub mod dead_letters;
 pub mod dispatch;
 pub mod error;
 pub mod incidents;
@@ -15,22 +17,34 @@ pub mod paging;
 pub mod principal;
 pub mod rules;
 mod server;
+pub mod sources;
 pub mod units;
 pub mod watch;
+pub mod watchlist;
+pub mod zones;
 
+use std::sync::Arc;
+
+use occ_adapters::Adapters;
 use occ_domain::Limits;
 use occ_store::PgPool;
 use occ_store::changes::Feed;
+use occ_store::health::ActivityLog;
+use occ_store::registry::LiveRegistry;
 use occ_store::rules::LiveRules;
 
 pub use server::{GrpcConfig, serve};
 
-/// What every handler needs: the database, the rules in force, the input limits and the
-/// feed of incident changes for watch streams.
+/// What every handler needs: the database, the rules and registry in force, the input
+/// limits, the feed of incident changes for watch streams, what ingest hears from sources,
+/// and the adapters (to decode dead letters again).
 #[derive(Debug, Clone)]
 pub struct ApiState {
     pub pool: PgPool,
     pub rules: LiveRules,
+    pub registry: LiveRegistry,
     pub limits: Limits,
     pub feed: Feed,
+    pub activity: ActivityLog,
+    pub adapters: Arc<Adapters>,
 }

@@ -56,7 +56,7 @@ pub fn incident_token(c: &IncidentCursor, filters: &str) -> String {
 }
 
 /// A short digest of a request's filters: a token is refused with other filters (AIP-158).
-fn fingerprint(filters: &str) -> String {
+pub(crate) fn fingerprint(filters: &str) -> String {
     // FNV-1a: stable across builds and platforms, and enough to tell filter sets apart.
     let hash = filters.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -126,6 +126,26 @@ pub fn parse_timeline_token(token: &str) -> ApiResult<Option<TimelineCursor>> {
     }))
 }
 
+/// A token for a keyset position of `n` parts, tagged with the list it belongs to.
+pub fn key_token(tag: &str, parts: &[&str]) -> String {
+    let mut all = vec![tag.to_owned()];
+    all.extend(parts.iter().map(|p| (*p).to_owned()));
+    encode(&all)
+}
+
+/// The parts of a [`key_token`] of `tag` with `n` parts.
+pub fn parse_key_token(tag: &str, token: &str, n: usize) -> ApiResult<Option<Vec<String>>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let mut p = decode(token, n + 1)?;
+    if p[0] != tag {
+        return Err(invalid_token());
+    }
+    p.remove(0);
+    Ok(Some(p))
+}
+
 pub fn name_token(name: &str) -> String {
     encode(&["r1".into(), name.to_owned()])
 }
@@ -175,6 +195,17 @@ mod tests {
                 .as_deref(),
             Some("fire-smoke")
         );
+    }
+
+    #[test]
+    fn key_tokens_round_trip_and_keep_to_their_list() {
+        let t = key_token("w1", &["stolen_vehicles", "777ABC01"]);
+        assert_eq!(
+            parse_key_token("w1", &t, 2).expect("valid"),
+            Some(vec!["stolen_vehicles".to_owned(), "777ABC01".to_owned()])
+        );
+        assert!(parse_key_token("d1", &t, 2).is_err());
+        assert_eq!(parse_key_token("w1", "", 2).expect("empty"), None);
     }
 
     #[test]

@@ -119,6 +119,15 @@ impl RuleApi {
                 Event::parse(source, input, b"", Utc::now(), &self.state.limits)
             })
             .map_err(|e| input_errors("event.", e))?;
+        // As ingest would see it: mapped, placed and checked against the watch lists. A
+        // disabled source's events open nothing.
+        let enriched = self.state.registry.current().enrich(event);
+        if !enriched.evaluate_rules {
+            return Ok(pb::TestRuleResponse {
+                matches: Vec::new(),
+            });
+        }
+        let event = enriched.event;
         let rules: std::sync::Arc<RuleSet> = match req.rule {
             // A draft is tried as if enabled: trying it is the point.
             Some(draft) => {

@@ -3,11 +3,15 @@
 
 use std::time::Duration;
 
+use occ_proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use occ_proto::v1::dispatch_service_server::DispatchServiceServer;
 use occ_proto::v1::incident_service_server::IncidentServiceServer;
 use occ_proto::v1::ingest_service_server::IngestServiceServer;
 use occ_proto::v1::rule_service_server::RuleServiceServer;
+use occ_proto::v1::source_service_server::SourceServiceServer;
 use occ_proto::v1::unit_service_server::UnitServiceServer;
+use occ_proto::v1::watchlist_service_server::WatchlistServiceServer;
+use occ_proto::v1::zone_service_server::ZoneServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -16,12 +20,16 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::ApiState;
+use crate::dead_letters::DeadLetterApi;
 use crate::dispatch::DispatchApi;
 use crate::incidents::IncidentApi;
 use crate::ingest::IngestApi;
 use crate::principal::PrincipalLayer;
 use crate::rules::RuleApi;
+use crate::sources::SourceApi;
 use crate::units::UnitApi;
+use crate::watchlist::WatchlistApi;
+use crate::zones::ZoneApi;
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -88,6 +96,14 @@ pub async fn serve(
         .set_serving::<DispatchServiceServer<DispatchApi>>()
         .await;
     health.set_serving::<UnitServiceServer<UnitApi>>().await;
+    health.set_serving::<SourceServiceServer<SourceApi>>().await;
+    health.set_serving::<ZoneServiceServer<ZoneApi>>().await;
+    health
+        .set_serving::<WatchlistServiceServer<WatchlistApi>>()
+        .await;
+    health
+        .set_serving::<DeadLetterServiceServer<DeadLetterApi>>()
+        .await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(occ_proto::v1::FILE_DESCRIPTOR_SET)
@@ -125,7 +141,22 @@ pub async fn serve(
         .add_service(
             UnitServiceServer::new(UnitApi::new(state.clone())).max_decoding_message_size(max),
         )
-        .add_service(RuleServiceServer::new(RuleApi::new(state)).max_decoding_message_size(max))
+        .add_service(
+            RuleServiceServer::new(RuleApi::new(state.clone())).max_decoding_message_size(max),
+        )
+        .add_service(
+            SourceServiceServer::new(SourceApi::new(state.clone())).max_decoding_message_size(max),
+        )
+        .add_service(
+            ZoneServiceServer::new(ZoneApi::new(state.clone())).max_decoding_message_size(max),
+        )
+        .add_service(
+            WatchlistServiceServer::new(WatchlistApi::new(state.clone()))
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            DeadLetterServiceServer::new(DeadLetterApi::new(state)).max_decoding_message_size(max),
+        )
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.cancelled_owned(),

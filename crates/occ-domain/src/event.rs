@@ -26,6 +26,10 @@ pub struct Limits {
     pub max_attributes: usize,
     /// Largest JSON encoding of all attributes together.
     pub max_attributes_bytes: usize,
+    /// Most zones one event may be in at once (a camera's object in overlapping zones).
+    pub max_zones: usize,
+    /// Most evidence references (snapshots, clips) one event may carry.
+    pub max_evidence: usize,
 }
 
 impl Default for Limits {
@@ -38,6 +42,8 @@ impl Default for Limits {
             max_measurements: 64,
             max_attributes: 64,
             max_attributes_bytes: 16 * 1024,
+            max_zones: 16,
+            max_evidence: 8,
         }
     }
 }
@@ -155,6 +161,18 @@ string_newtype!(
 impl Zone {
     pub fn parse(value: &str, max_len: usize) -> Result<Self, FieldError> {
         validation::text("zone", value, max_len)?;
+        Ok(Self(value.to_owned()))
+    }
+}
+
+string_newtype!(
+    /// A city district (`esil`, `almaty`): a zone belongs to one, and rules may match on it.
+    District
+);
+
+impl District {
+    pub fn parse(field: &str, value: &str) -> Result<Self, FieldError> {
+        validation::text(field, value, 128)?;
         Ok(Self(value.to_owned()))
     }
 }
@@ -302,6 +320,94 @@ impl IdempotencyKey {
     }
 }
 
+/// What a piece of evidence is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvidenceKind {
+    /// A still picture of the moment (a camera's best frame of the object).
+    Snapshot,
+    /// A video recording.
+    Clip,
+    /// A small picture for lists.
+    Thumbnail,
+}
+
+impl EvidenceKind {
+    pub const ALL: [EvidenceKind; 3] = [
+        EvidenceKind::Snapshot,
+        EvidenceKind::Clip,
+        EvidenceKind::Thumbnail,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvidenceKind::Snapshot => "snapshot",
+            EvidenceKind::Clip => "clip",
+            EvidenceKind::Thumbnail => "thumbnail",
+        }
+    }
+
+    pub fn parse(field: &str, value: &str) -> Result<Self, FieldError> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == value)
+            .ok_or_else(|| {
+                FieldError::new(
+                    field,
+                    format!("must be snapshot, clip or thumbnail; got {value:?}"),
+                )
+            })
+    }
+}
+
+/// A reference to evidence kept elsewhere (a recorder's snapshot or clip): OCC stores where to
+/// find it, not the media.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub kind: EvidenceKind,
+    /// The keeper and its id for the item: `frigate:<event id>`.
+    pub reference: String,
+    /// Where a console fetches it, when the keeper's address is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+impl Evidence {
+    pub const MAX_REFERENCE_LEN: usize = 256;
+    pub const MAX_URL_LEN: usize = 2048;
+
+    fn check(&self, field: &str) -> Result<(), FieldError> {
+        validation::text(
+            &format!("{field}.reference"),
+            &self.reference,
+            Self::MAX_REFERENCE_LEN,
+        )?;
+        if let Some(url) = &self.url {
+            validation::text(&format!("{field}.url"), url, Self::MAX_URL_LEN)?;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(FieldError::new(
+                    format!("{field}.url"),
+                    format!("must be an http:// or https:// URL, got {url:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where one message stands in the life of an *evolving* event: one that its producer
+/// reports several times as it develops (a camera's tracked object: new, updates, end), and
+/// that OCC stores once, keeping the latest state. A message whose revision is not newer than
+/// the stored one changes nothing (a redelivery, or an update overtaken by a later one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Revision {
+    /// The producer's time for this state (a frame's time).
+    pub at: DateTime<Utc>,
+    /// Breaks ties at the same time: a later phase of the event ranks higher (an object's
+    /// end after its last update).
+    pub rank: i16,
+}
+
 /// A position as received, before its range is checked.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LocationInput {
@@ -320,10 +426,16 @@ pub struct EventInput {
     pub occurred_at: Option<String>,
     pub location: Option<LocationInput>,
     pub zone: Option<String>,
+    /// Further zones the event is in at the same time (overlapping zones).
+    pub extra_zones: Vec<String>,
+    pub district: Option<String>,
     pub confidence: Option<f64>,
     pub source_kind: Option<String>,
     pub measurements: BTreeMap<String, f64>,
     pub attributes: serde_json::Map<String, serde_json::Value>,
+    pub evidence: Vec<Evidence>,
+    /// Set for a message about an evolving event (see [`Revision`]).
+    pub revision: Option<Revision>,
 }
 
 /// A validated event, ready to be stored and evaluated by rules.
@@ -339,10 +451,16 @@ pub struct Event {
     pub occurred_at: DateTime<Utc>,
     pub received_at: DateTime<Utc>,
     pub location: Option<GeoPoint>,
+    /// The zone it happened in (the first, when it is in several).
     pub zone: Option<Zone>,
+    /// Further zones it is in at the same time; rules match on any of them.
+    pub extra_zones: Vec<Zone>,
+    pub district: Option<District>,
     pub confidence: Option<Confidence>,
     pub measurements: BTreeMap<String, f64>,
     pub attributes: serde_json::Map<String, serde_json::Value>,
+    pub evidence: Vec<Evidence>,
+    pub revision: Option<Revision>,
 }
 
 impl Event {
@@ -390,6 +508,45 @@ impl Event {
         let zone = input
             .zone
             .and_then(|z| c.take(Zone::parse(&z, limits.max_zone_len)));
+        if input.extra_zones.len() + 1 > limits.max_zones {
+            c.push(
+                "zones",
+                format!(
+                    "at most {} zones, got {}",
+                    limits.max_zones,
+                    input.extra_zones.len() + 1
+                ),
+            );
+        }
+        let mut extra_zones: Vec<Zone> = Vec::with_capacity(input.extra_zones.len());
+        for (i, z) in input.extra_zones.iter().enumerate() {
+            let parsed = Zone::parse(z, limits.max_zone_len)
+                .map_err(|e| FieldError::new(format!("zones[{}]", i + 1), e.message));
+            if let Some(z) = c.take(parsed)
+                && zone.as_ref() != Some(&z)
+                && !extra_zones.contains(&z)
+            {
+                extra_zones.push(z);
+            }
+        }
+        let district = input
+            .district
+            .and_then(|d| c.take(District::parse("district", &d)));
+        if input.evidence.len() > limits.max_evidence {
+            c.push(
+                "evidence",
+                format!(
+                    "at most {} evidence references, got {}",
+                    limits.max_evidence,
+                    input.evidence.len()
+                ),
+            );
+        }
+        for (i, e) in input.evidence.iter().enumerate() {
+            if let Err(err) = e.check(&format!("evidence[{i}]")) {
+                c.take::<()>(Err(err));
+            }
+        }
         let confidence = input
             .confidence
             .and_then(|v| c.take(Confidence::new("confidence", v)));
@@ -465,10 +622,19 @@ impl Event {
             received_at,
             location,
             zone,
+            extra_zones,
+            district,
             confidence,
             measurements: input.measurements,
             attributes: input.attributes,
+            evidence: input.evidence,
+            revision: input.revision,
         })
+    }
+
+    /// Every zone the event is in, the first one first.
+    pub fn zones(&self) -> impl Iterator<Item = &Zone> {
+        self.zone.iter().chain(&self.extra_zones)
     }
 
     /// When the event is taken to have happened for correlation windows and first/last seen:
@@ -478,12 +644,13 @@ impl Event {
         self.occurred_at.min(self.received_at)
     }
 
-    /// Looks up a value named by a rule: `source_id`, `zone`, `type`, `severity`,
-    /// `measurement.<name>` or `attribute.<name>`.
+    /// Looks up a value named by a rule: `source_id`, `zone`, `district`, `type`, `severity`,
+    /// `source_kind`, `measurement.<name>` or `attribute.<name>`.
     pub fn field_text(&self, field: &str) -> Option<String> {
         match field {
             "source_id" => Some(self.source_id.to_string()),
             "zone" => self.zone.as_ref().map(ToString::to_string),
+            "district" => self.district.as_ref().map(ToString::to_string),
             "type" => Some(self.event_type.to_string()),
             "severity" => self.severity.map(|s| s.to_string()),
             "source_kind" => self.source_kind.as_ref().map(ToString::to_string),
@@ -543,7 +710,7 @@ mod tests {
             confidence: Some(0.97),
             source_kind: None,
             measurements: [("obscuration_pct_per_m".to_owned(), 4.1)].into(),
-            attributes: serde_json::Map::new(),
+            ..EventInput::default()
         }
     }
 

@@ -9,9 +9,13 @@ pub mod correlation;
 pub mod event;
 pub mod glob;
 pub mod incident;
+pub mod registry;
 pub mod rule;
+pub mod source;
 pub mod unit;
 pub mod validation;
+pub mod watchlist;
+pub mod zone;
 
 /// Checks a status machine against its table of allowed transitions: every (status, command)
 /// pair either reaches exactly the listed status or is refused with an error naming both.
@@ -44,16 +48,20 @@ pub(crate) fn check_transitions<S, C, E>(
 
 pub use correlation::{Candidate, CorrelationPlan, OpenIncident, Segment, plan_correlation};
 pub use event::{
-    Confidence, Event, EventId, EventInput, EventType, GeoPoint, IdempotencyKey, Limits,
-    LocationInput, Severity, SourceId, SourceKind, Zone,
+    Confidence, District, Event, EventId, EventInput, EventType, Evidence, EvidenceKind, GeoPoint,
+    IdempotencyKey, Limits, LocationInput, Revision, Severity, SourceId, SourceKind, Zone,
 };
 pub use incident::{
     ClaimInfo, Incident, IncidentCommand, IncidentId, IncidentNumber, IncidentStatus, Priority,
     TransitionError,
 };
+pub use registry::{Enriched, Registry, WatchHit};
 pub use rule::{
     Category, Comparison, CorrelationField, QueueName, Rule, RuleAction, RuleHit, RuleId,
     RuleInput, RuleMatch, RuleName, RuleSet, Threshold, ThresholdInput, TitleTemplate,
 };
+pub use source::{Mapping, Profile, Source, SourceConfig, SourceInput, SourceStatus};
 pub use unit::{UnitCommand, UnitId, UnitStatus, UnitTransitionError, distance_m};
 pub use validation::{FieldError, FieldErrors};
+pub use watchlist::{Plate, WatchEntry, WatchEntryInput, WatchList};
+pub use zone::{ZoneArea, ZoneInput, ZoneMap};

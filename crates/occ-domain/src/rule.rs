@@ -14,7 +14,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::event::{Confidence, Event, Severity, SourceKind, string_newtype};
+use crate::event::{Confidence, Event, Severity, SourceKind, Zone, string_newtype};
 use crate::glob::Glob;
 use crate::incident::Priority;
 use crate::validation::{self, Collector, FieldError, FieldErrors};
@@ -144,6 +144,7 @@ impl Threshold {
 pub enum CorrelationField {
     SourceId,
     Zone,
+    District,
     EventType,
     Attribute(String),
 }
@@ -153,6 +154,7 @@ impl CorrelationField {
         match value {
             "source_id" => Ok(Self::SourceId),
             "zone" => Ok(Self::Zone),
+            "district" => Ok(Self::District),
             "type" => Ok(Self::EventType),
             _ => match value.strip_prefix("attribute.") {
                 Some(name) if !name.is_empty() && name.len() <= 64 => {
@@ -160,7 +162,9 @@ impl CorrelationField {
                 }
                 _ => Err(FieldError::new(
                     field,
-                    format!("must be source_id, zone, type or attribute.<name>, got {value:?}"),
+                    format!(
+                        "must be source_id, zone, district, type or attribute.<name>, got {value:?}"
+                    ),
                 )),
             },
         }
@@ -171,6 +175,7 @@ impl CorrelationField {
         match self {
             Self::SourceId => "source_id".into(),
             Self::Zone => "zone".into(),
+            Self::District => "district".into(),
             Self::EventType => "type".into(),
             Self::Attribute(a) => format!("attribute.{a}"),
         }
@@ -178,8 +183,9 @@ impl CorrelationField {
 }
 
 /// The title of an incident, with `{placeholders}` filled from its first event: `{zone}`,
-/// `{source_id}`, `{type}`, `{severity}`, `{source_kind}`, `{measurement.<name>}`,
-/// `{attribute.<name>}`. A value the event does not carry renders as `unknown`.
+/// `{district}`, `{source_id}`, `{type}`, `{severity}`, `{source_kind}`,
+/// `{measurement.<name>}`, `{attribute.<name>}`. A value the event does not carry renders as
+/// `unknown`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TitleTemplate {
     source: String,
@@ -211,7 +217,7 @@ impl TitleTemplate {
             let name = &after[..close];
             let known = matches!(
                 name,
-                "zone" | "source_id" | "type" | "severity" | "source_kind"
+                "zone" | "district" | "source_id" | "type" | "severity" | "source_kind"
             ) || name
                 .strip_prefix("measurement.")
                 .or_else(|| name.strip_prefix("attribute."))
@@ -220,7 +226,7 @@ impl TitleTemplate {
                 return Err(FieldError::new(
                     FIELD,
                     format!(
-                        "unknown placeholder {{{name}}}; use zone, source_id, type, severity, source_kind, measurement.<name> or attribute.<name>"
+                        "unknown placeholder {{{name}}}; use zone, district, source_id, type, severity, source_kind, measurement.<name> or attribute.<name>"
                     ),
                 ));
             }
@@ -244,12 +250,17 @@ impl TitleTemplate {
     }
 
     pub fn render(&self, event: &Event) -> String {
+        self.render_in(event, event.zone.as_ref())
+    }
+
+    /// Renders with `{zone}` standing for `zone`: the one of the event's zones a rule matched.
+    pub fn render_in(&self, event: &Event, zone: Option<&Zone>) -> String {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 TitlePart::Text(t) => out.push_str(t),
                 TitlePart::Field(f) => {
-                    out.push_str(event.field_text(f).as_deref().unwrap_or("unknown"));
+                    out.push_str(field_in(event, zone, f).as_deref().unwrap_or("unknown"));
                 }
             }
         }
@@ -264,14 +275,26 @@ impl TitleTemplate {
     }
 }
 
+/// An event's value by rule name, with `zone` standing for the zone a rule matched.
+fn field_in(event: &Event, zone: Option<&Zone>, field: &str) -> Option<String> {
+    if field == "zone" {
+        zone.map(ToString::to_string)
+    } else {
+        event.field_text(field)
+    }
+}
+
 /// What a rule looks at. Empty lists and absent minimums place no condition.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RuleMatch {
     /// At least one must match the event type (never empty; `*` matches every type).
     pub event_types: Vec<Glob>,
     pub source_kinds: Vec<SourceKind>,
-    /// Zone patterns; when given, an event without a zone does not match.
+    /// Zone patterns; when given, an event matches when one of its zones does (and an event
+    /// without a zone does not).
     pub zones: Vec<Glob>,
+    /// District patterns; when given, an event without a district does not match.
+    pub districts: Vec<Glob>,
     /// An event that carries no confidence (a smoke detector, a panic button) is taken as
     /// certain.
     pub min_confidence: Option<Confidence>,
@@ -284,7 +307,24 @@ pub struct RuleMatch {
 
 impl RuleMatch {
     pub fn matches(&self, event: &Event) -> bool {
-        self.event_types
+        self.check(event).is_some()
+    }
+
+    /// `None` when the event does not match; otherwise the zone the incident is about: the
+    /// first of the event's zones that the zone patterns match (its first zone when the rule
+    /// names none).
+    pub fn check<'e>(&self, event: &'e Event) -> Option<Option<&'e Zone>> {
+        let zone = if self.zones.is_empty() {
+            event.zone.as_ref()
+        } else {
+            Some(
+                event
+                    .zones()
+                    .find(|z| self.zones.iter().any(|g| g.is_match(z.as_str())))?,
+            )
+        };
+        let rest = self
+            .event_types
             .iter()
             .any(|g| g.is_match(event.event_type.as_str()))
             && (self.source_kinds.is_empty()
@@ -292,11 +332,11 @@ impl RuleMatch {
                     .source_kind
                     .as_ref()
                     .is_some_and(|k| self.source_kinds.contains(k)))
-            && (self.zones.is_empty()
+            && (self.districts.is_empty()
                 || event
-                    .zone
+                    .district
                     .as_ref()
-                    .is_some_and(|z| self.zones.iter().any(|g| g.is_match(z.as_str()))))
+                    .is_some_and(|d| self.districts.iter().any(|g| g.is_match(d.as_str()))))
             && self
                 .min_confidence
                 .is_none_or(|min| event.confidence.is_none_or(|c| c >= min))
@@ -307,7 +347,8 @@ impl RuleMatch {
             && self
                 .attributes
                 .iter()
-                .all(|(k, v)| event.attributes.get(k) == Some(v))
+                .all(|(k, v)| event.attributes.get(k) == Some(v));
+        rest.then_some(zone)
     }
 }
 
@@ -347,7 +388,12 @@ impl RuleAction {
     /// rather than all together. A key longer than [`Self::MAX_KEY_LEN`] (an attribute holding
     /// a long text) becomes the category and a SHA-256 of the key.
     pub fn correlation_key(&self, event: &Event) -> String {
-        let key = self.readable_key(event);
+        self.correlation_key_in(event, event.zone.as_ref())
+    }
+
+    /// The correlation key with `zone` as the event's zone (the zone a rule matched).
+    pub fn correlation_key_in(&self, event: &Event, zone: Option<&Zone>) -> String {
+        let key = self.readable_key(event, zone);
         if key.len() <= Self::MAX_KEY_LEN {
             key
         } else {
@@ -360,12 +406,12 @@ impl RuleAction {
         }
     }
 
-    fn readable_key(&self, event: &Event) -> String {
+    fn readable_key(&self, event: &Event, zone: Option<&Zone>) -> String {
         let mut key = escape(self.category.as_str());
         let mut by_source = false;
         for field in &self.correlation_fields {
             let name = field.name();
-            match event.field_text(&name) {
+            match field_in(event, zone, &name) {
                 Some(value) => {
                     key.push('|');
                     key.push_str(&name);
@@ -417,6 +463,8 @@ pub struct RuleInput {
     pub event_types: Vec<String>,
     pub source_kinds: Vec<String>,
     pub zones: Vec<String>,
+    #[serde(default)]
+    pub districts: Vec<String>,
     pub min_confidence: Option<f64>,
     pub min_severity: Option<String>,
     pub thresholds: Vec<ThresholdInput>,
@@ -486,6 +534,11 @@ impl Rule {
             .collect();
         for (i, z) in input.zones.iter().enumerate() {
             if let Err(e) = validation::text(&format!("zones[{i}]"), z, 128) {
+                c.take::<()>(Err(e));
+            }
+        }
+        for (i, d) in input.districts.iter().enumerate() {
+            if let Err(e) = validation::text(&format!("districts[{i}]"), d, 128) {
                 c.take::<()>(Err(e));
             }
         }
@@ -576,6 +629,7 @@ impl Rule {
                 event_types: input.event_types.iter().map(|t| Glob::new(t)).collect(),
                 source_kinds,
                 zones: input.zones.iter().map(|z| Glob::new(z)).collect(),
+                districts: input.districts.iter().map(|d| Glob::new(d)).collect(),
                 min_confidence,
                 min_severity,
                 thresholds,
@@ -613,6 +667,12 @@ impl Rule {
                 .map(|k| k.to_string())
                 .collect(),
             zones: self.matcher.zones.iter().map(|g| g.to_string()).collect(),
+            districts: self
+                .matcher
+                .districts
+                .iter()
+                .map(|g| g.to_string())
+                .collect(),
             min_confidence: self.matcher.min_confidence.map(Confidence::value),
             min_severity: self.matcher.min_severity.map(|s| s.as_str().to_owned()),
             thresholds: self
@@ -643,16 +703,21 @@ impl Rule {
 
     /// What this rule makes of `event`, if it matches.
     pub fn evaluate(&self, event: &Event) -> Option<RuleHit> {
-        (self.enabled && self.matcher.matches(event)).then(|| RuleHit {
+        if !self.enabled {
+            return None;
+        }
+        let zone = self.matcher.check(event)?;
+        Some(RuleHit {
             rule_id: self.id,
             rule_name: self.name.clone(),
             category: self.action.category.clone(),
             queue: self.action.queue.clone(),
             priority: self.action.priority_for(event),
-            title: self.action.title.render(event),
-            correlation_key: self.action.correlation_key(event),
+            title: self.action.title.render_in(event, zone),
+            correlation_key: self.action.correlation_key_in(event, zone),
             correlation_window: self.action.correlation_window,
             claim_within: self.action.claim_within,
+            zone: zone.cloned(),
         })
     }
 }
@@ -670,6 +735,8 @@ pub struct RuleHit {
     pub correlation_window: TimeDelta,
     /// The rule's claim deadline; the priority's default when `None`.
     pub claim_within: Option<TimeDelta>,
+    /// The zone the incident is about (of the event's zones, the one the rule matched).
+    pub zone: Option<Zone>,
 }
 
 /// The rules in force, compiled for evaluation. Cheap to share behind an `Arc`.

@@ -10,25 +10,24 @@
 //! loss; redelivered messages are recognised by their events' idempotency keys.
 #![forbid(unsafe_code)]
 
-pub mod adapter;
 mod mqtt;
-pub mod native;
 mod pipeline;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use occ_adapters::Adapters;
 use occ_domain::Limits;
 use occ_store::PgPool;
+use occ_store::health::ActivityLog;
+use occ_store::registry::LiveRegistry;
 use occ_store::rules::LiveRules;
 use rumqttc::v5::AsyncClient;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use adapter::{Adapter, Adapters, Rejection};
 pub use mqtt::MqttConfig;
-pub use native::NativeAdapter;
 pub use pipeline::{BatchConfig, IngestStats};
 
 /// Whether ingest is taking messages.
@@ -58,13 +57,16 @@ pub struct Ingest {
 impl Ingest {
     /// Connects and starts ingesting until `shutdown` is cancelled. Then the batch in hand is
     /// committed and acked, and the connection closed with the session kept on the broker.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         mqtt: MqttConfig,
         batch: BatchConfig,
         limits: Limits,
-        adapters: Adapters,
+        adapters: Arc<Adapters>,
         pool: PgPool,
         rules: LiveRules,
+        registry: LiveRegistry,
+        activity: ActivityLog,
         shutdown: CancellationToken,
     ) -> Ingest {
         let window = usize::from(mqtt.receive_maximum).max(1);
@@ -72,8 +74,9 @@ impl Ingest {
         // final disconnect: this capacity means queuing one never waits.
         let (client, eventloop) = AsyncClient::new(mqtt::options(&mqtt), window + 16);
         let subscriptions: Vec<String> = adapters
+            .topic_filters()
             .iter()
-            .map(|a| mqtt::subscription(&mqtt.share_group, a.topic_filter()))
+            .map(|f| mqtt::subscription(&mqtt.share_group, f))
             .collect();
         let inbox = Arc::new(mqtt::Inbox::default());
         let stats = Arc::new(IngestStats::default());
@@ -90,6 +93,8 @@ impl Ingest {
             adapters,
             pool,
             rules,
+            registry,
+            activity,
             client: client.clone(),
             epoch: epoch.clone(),
             status: status_tx.clone(),

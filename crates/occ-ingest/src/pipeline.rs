@@ -10,19 +10,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use occ_domain::{Event, Limits};
+use occ_adapters::{Adapters, Message};
+use occ_domain::{Enriched, Limits};
 use occ_store::PgPool;
 use occ_store::StoreError;
 use occ_store::Transport;
 use occ_store::dead_letters::DeadLetter;
-use occ_store::ingest::{Batch, BatchOutcome, commit_batch};
+use occ_store::health::ActivityLog;
+use occ_store::ingest::{Batch, BatchOutcome, EventOutcome, commit_batch};
+use occ_store::registry::LiveRegistry;
 use occ_store::rules::LiveRules;
 use rumqttc::v5::AsyncClient;
+use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::IngestStatus;
-use crate::adapter::Adapters;
 use crate::mqtt::{Inbound, Inbox};
 
 /// How batches are formed and committed.
@@ -48,9 +51,11 @@ pub struct IngestStats {
 pub(crate) struct Batcher {
     pub config: BatchConfig,
     pub limits: Limits,
-    pub adapters: Adapters,
+    pub adapters: Arc<Adapters>,
     pub pool: PgPool,
     pub rules: LiveRules,
+    pub registry: LiveRegistry,
+    pub activity: ActivityLog,
     pub client: AsyncClient,
     pub epoch: Arc<AtomicU64>,
     pub status: watch::Sender<IngestStatus>,
@@ -59,8 +64,35 @@ pub(crate) struct Batcher {
 
 /// A batch decoded: the events to store and the messages that become dead letters.
 struct Decoded {
-    events: Vec<Event>,
+    events: Vec<Enriched>,
+    /// Per event: whether its message came at QoS 0 (the producer did not wait for the broker).
+    qos0: Vec<bool>,
     dead_letters: Vec<DeadLetter>,
+}
+
+impl Decoded {
+    fn letter(dead_letter: DeadLetter) -> Self {
+        Self {
+            events: Vec::new(),
+            qos0: Vec::new(),
+            dead_letters: vec![dead_letter],
+        }
+    }
+
+    /// Tells the activity log what the committed batch heard from its sources.
+    fn record(&self, outcome: &BatchOutcome, log: &ActivityLog) {
+        for qos0 in [false, true] {
+            log.record(
+                self.events
+                    .iter()
+                    .zip(&self.qos0)
+                    .zip(&outcome.events)
+                    .filter(|((_, q), o)| **q == qos0 && matches!(o, EventOutcome::Accepted { .. }))
+                    .map(|((e, _), _)| &e.event),
+                qos0,
+            );
+        }
+    }
 }
 
 impl Batcher {
@@ -96,15 +128,25 @@ impl Batcher {
     }
 
     fn decode(&self, batch: &[Inbound]) -> Decoded {
+        let registry = self.registry.current();
         let mut events = Vec::with_capacity(batch.len());
+        let mut qos0 = Vec::with_capacity(batch.len());
         let mut dead_letters = Vec::new();
         for m in batch {
             let topic = String::from_utf8_lossy(&m.publish.topic);
-            match self
-                .adapters
-                .decode(&topic, &m.publish.payload, m.received_at, &self.limits)
-            {
-                Ok(decoded) => events.extend(decoded),
+            let message = Message {
+                topic: &topic,
+                payload: &m.publish.payload,
+                received_at: m.received_at,
+            };
+            match self.adapters.decode(&message, &self.limits) {
+                Ok(decoded) => {
+                    let at_most_once = m.publish.qos == QoS::AtMostOnce;
+                    for e in decoded {
+                        events.push(registry.enrich(e));
+                        qos0.push(at_most_once);
+                    }
+                }
                 Err(rejection) => {
                     tracing::debug!(%topic, reason = %rejection, "dead letter");
                     dead_letters.push(self.dead_letter(m, rejection.0));
@@ -113,6 +155,7 @@ impl Batcher {
         }
         Decoded {
             events,
+            qos0,
             dead_letters,
         }
     }
@@ -149,6 +192,7 @@ impl Batcher {
             None => return false,
         };
         self.ack(batch).await;
+        decoded.record(&outcome, &self.activity);
         tracing::debug!(
             messages = batch.len(),
             accepted = outcome.accepted(),
@@ -169,15 +213,15 @@ impl Batcher {
         let single = std::slice::from_ref(m);
         let decoded = self.decode(single);
         let refused = match self.commit(&decoded, shutdown).await {
-            Some(Ok(_)) => None,
+            Some(Ok(outcome)) => {
+                decoded.record(&outcome, &self.activity);
+                None
+            }
             Some(Err(e)) => Some(e),
             None => return false,
         };
         if let Some(e) = refused {
-            let letter = Decoded {
-                events: Vec::new(),
-                dead_letters: vec![self.dead_letter(m, format!("could not be stored: {e}"))],
-            };
+            let letter = Decoded::letter(self.dead_letter(m, format!("could not be stored: {e}")));
             // A dead letter is bytes and text; if even that cannot be stored, something is
             // wrong with the database, not the message: pause (unhealthy) and retry rather
             // than leave the message unacknowledged, which would hold a slot of the broker's
@@ -217,11 +261,7 @@ impl Batcher {
             let rules = self.rules.current();
             let attempt = commit_batch(
                 &self.pool,
-                Batch {
-                    events: &decoded.events,
-                    transport: Transport::Mqtt,
-                    dead_letters: &decoded.dead_letters,
-                },
+                Batch::new(&decoded.events, Transport::Mqtt, &decoded.dead_letters),
                 &rules,
             );
             // Abandoning an attempt is safe: whether or not it committed, the retry is

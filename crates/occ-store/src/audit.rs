@@ -13,6 +13,15 @@ pub enum Entity {
     Rule(Uuid),
     Unit(Uuid),
     Queue(Uuid),
+    /// A registered source, by [`named_id`] of its id.
+    Source(Uuid),
+    /// A source profile, by [`named_id`] of its name.
+    Profile(Uuid),
+    /// A zone, by [`named_id`] of its name.
+    Zone(Uuid),
+    /// A watch-list entry.
+    Watchlist(Uuid),
+    DeadLetter(Uuid),
 }
 
 impl Entity {
@@ -22,8 +31,20 @@ impl Entity {
             Entity::Rule(id) => ("rule", id),
             Entity::Unit(id) => ("unit", id),
             Entity::Queue(id) => ("queue", id),
+            Entity::Source(id) => ("source", id),
+            Entity::Profile(id) => ("profile", id),
+            Entity::Zone(id) => ("zone", id),
+            Entity::Watchlist(id) => ("watchlist", id),
+            Entity::DeadLetter(id) => ("dead_letter", id),
         }
     }
+}
+
+/// The stable id audit entries give a thing known by name (a source, a zone): a UUID v5 of
+/// its kind and name, so all entries about it share one id.
+pub fn named_id(kind: &str, name: &str) -> Uuid {
+    const OCC: Uuid = Uuid::from_u128(0x6f63_635f_7265_6769_7374_7279_0000_0001);
+    Uuid::new_v5(&OCC, format!("{kind}:{name}").as_bytes())
 }
 
 /// One change: who did what, when, with the state before and after.

@@ -106,20 +106,242 @@ pub struct StoredDeadLetter {
     pub payload: Vec<u8>,
     pub payload_size: i32,
     pub reason: String,
+    pub replays: i32,
+    pub last_replay_at: Option<DateTime<Utc>>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    pub resolved_by: Option<String>,
+    pub resolved_events: Option<i32>,
 }
 
-/// The newest dead letters first.
-pub async fn recent(conn: &mut PgConnection, limit: i64) -> Result<Vec<StoredDeadLetter>> {
+impl StoredDeadLetter {
+    /// Whether the whole payload was kept (an oversize one is cut to the limit).
+    pub fn complete(&self) -> bool {
+        usize::try_from(self.payload_size).is_ok_and(|n| n == self.payload.len())
+    }
+}
+
+/// Which dead letters to list.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterFilter {
+    /// Only those not resolved by a replay.
+    pub unresolved: bool,
+    /// Only those whose topic starts with this (`frigate/`, `application/`).
+    pub topic_prefix: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// The newest dead letters first, after `after` (received at, id).
+pub async fn list(
+    conn: &mut PgConnection,
+    filter: &DeadLetterFilter,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<StoredDeadLetter>> {
     Ok(sqlx::query_as!(
         StoredDeadLetter,
         r#"
-        SELECT id, received_at, transport, topic, payload, payload_size, reason
+        SELECT id, received_at, transport, topic, payload, payload_size, reason, replays,
+               last_replay_at, resolved_at, resolved_by, resolved_events
           FROM dead_letters
+         WHERE (NOT $1 OR resolved_at IS NULL)
+           AND ($2::text IS NULL OR starts_with(topic, $2))
+           AND ($3::timestamptz IS NULL OR received_at >= $3)
+           AND ($4::timestamptz IS NULL OR received_at < $4)
+           AND ($5::timestamptz IS NULL OR (received_at, id) < ($5, $6::uuid))
          ORDER BY received_at DESC, id DESC
-         LIMIT $1
+         LIMIT $7
         "#,
+        filter.unresolved,
+        filter.topic_prefix,
+        filter.since,
+        filter.until,
+        after.map(|a| a.0),
+        after.map(|a| a.1),
         limit
     )
     .fetch_all(conn)
     .await?)
+}
+
+/// The newest dead letters first.
+pub async fn recent(conn: &mut PgConnection, limit: i64) -> Result<Vec<StoredDeadLetter>> {
+    list(conn, &DeadLetterFilter::default(), None, limit).await
+}
+
+/// Dead letters by id (missing ones left out).
+pub async fn get_many(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<StoredDeadLetter>> {
+    Ok(sqlx::query_as!(
+        StoredDeadLetter,
+        r#"
+        SELECT id, received_at, transport, topic, payload, payload_size, reason, replays,
+               last_replay_at, resolved_at, resolved_by, resolved_events
+          FROM dead_letters
+         WHERE id = ANY($1)
+         ORDER BY received_at, id
+        "#,
+        ids
+    )
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Marks a dead letter resolved by a replay that stored `events` events (in the replay's
+/// transaction), with an audit entry.
+pub(crate) async fn resolve(
+    conn: &mut PgConnection,
+    id: Uuid,
+    actor: &str,
+    events: usize,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let events = i32::try_from(events).unwrap_or(i32::MAX);
+    let resolved = sqlx::query!(
+        r#"
+        UPDATE dead_letters
+           SET resolved_at = $2, resolved_by = $3, resolved_events = $4,
+               replays = replays + 1, last_replay_at = $2
+         WHERE id = $1 AND resolved_at IS NULL
+        "#,
+        id,
+        now,
+        actor,
+        events
+    )
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if resolved == 0 {
+        // Another replay resolved it first; its events were recognised as duplicates.
+        return Ok(());
+    }
+    crate::audit::append(
+        conn,
+        &[crate::audit::AuditEntry {
+            entity: crate::audit::Entity::DeadLetter(id),
+            at: now,
+            actor: actor.to_owned(),
+            action: "dead_letter.replayed".into(),
+            before: None,
+            after: Some(serde_json::json!({ "events": events })),
+            detail: format!("decoded again: {events} events stored"),
+        }],
+    )
+    .await
+}
+
+/// Records a replay that still fails, with the reason it gives now.
+pub async fn record_failed_replay(conn: &mut PgConnection, id: Uuid, reason: &str) -> Result<()> {
+    let now = crate::dispatch::now(conn).await?;
+    sqlx::query!(
+        r#"
+        UPDATE dead_letters
+           SET replays = replays + 1, last_replay_at = $2, reason = $3
+         WHERE id = $1 AND resolved_at IS NULL
+        "#,
+        id,
+        now,
+        reason
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The oldest unresolved dead letters (of one topic prefix), for a replay.
+pub async fn oldest_unresolved(
+    conn: &mut PgConnection,
+    topic_prefix: Option<&str>,
+    limit: i64,
+) -> Result<Vec<StoredDeadLetter>> {
+    Ok(sqlx::query_as!(
+        StoredDeadLetter,
+        r#"
+        SELECT id, received_at, transport, topic, payload, payload_size, reason, replays,
+               last_replay_at, resolved_at, resolved_by, resolved_events
+          FROM dead_letters
+         WHERE resolved_at IS NULL AND ($1::text IS NULL OR starts_with(topic, $1))
+         ORDER BY received_at, id
+         LIMIT $2
+        "#,
+        topic_prefix,
+        limit
+    )
+    .fetch_all(conn)
+    .await?)
+}
+
+/// What a replay did with one dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayOutcome {
+    /// It decodes now: this many events stored (0 when it carries nothing that matters).
+    Resolved {
+        events: usize,
+    },
+    AlreadyResolved,
+    /// It still fails, for this reason (now recorded as its reason).
+    StillFailing(String),
+    /// It cannot be decoded again, for this reason.
+    NotReplayable(String),
+}
+
+/// Decodes dead letters again with `decode` (the adapters and registry in force) and stores
+/// what now decodes, each in one transaction with its resolution, in the order given.
+pub async fn replay<D>(
+    pool: &sqlx::PgPool,
+    letters: &[StoredDeadLetter],
+    decode: D,
+    rules: &occ_domain::RuleSet,
+    actor: &str,
+) -> Result<Vec<(Uuid, ReplayOutcome)>>
+where
+    D: Fn(&StoredDeadLetter) -> std::result::Result<Vec<occ_domain::Enriched>, String>,
+{
+    let mut out = Vec::with_capacity(letters.len());
+    for letter in letters {
+        let outcome = if letter.resolved_at.is_some() {
+            ReplayOutcome::AlreadyResolved
+        } else if letter.transport != Transport::Mqtt.as_str() {
+            ReplayOutcome::NotReplayable(
+                "a gRPC call: its caller was answered INVALID_ARGUMENT and sends it again".into(),
+            )
+        } else if !letter.complete() {
+            ReplayOutcome::NotReplayable(format!(
+                "only the first {} of its {} bytes were kept",
+                letter.payload.len(),
+                letter.payload_size
+            ))
+        } else {
+            match decode(letter) {
+                Err(reason) => {
+                    let mut conn = pool.acquire().await?;
+                    record_failed_replay(&mut conn, letter.id, &reason).await?;
+                    ReplayOutcome::StillFailing(reason)
+                }
+                Ok(events) => {
+                    let batch = crate::ingest::Batch {
+                        replay_of: Some(crate::ingest::Replay {
+                            dead_letter: letter.id,
+                            actor,
+                        }),
+                        ..crate::ingest::Batch::new(&events, Transport::Mqtt, &[])
+                    };
+                    match crate::ingest::commit_batch(pool, batch, rules).await {
+                        Ok(o) => ReplayOutcome::Resolved {
+                            events: o.accepted(),
+                        },
+                        Err(e) if e.is_data_error() => {
+                            let reason = format!("could not be stored: {e}");
+                            let mut conn = pool.acquire().await?;
+                            record_failed_replay(&mut conn, letter.id, &reason).await?;
+                            ReplayOutcome::StillFailing(reason)
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        };
+        out.push((letter.id, outcome));
+    }
+    Ok(out)
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use occ_domain::{Event, EventId};
+use occ_domain::{Event, EventId, Revision};
 use sqlx::PgConnection;
 
 use crate::error::Result;
@@ -13,6 +13,8 @@ use crate::error::Result;
 pub enum Transport {
     Mqtt,
     Grpc,
+    /// Events OCC makes itself (a source gone silent).
+    System,
 }
 
 impl Transport {
@@ -20,25 +22,38 @@ impl Transport {
         match self {
             Transport::Mqtt => "mqtt",
             Transport::Grpc => "grpc",
+            Transport::System => "system",
         }
     }
 }
 
-/// Inserts `events` in one statement; an event whose (source, idempotency key) is already
-/// stored is skipped. Returns the ids that were inserted.
+/// An event a batch stored: inserted, or an evolving event brought to a newer revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// The stored event's id (for a revision, the id it was first stored under).
+    pub id: EventId,
+    /// True when the row existed and took this newer revision.
+    pub revised: bool,
+}
+
+/// Inserts `events` in one statement, returning what was stored by (source, idempotency key).
+/// An event whose key is already stored is skipped (a redelivery), unless it is an evolving
+/// event with a newer revision: then the row takes its state. With each event, how many
+/// revisions it stands for (the batch's fresh ones of that event). `events` must not repeat a
+/// key.
 ///
 /// Rows are inserted in key order, so two transactions inserting overlapping redeliveries take
 /// their row locks in the same order and cannot deadlock.
 pub async fn insert(
     conn: &mut PgConnection,
-    events: &[&Event],
+    events: &[(&Event, i32)],
     transport: Transport,
-) -> Result<Vec<EventId>> {
+) -> Result<HashMap<(String, String), Stored>> {
     if events.is_empty() {
-        return Ok(Vec::new());
+        return Ok(HashMap::new());
     }
-    let mut sorted: Vec<&Event> = events.to_vec();
-    sorted.sort_by(|a, b| {
+    let mut sorted: Vec<(&Event, i32)> = events.to_vec();
+    sorted.sort_by(|(a, _), (b, _)| {
         (a.source_id.as_str(), a.idempotency_key.as_str())
             .cmp(&(b.source_id.as_str(), b.idempotency_key.as_str()))
     });
@@ -56,10 +71,17 @@ pub async fn insert(
     let mut lats = Vec::with_capacity(n);
     let mut lons = Vec::with_capacity(n);
     let mut zones = Vec::with_capacity(n);
+    let mut extra_zones = Vec::with_capacity(n);
+    let mut districts = Vec::with_capacity(n);
     let mut confidences = Vec::with_capacity(n);
     let mut measurements = Vec::with_capacity(n);
     let mut attributes = Vec::with_capacity(n);
-    for e in sorted {
+    let mut evidence = Vec::with_capacity(n);
+    let mut revision_at = Vec::with_capacity(n);
+    let mut revision_rank = Vec::with_capacity(n);
+    let mut counts = Vec::with_capacity(n);
+    for (e, count) in sorted {
+        counts.push(count);
         ids.push(e.id.0);
         sources.push(e.source_id.as_str());
         keys.push(e.idempotency_key.as_str());
@@ -72,22 +94,60 @@ pub async fn insert(
         lats.push(e.location.map(|l| l.lat()));
         lons.push(e.location.map(|l| l.lon()));
         zones.push(e.zone.as_ref().map(|z| z.as_str()));
+        // One array per row cannot travel through UNNEST; a JSON array can.
+        extra_zones.push(serde_json::to_value(&e.extra_zones).unwrap_or_default());
+        districts.push(e.district.as_ref().map(|d| d.as_str()));
         confidences.push(e.confidence.map(|c| c.value()));
         measurements.push(serde_json::to_value(&e.measurements).unwrap_or_default());
         attributes.push(serde_json::Value::Object(e.attributes.clone()));
+        evidence.push(serde_json::to_value(&e.evidence).unwrap_or_default());
+        revision_at.push(e.revision.map(|r| r.at));
+        revision_rank.push(e.revision.map(|r| r.rank));
     }
 
-    let inserted = sqlx::query_scalar!(
+    let rows = sqlx::query!(
         r#"
         INSERT INTO events (id, source_id, idempotency_key, external_id, event_type, severity,
-                            source_kind, occurred_at, received_at, lat, lon, zone, confidence,
-                            measurements, attributes, transport)
-        SELECT u.*, $16
+                            source_kind, occurred_at, received_at, lat, lon, zone, extra_zones,
+                            district, confidence, measurements, attributes, evidence,
+                            revision_at, revision_rank, revisions, revised_at, transport)
+        SELECT u.id, u.source_id, u.idempotency_key, u.external_id, u.event_type, u.severity,
+               u.source_kind, u.occurred_at, u.received_at, u.lat, u.lon, u.zone,
+               ARRAY(SELECT jsonb_array_elements_text(u.extra_zones)), u.district,
+               u.confidence, u.measurements, u.attributes, u.evidence, u.revision_at,
+               u.revision_rank, u.revisions,
+               CASE WHEN u.revisions > 1 THEN u.received_at END, $21
           FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                       $7::text[], $8::timestamptz[], $9::timestamptz[], $10::float8[],
-                      $11::float8[], $12::text[], $13::float8[], $14::jsonb[], $15::jsonb[]) AS u
-        ON CONFLICT (source_id, idempotency_key) DO NOTHING
-        RETURNING id
+                      $11::float8[], $12::text[], $13::jsonb[], $14::text[], $15::float8[],
+                      $16::jsonb[], $17::jsonb[], $18::jsonb[], $19::timestamptz[],
+                      $20::int2[], $22::int4[])
+               AS u(id, source_id, idempotency_key, external_id, event_type, severity,
+                    source_kind, occurred_at, received_at, lat, lon, zone, extra_zones,
+                    district, confidence, measurements, attributes, evidence, revision_at,
+                    revision_rank, revisions)
+        ON CONFLICT (source_id, idempotency_key) DO UPDATE
+           SET event_type = EXCLUDED.event_type,
+               severity = EXCLUDED.severity,
+               source_kind = EXCLUDED.source_kind,
+               occurred_at = EXCLUDED.occurred_at,
+               lat = EXCLUDED.lat,
+               lon = EXCLUDED.lon,
+               zone = EXCLUDED.zone,
+               extra_zones = EXCLUDED.extra_zones,
+               district = EXCLUDED.district,
+               confidence = EXCLUDED.confidence,
+               measurements = EXCLUDED.measurements,
+               attributes = EXCLUDED.attributes,
+               evidence = EXCLUDED.evidence,
+               revision_at = EXCLUDED.revision_at,
+               revision_rank = EXCLUDED.revision_rank,
+               revisions = events.revisions + EXCLUDED.revisions,
+               revised_at = EXCLUDED.received_at
+         -- Only a newer revision of an evolving event; NULL (not evolving) never is.
+         WHERE (events.revision_at, events.revision_rank)
+               < (EXCLUDED.revision_at, EXCLUDED.revision_rank)
+        RETURNING id, source_id, idempotency_key, (xmax <> 0) AS "revised!"
         "#,
         &ids,
         &sources as &[&str],
@@ -101,14 +161,72 @@ pub async fn insert(
         &lats as &[Option<f64>],
         &lons as &[Option<f64>],
         &zones as &[Option<&str>],
+        &extra_zones,
+        &districts as &[Option<&str>],
         &confidences as &[Option<f64>],
         &measurements,
         &attributes,
+        &evidence,
+        &revision_at as &[Option<chrono::DateTime<Utc>>],
+        &revision_rank as &[Option<i16>],
         transport.as_str(),
+        &counts,
     )
     .fetch_all(&mut *conn)
     .await?;
-    Ok(inserted.into_iter().map(EventId).collect())
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                (r.source_id, r.idempotency_key),
+                Stored {
+                    id: EventId(r.id),
+                    revised: r.revised,
+                },
+            )
+        })
+        .collect())
+}
+
+/// The stored id and revision of evolving events already stored, by (source, key).
+pub async fn revisions<'a>(
+    conn: &mut PgConnection,
+    keys: impl Iterator<Item = &'a (String, String)>,
+) -> Result<HashMap<(String, String), (EventId, Revision)>> {
+    let (sources, keys): (Vec<&str>, Vec<&str>) =
+        keys.map(|(s, k)| (s.as_str(), k.as_str())).unzip();
+    if sources.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query!(
+        r#"
+        SELECT e.id, e.source_id, e.idempotency_key, e.revision_at AS "revision_at!",
+               e.revision_rank AS "revision_rank!"
+          FROM events e
+          JOIN UNNEST($1::text[], $2::text[]) AS k(source_id, idempotency_key)
+            ON e.source_id = k.source_id AND e.idempotency_key = k.idempotency_key
+         WHERE e.revision_at IS NOT NULL
+        "#,
+        &sources as &[&str],
+        &keys as &[&str],
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                (r.source_id, r.idempotency_key),
+                (
+                    EventId(r.id),
+                    Revision {
+                        at: r.revision_at,
+                        rank: r.revision_rank,
+                    },
+                ),
+            )
+        })
+        .collect())
 }
 
 /// The stored ids of events already known by (source, idempotency key).
@@ -153,9 +271,17 @@ pub struct StoredEvent {
     pub lat: Option<f64>,
     pub lon: Option<f64>,
     pub zone: Option<String>,
+    pub extra_zones: Vec<String>,
+    pub district: Option<String>,
     pub confidence: Option<f64>,
     pub measurements: serde_json::Value,
     pub attributes: serde_json::Value,
+    /// References to snapshots and clips kept by the producer.
+    pub evidence: Vec<occ_domain::Evidence>,
+    /// How many messages made it (an evolving event's revisions).
+    pub revisions: i32,
+    /// When its latest revision arrived, if it has more than one.
+    pub revised_at: Option<DateTime<Utc>>,
 }
 
 /// How many events are stored for a source (operations and tests).

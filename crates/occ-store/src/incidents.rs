@@ -302,6 +302,32 @@ pub async fn retire(conn: &mut PgConnection, id: IncidentId, now: DateTime<Utc>)
     Ok(())
 }
 
+/// The correlation keys of the incidents each of these events is linked to.
+pub async fn linked_keys(
+    conn: &mut PgConnection,
+    events: &[occ_domain::EventId],
+) -> Result<std::collections::HashSet<(occ_domain::EventId, String)>> {
+    if events.is_empty() {
+        return Ok(std::collections::HashSet::new());
+    }
+    let ids: Vec<Uuid> = events.iter().map(|e| e.0).collect();
+    let rows = sqlx::query!(
+        r#"
+        SELECT ie.event_id, i.correlation_key
+          FROM incident_events ie
+          JOIN incidents i ON i.id = ie.incident_id
+         WHERE ie.event_id = ANY($1)
+        "#,
+        &ids
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (occ_domain::EventId(r.event_id), r.correlation_key))
+        .collect())
+}
+
 /// Links events to incidents: (incident, event, rule).
 pub async fn link_events(
     conn: &mut PgConnection,

@@ -1,12 +1,13 @@
 //! Committing a batch of ingested events: events, dead letters, the incidents they open or join
 //! and the audit entries, all in one transaction.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::Utc;
 use occ_domain::{
-    Candidate, Event, EventId, IncidentId, IncidentNumber, RuleHit, RuleSet, plan_correlation,
+    Candidate, Enriched, Event, EventId, IncidentId, IncidentNumber, RuleHit, RuleSet,
+    plan_correlation,
 };
 use serde_json::json;
 use sqlx::{PgConnection, PgPool};
@@ -17,6 +18,8 @@ use crate::dead_letters::{self, DeadLetter};
 use crate::error::{Result, StoreError};
 use crate::events::{self, Transport};
 use crate::incidents::{self, NewIncident};
+use crate::sources;
+use crate::watchlist;
 
 /// The actor named in audit entries for changes the rules make.
 pub const RULES_ACTOR: &str = "system:rules";
@@ -27,9 +30,35 @@ const MAX_RETRIES: u32 = 8;
 /// What a batch holds.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
-    pub events: &'a [Event],
+    /// Events with what the registry decided about them.
+    pub events: &'a [Enriched],
     pub transport: Transport,
     pub dead_letters: &'a [DeadLetter],
+    /// Set when the batch is a dead letter decoded again: it is marked resolved in the same
+    /// transaction.
+    pub replay_of: Option<Replay<'a>>,
+}
+
+impl<'a> Batch<'a> {
+    pub fn new(
+        events: &'a [Enriched],
+        transport: Transport,
+        dead_letters: &'a [DeadLetter],
+    ) -> Self {
+        Self {
+            events,
+            transport,
+            dead_letters,
+            replay_of: None,
+        }
+    }
+}
+
+/// A dead letter being replayed, and who asked.
+#[derive(Debug, Clone, Copy)]
+pub struct Replay<'a> {
+    pub dead_letter: uuid::Uuid,
+    pub actor: &'a str,
 }
 
 /// An incident an event opened or joined.
@@ -47,8 +76,11 @@ pub enum EventOutcome {
     Accepted {
         event_id: EventId,
         incidents: Vec<IncidentLink>,
+        /// An evolving event already stored, brought to this newer revision.
+        revised: bool,
     },
-    /// Already stored (a redelivery): nothing changed. `existing` is the stored event's id.
+    /// Nothing changed: already stored (a redelivery), overtaken by a newer revision, or a
+    /// status its source already has. `existing` is the stored event's id, when there is one.
     Duplicate { existing: Option<EventId> },
 }
 
@@ -115,36 +147,126 @@ pub async fn commit_batch(
     }
 }
 
-async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Result<BatchOutcome> {
+/// Applies a batch inside the caller's transaction.
+pub(crate) async fn apply(
+    conn: &mut PgConnection,
+    batch: Batch<'_>,
+    rules: &RuleSet,
+) -> Result<BatchOutcome> {
     // The database's clock, like every other change to incidents.
     let now = crate::dispatch::now(conn).await?;
-    let all: Vec<&Event> = batch.events.iter().collect();
+    let all: Vec<&Event> = batch.events.iter().map(|e| &e.event).collect();
+    let key_of = |e: &Event| {
+        (
+            e.source_id.to_string(),
+            e.idempotency_key.as_str().to_owned(),
+        )
+    };
 
     dead_letters::insert(conn, batch.dead_letters).await?;
-    let inserted: HashSet<EventId> = events::insert(conn, &all, batch.transport)
-        .await?
-        .into_iter()
+
+    // Which messages are news. A plain event: the first of its key in the batch (the store
+    // skips it when the key is already stored: a redelivery). An evolving event: each revision
+    // newer than the stored one, so that rules see every state (an object that entered a
+    // restricted zone and left it within one batch still counts), while its row keeps the
+    // newest.
+    let mut plain: HashMap<(String, String), usize> = HashMap::with_capacity(all.len());
+    let mut evolving: HashMap<(String, String), Vec<usize>> = HashMap::new();
+    for (i, e) in all.iter().enumerate() {
+        if e.revision.is_some() {
+            evolving.entry(key_of(e)).or_default().push(i);
+        } else {
+            plain.entry(key_of(e)).or_insert(i);
+        }
+    }
+    let before = events::revisions(conn, evolving.keys()).await?;
+    let mut fresh: HashMap<usize, bool> = HashMap::new();
+    let mut newest: Vec<(usize, i32)> = Vec::with_capacity(evolving.len());
+    for (key, mut idx) in evolving {
+        idx.sort_by_key(|&i| (all[i].revision, i));
+        // The same revision twice in one batch is a redelivery.
+        idx.dedup_by_key(|i| all[*i].revision);
+        let floor = before.get(&key).map(|(_, r)| *r);
+        idx.retain(|&i| floor.is_none_or(|f| all[i].revision.is_some_and(|r| r > f)));
+        for (n, &i) in idx.iter().enumerate() {
+            // Revised: the row existed before this message.
+            fresh.insert(i, floor.is_some() || n > 0);
+        }
+        if let Some(&last) = idx.last() {
+            newest.push((last, i32::try_from(idx.len()).unwrap_or(i32::MAX)));
+        }
+    }
+    // A status report changes its source's status or nothing at all.
+    let reports: Vec<(usize, sources::StatusReport)> = plain
+        .values()
+        .filter_map(|&i| sources::StatusReport::of(all[i]).map(|r| (i, r)))
         .collect();
-    let duplicates: Vec<&Event> = all
+    let refused = sources::apply_status_reports(conn, &reports).await?;
+    let mut to_insert: Vec<(usize, i32)> = plain
+        .values()
+        .filter(|i| !refused.contains(i))
+        .map(|&i| (i, 1))
+        .chain(newest)
+        .collect();
+    to_insert.sort_unstable();
+    let insert: Vec<(&Event, i32)> = to_insert.iter().map(|&(i, n)| (all[i], n)).collect();
+    let stored = events::insert(conn, &insert, batch.transport).await?;
+    // Every key's stored id: just inserted, stored before, or (for duplicates, and for an
+    // evolving event another instance stored a newer revision of meanwhile) looked up.
+    let unknown: Vec<&Event> = all
         .iter()
-        .copied()
-        .filter(|e| !inserted.contains(&e.id))
+        .map(|e| (e, key_of(e)))
+        .filter(|(_, k)| !stored.contains_key(k) && !before.contains_key(k))
+        .map(|(e, _)| *e)
         .collect();
-    let existing = events::existing_ids(conn, &duplicates).await?;
+    let existing = events::existing_ids(conn, &unknown).await?;
+    let id_of = |key: &(String, String)| {
+        stored
+            .get(key)
+            .map(|s| s.id)
+            .or_else(|| before.get(key).map(|b| b.0))
+            .or_else(|| existing.get(key).copied())
+    };
+    // What each event of the batch became: the stored row it made or revised, if any.
+    let made: Vec<Option<events::Stored>> = all
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let key = key_of(e);
+            match fresh.get(&i) {
+                Some(&revised) => id_of(&key).map(|id| events::Stored { id, revised }),
+                None => (plain.get(&key) == Some(&i))
+                    .then(|| stored.get(&key).copied())
+                    .flatten(),
+            }
+        })
+        .collect();
+
+    // An evolving event stored before already belongs to incidents: a later state that
+    // matches the same rule and key neither counts again nor reopens a closed one; nor does a
+    // second state of it in this batch.
+    let known: Vec<EventId> = before.values().map(|b| b.0).collect();
+    let mut linked = incidents::linked_keys(conn, &known).await?;
 
     // Rule hits grouped by correlation key; keys in sorted order, so every transaction locks
     // incidents in the same order.
     let mut by_key: BTreeMap<String, Vec<(usize, RuleHit)>> = BTreeMap::new();
     for (i, e) in all.iter().enumerate() {
-        if inserted.contains(&e.id) {
-            for hit in rules.evaluate(e) {
-                by_key
-                    .entry(hit.correlation_key.clone())
-                    .or_default()
-                    .push((i, hit));
+        let Some(row) = made[i] else { continue };
+        if !batch.events[i].evaluate_rules {
+            continue;
+        }
+        for hit in rules.evaluate(e) {
+            if !linked.insert((row.id, hit.correlation_key.clone())) {
+                continue;
             }
+            by_key
+                .entry(hit.correlation_key.clone())
+                .or_default()
+                .push((i, hit));
         }
     }
+    let event_id = |i: usize| made[i].map_or(all[i].id, |s| s.id);
 
     let mut per_event: Vec<Vec<IncidentLink>> = vec![Vec::new(); all.len()];
     let mut links = Vec::new();
@@ -203,7 +325,10 @@ async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Re
                             after: Some(json!({ "priority": seg.priority.as_str() })),
                             detail: format!(
                                 "event {} ({} from {}) raised the priority under rule {}",
-                                all[*ei].id, all[*ei].event_type, all[*ei].source_id, hit.rule_name
+                                event_id(*ei),
+                                all[*ei].event_type,
+                                all[*ei].source_id,
+                                hit.rule_name
                             ),
                         });
                     }
@@ -222,7 +347,7 @@ async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Re
                         priority: seg.priority,
                         title: &hit.title,
                         location: first.location,
-                        zone: first.zone.as_ref().map(|z| z.as_str()),
+                        zone: hit.zone.as_ref().map(|z| z.as_str()),
                         correlation_key: key,
                         correlating: seg.keeps_correlating,
                         rule_id: hit.rule_id,
@@ -263,7 +388,10 @@ async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Re
                         })),
                         detail: format!(
                             "rule {} matched event {} ({} from {})",
-                            hit.rule_name, first.id, first.event_type, first.source_id
+                            hit.rule_name,
+                            event_id(*ei),
+                            first.event_type,
+                            first.source_id
                         ),
                     });
                     if !seg.keeps_correlating {
@@ -274,7 +402,7 @@ async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Re
             };
             for (n, &ci) in seg.events.iter().enumerate() {
                 let (ei, hit) = &hits[ci];
-                links.push((id, all[*ei].id, hit.rule_id));
+                links.push((id, event_id(*ei), hit.rule_id));
                 per_event[*ei].push(IncidentLink {
                     id,
                     number: number.clone(),
@@ -285,6 +413,27 @@ async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Re
     }
     incidents::link_events(conn, &links, now).await?;
     audit::append(conn, &entries).await?;
+    let hits: Vec<watchlist::Hit> = batch
+        .events
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let hit = e.watch_hit.as_ref()?;
+            Some(watchlist::Hit {
+                entry_id: hit.entry_id,
+                event_id: made[i]?.id,
+                plate: hit.plate.as_str(),
+                source_id: e.event.source_id.as_str(),
+                zone: e.event.zone.as_ref().map(|z| z.as_str()),
+                at: e.event.observed_at(),
+            })
+        })
+        .collect();
+    watchlist::record_hits(conn, &hits).await?;
+    if let Some(replay) = batch.replay_of {
+        let stored = made.iter().flatten().count();
+        dead_letters::resolve(conn, replay.dead_letter, replay.actor, stored, now).await?;
+    }
     // Consoles hear of new incidents and of incidents that grew, once per incident per batch.
     let mut touched: Vec<(IncidentId, bool)> = per_event
         .iter()
@@ -319,22 +468,16 @@ async fn apply(conn: &mut PgConnection, batch: Batch<'_>, rules: &RuleSet) -> Re
     let events = all
         .iter()
         .zip(per_event)
-        .map(|(e, incidents)| {
-            if inserted.contains(&e.id) {
-                EventOutcome::Accepted {
-                    event_id: e.id,
-                    incidents,
-                }
-            } else {
-                EventOutcome::Duplicate {
-                    existing: existing
-                        .get(&(
-                            e.source_id.to_string(),
-                            e.idempotency_key.as_str().to_owned(),
-                        ))
-                        .copied(),
-                }
-            }
+        .zip(&made)
+        .map(|((e, incidents), made)| match made {
+            Some(row) => EventOutcome::Accepted {
+                event_id: row.id,
+                incidents,
+                revised: row.revised,
+            },
+            None => EventOutcome::Duplicate {
+                existing: id_of(&key_of(e)),
+            },
         })
         .collect();
     Ok(BatchOutcome {

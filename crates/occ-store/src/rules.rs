@@ -1,15 +1,12 @@
 //! Rules: storage, changes with their audit entries, and the live rule set every instance
 //! evaluates (reloaded on NOTIFY and periodically).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use occ_domain::{FieldErrors, Rule, RuleId, RuleInput, RuleSet, ThresholdInput};
 use serde_json::json;
-use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
-use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -27,6 +24,7 @@ struct RuleRow {
     event_types: Vec<String>,
     source_kinds: Vec<String>,
     zones: Vec<String>,
+    districts: Vec<String>,
     min_confidence: Option<f64>,
     min_severity: Option<String>,
     thresholds: serde_json::Value,
@@ -59,6 +57,7 @@ impl TryFrom<RuleRow> for Rule {
             event_types: r.event_types,
             source_kinds: r.source_kinds,
             zones: r.zones,
+            districts: r.districts,
             min_confidence: r.min_confidence,
             min_severity: r.min_severity,
             thresholds,
@@ -81,7 +80,8 @@ pub async fn list(conn: &mut PgConnection) -> Result<Vec<Rule>> {
     let rows = sqlx::query_as!(
         RuleRow,
         r#"
-        SELECT id, name, description, enabled, event_types, source_kinds, zones, min_confidence,
+        SELECT id, name, description, enabled, event_types, source_kinds, zones, districts,
+               min_confidence,
                min_severity, thresholds, attributes, category, queue, priority, title_template,
                correlation_fields, correlation_window_seconds, claim_within_seconds, updated_at
           FROM rules
@@ -106,7 +106,8 @@ pub async fn get_by_name(conn: &mut PgConnection, name: &str) -> Result<Option<R
     sqlx::query_as!(
         RuleRow,
         r#"
-        SELECT id, name, description, enabled, event_types, source_kinds, zones, min_confidence,
+        SELECT id, name, description, enabled, event_types, source_kinds, zones, districts,
+               min_confidence,
                min_severity, thresholds, attributes, category, queue, priority, title_template,
                correlation_fields, correlation_window_seconds, claim_within_seconds, updated_at
           FROM rules
@@ -156,15 +157,16 @@ pub async fn put(
                            min_confidence, min_severity, thresholds, attributes, category, queue,
                            priority, title_template, correlation_fields,
                            correlation_window_seconds, claim_within_seconds, created_at,
-                           updated_at)
+                           updated_at, districts)
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $19,
-                $18, $18)
+                $18, $18, $20)
         ON CONFLICT (id) DO UPDATE
            SET description = EXCLUDED.description,
                enabled = EXCLUDED.enabled,
                event_types = EXCLUDED.event_types,
                source_kinds = EXCLUDED.source_kinds,
                zones = EXCLUDED.zones,
+               districts = EXCLUDED.districts,
                min_confidence = EXCLUDED.min_confidence,
                min_severity = EXCLUDED.min_severity,
                thresholds = EXCLUDED.thresholds,
@@ -199,6 +201,7 @@ pub async fn put(
         stored
             .claim_within_seconds
             .map(|s| i32::try_from(s).unwrap_or(i32::MAX)),
+        &stored.districts,
     )
     .execute(&mut *conn)
     .await
@@ -260,112 +263,31 @@ pub async fn delete(
     Ok(rule)
 }
 
-/// The rule set in force, kept current in the background: reloaded when the `rules` table
-/// notifies a change, when the notification connection comes back (a change may have been
-/// missed meanwhile), and every `refresh` in any case.
-#[derive(Debug, Clone)]
-pub struct LiveRules {
-    current: watch::Receiver<Arc<RuleSet>>,
-    reload: Arc<Notify>,
-}
+/// The rule set in force, kept current in the background (see [`crate::live`]).
+pub type LiveRules = crate::live::Live<RuleSet>;
 
-impl LiveRules {
-    /// Loads the rules once (waiting for the database if needed), then keeps them current
-    /// until `shutdown`.
-    pub async fn start(
-        pool: PgPool,
-        refresh: Duration,
-        shutdown: CancellationToken,
-    ) -> Result<Self> {
-        let initial = load(&pool).await?;
-        tracing::info!(rules = initial.len(), "rules loaded");
-        let (tx, rx) = watch::channel(Arc::new(initial));
-        let reload = Arc::new(Notify::new());
-        tokio::spawn(keep_current(pool, refresh, tx, reload.clone(), shutdown));
-        Ok(Self {
-            current: rx,
-            reload,
-        })
-    }
-
-    pub fn current(&self) -> Arc<RuleSet> {
-        self.current.borrow().clone()
-    }
-
-    /// Asks for a reload now (after this instance changed a rule).
-    pub fn reload_now(&self) {
-        self.reload.notify_one();
-    }
-
-    /// Waits until the rule set changes.
-    pub async fn changed(&mut self) -> bool {
-        self.current.changed().await.is_ok()
-    }
-}
-
-async fn load(pool: &PgPool) -> Result<RuleSet> {
-    let mut conn = pool.acquire().await?;
-    Ok(RuleSet::new(list(&mut conn).await?))
-}
-
-async fn keep_current(
+/// Loads the rules once (waiting for the database if needed), then keeps them current until
+/// `shutdown`.
+pub async fn live(
     pool: PgPool,
     refresh: Duration,
-    tx: watch::Sender<Arc<RuleSet>>,
-    reload: Arc<Notify>,
     shutdown: CancellationToken,
-) {
-    let mut listener: Option<PgListener> = None;
-    let mut ticker = tokio::time::interval(refresh);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        if listener.is_none() {
-            listener = match listen(&pool).await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for rule changes; reloading periodically");
-                    None
-                }
-            };
-        }
-        let woke = tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticker.tick() => "timer",
-            () = reload.notified() => "request",
-            n = async {
-                match listener.as_mut() {
-                    Some(l) => l.try_recv().await,
-                    None => std::future::pending().await,
-                }
-            } => match n {
-                Ok(Some(_)) => "notification",
-                // The connection was lost and will be re-established: changes may have been
-                // missed while it was down, so reload.
-                Ok(None) => "reconnect",
-                Err(e) => {
-                    tracing::warn!(error = %e, "rule change listener failed");
-                    listener = None;
-                    "listener error"
-                }
-            },
-        };
-        match load(&pool).await {
-            Ok(rules) => {
-                let changed = **tx.borrow() != rules;
-                if changed {
-                    tracing::info!(rules = rules.len(), trigger = woke, "rules reloaded");
-                    tx.send_replace(Arc::new(rules));
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, trigger = woke, "cannot reload rules; keeping the current set")
-            }
-        }
-    }
+) -> Result<LiveRules> {
+    let rules = LiveRules::start(
+        pool,
+        refresh,
+        CHANGED_CHANNEL,
+        "rules",
+        load,
+        |a, b| a == b,
+        shutdown,
+    )
+    .await?;
+    tracing::info!(rules = rules.current().len(), "rules loaded");
+    Ok(rules)
 }
 
-async fn listen(pool: &PgPool) -> Result<PgListener> {
-    let mut l = PgListener::connect_with(pool).await?;
-    l.listen(CHANGED_CHANNEL).await?;
-    Ok(l)
+async fn load(pool: PgPool) -> Result<RuleSet> {
+    let mut conn = pool.acquire().await?;
+    Ok(RuleSet::new(list(&mut conn).await?))
 }

@@ -23,7 +23,7 @@ pub struct StoredAudit {
 /// One line of a timeline.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TimelineEntry {
-    Event(StoredEvent),
+    Event(Box<StoredEvent>),
     Audit(StoredAudit),
 }
 
@@ -103,8 +103,8 @@ pub async fn page(
     let events = sqlx::query!(
         r#"
         SELECT e.id, e.source_id, e.external_id, e.event_type, e.severity, e.source_kind,
-               e.occurred_at, e.received_at, e.lat, e.lon, e.zone, e.confidence,
-               e.measurements, e.attributes
+               e.occurred_at, e.received_at, e.lat, e.lon, e.zone, e.extra_zones, e.district,
+               e.confidence, e.measurements, e.attributes, e.evidence, e.revisions, e.revised_at
           FROM incident_events l
           JOIN events e ON e.id = l.event_id
          WHERE l.incident_id = $1
@@ -126,7 +126,7 @@ pub async fn page(
         .into_iter()
         .map(TimelineEntry::Audit)
         .chain(events.into_iter().map(|r| {
-            TimelineEntry::Event(StoredEvent {
+            TimelineEntry::Event(Box::new(StoredEvent {
                 id: EventId(r.id),
                 source_id: r.source_id,
                 external_id: r.external_id,
@@ -138,10 +138,15 @@ pub async fn page(
                 lat: r.lat,
                 lon: r.lon,
                 zone: r.zone,
+                extra_zones: r.extra_zones,
+                district: r.district,
                 confidence: r.confidence,
                 measurements: r.measurements,
                 attributes: r.attributes,
-            })
+                evidence: serde_json::from_value(r.evidence).unwrap_or_default(),
+                revisions: r.revisions,
+                revised_at: r.revised_at,
+            }))
         }))
         .collect();
     entries.sort_by_key(TimelineEntry::sort_key);

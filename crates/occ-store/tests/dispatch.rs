@@ -2,7 +2,7 @@
 //! however many transactions race, each expiry and each escalation happens exactly once.
 
 use chrono::Utc;
-use occ_domain::{Event, EventInput, Limits, Priority, RuleSet, SourceId};
+use occ_domain::{Enriched, Event, EventInput, Limits, Priority, RuleSet, SourceId};
 use occ_store::ingest::{Batch, commit_batch};
 use occ_store::{Transport, dispatch, incidents, rules, sweep};
 use sqlx::PgPool;
@@ -29,18 +29,10 @@ fn air(zone: usize, severity: &str) -> Event {
 async fn open_air_incidents(pool: &PgPool, n: usize) {
     let mut conn = pool.acquire().await.expect("connection");
     let rules = RuleSet::new(rules::list(&mut conn).await.expect("rules"));
-    let events: Vec<Event> = (0..n).map(|z| air(z, "minor")).collect();
-    let outcome = commit_batch(
-        pool,
-        Batch {
-            events: &events,
-            transport: Transport::Grpc,
-            dead_letters: &[],
-        },
-        &rules,
-    )
-    .await
-    .expect("commit");
+    let events: Vec<Enriched> = (0..n).map(|z| Enriched::plain(air(z, "minor"))).collect();
+    let outcome = commit_batch(pool, Batch::new(&events, Transport::Grpc, &[]), &rules)
+        .await
+        .expect("commit");
     assert_eq!(outcome.incidents_opened, n);
 }
 
@@ -222,11 +214,7 @@ async fn a_priority_raised_by_events_brings_the_claim_deadline_forward(pool: PgP
     let rules = RuleSet::new(rules::list(&mut conn).await.expect("rules"));
     commit_batch(
         &pool,
-        Batch {
-            events: &[air(0, "critical")],
-            transport: Transport::Grpc,
-            dead_letters: &[],
-        },
+        Batch::new(&[Enriched::plain(air(0, "critical"))], Transport::Grpc, &[]),
         &rules,
     )
     .await

@@ -4,13 +4,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use occ_domain::{
-    Event, EventInput, IncidentStatus, Limits, LocationInput, Priority, RuleInput, RuleSet,
-    SourceId,
+    Enriched, Event, EventInput, IncidentStatus, Limits, LocationInput, Priority, RuleInput,
+    RuleSet, SourceId,
 };
 use occ_store::dead_letters::{self, DeadLetter};
 use occ_store::incidents::{self, IncidentCursor, IncidentFilter};
 use occ_store::ingest::{Batch, EventOutcome, commit_batch};
-use occ_store::rules::{self, LiveRules};
+use occ_store::rules;
 use occ_store::timeline::{self, TimelineEntry};
 use occ_store::{StoreError, Transport};
 use sqlx::PgPool;
@@ -58,17 +58,10 @@ async fn default_rules(pool: &PgPool) -> RuleSet {
 
 async fn commit(pool: &PgPool, events: &[Event]) -> occ_store::ingest::BatchOutcome {
     let rules = default_rules(pool).await;
-    commit_batch(
-        pool,
-        Batch {
-            events,
-            transport: Transport::Mqtt,
-            dead_letters: &[],
-        },
-        &rules,
-    )
-    .await
-    .expect("batch commits")
+    let events: Vec<Enriched> = events.iter().cloned().map(Enriched::plain).collect();
+    commit_batch(pool, Batch::new(&events, Transport::Mqtt, &[]), &rules)
+        .await
+        .expect("batch commits")
 }
 
 async fn all_incidents(pool: &PgPool) -> Vec<occ_domain::Incident> {
@@ -90,9 +83,11 @@ async fn the_default_rules_are_seeded_and_valid(pool: PgPool) {
             "flood-water-level",
             "gas-leak",
             "gunshot",
+            "low-battery",
             "medical-alarm",
             "panic-button",
             "restricted-intrusion",
+            "source-offline",
             "watchlisted-plate"
         ]
     );
@@ -260,17 +255,12 @@ async fn concurrent_batches_with_one_key_make_one_incident(pool: PgPool) {
         let pool = pool.clone();
         let rules = rules.clone();
         tasks.push(tokio::spawn(async move {
-            let events = [event(&format!("det-{i}"), &format!("e{i}"), |_| {})];
-            commit_batch(
-                &pool,
-                Batch {
-                    events: &events,
-                    transport: Transport::Mqtt,
-                    dead_letters: &[],
-                },
-                &rules,
-            )
-            .await
+            let events = [Enriched::plain(event(
+                &format!("det-{i}"),
+                &format!("e{i}"),
+                |_| {},
+            ))];
+            commit_batch(&pool, Batch::new(&events, Transport::Mqtt, &[]), &rules).await
         }));
     }
     for t in tasks {
@@ -294,11 +284,7 @@ async fn dead_letters_keep_topic_bytes_and_reason(pool: PgPool) {
     let rules = default_rules(&pool).await;
     commit_batch(
         &pool,
-        Batch {
-            events: &[],
-            transport: Transport::Mqtt,
-            dead_letters: std::slice::from_ref(&letter),
-        },
+        Batch::new(&[], Transport::Mqtt, std::slice::from_ref(&letter)),
         &rules,
     )
     .await
@@ -405,10 +391,10 @@ fn noise_rule() -> RuleInput {
 #[sqlx::test(migrator = "occ_store::MIGRATOR")]
 async fn rule_changes_are_audited_and_reach_live_rule_sets(pool: PgPool) {
     let shutdown = CancellationToken::new();
-    let mut live = LiveRules::start(pool.clone(), Duration::from_secs(3600), shutdown.clone())
+    let mut live = rules::live(pool.clone(), Duration::from_secs(3600), shutdown.clone())
         .await
         .expect("live rules");
-    assert_eq!(live.current().len(), 9);
+    let seeded = live.current().len();
 
     let mut conn = pool.acquire().await.expect("connection");
     let (rule, created) = rules::put(&mut conn, noise_rule(), "admin:test", Utc::now())
@@ -419,7 +405,7 @@ async fn rule_changes_are_audited_and_reach_live_rule_sets(pool: PgPool) {
     tokio::time::timeout(Duration::from_secs(10), live.changed())
         .await
         .expect("reloaded within 10 s");
-    assert_eq!(live.current().len(), 10);
+    assert_eq!(live.current().len(), seeded + 1);
 
     let (again, created) = rules::put(
         &mut conn,

@@ -255,6 +255,95 @@ impl IngestArgs {
     }
 }
 
+/// Which producer formats OCC reads, and where.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct AdapterArgs {
+    /// The producer formats to read: native, frigate, chirpstack, senml.
+    #[arg(
+        long = "adapters",
+        env = "OCC_ADAPTERS",
+        value_delimiter = ',',
+        default_value = "native,frigate,chirpstack,senml",
+        value_parser = ["native", "frigate", "chirpstack", "senml"]
+    )]
+    pub enabled: Vec<String>,
+
+    /// Where OCC's own envelopes arrive; {source_id} is the last level.
+    #[arg(
+        long = "native-topic",
+        env = "OCC_NATIVE_TOPIC",
+        default_value = "occ/v1/events/{source_id}"
+    )]
+    pub native_topic: String,
+
+    /// Where devices and gateways report online/offline (their MQTT last will).
+    #[arg(
+        long = "native-status-topic",
+        env = "OCC_NATIVE_STATUS_TOPIC",
+        default_value = "occ/v1/status/{source_id}"
+    )]
+    pub native_status_topic: String,
+
+    /// A Frigate NVR: its MQTT topic prefix, and where consoles reach its API for snapshots
+    /// and clips (PREFIX or PREFIX=BASE_URL). Repeat (or separate with commas) for several.
+    #[arg(
+        long = "frigate-nvr",
+        env = "OCC_FRIGATE_NVR",
+        value_delimiter = ',',
+        default_value = "frigate"
+    )]
+    pub frigate_nvrs: Vec<occ_adapters::FrigateConfig>,
+
+    /// ChirpStack's MQTT integration event topic ({dev_eui} and {event} required).
+    #[arg(
+        long = "chirpstack-topic",
+        env = "OCC_CHIRPSTACK_TOPIC",
+        default_value = "application/{application_id}/device/{dev_eui}/event/{event}"
+    )]
+    pub chirpstack_topic: String,
+
+    /// A LoRaWAN device status under this battery charge (percent) is a maintenance event.
+    #[arg(
+        long = "low-battery-pct",
+        env = "OCC_LOW_BATTERY_PCT",
+        default_value_t = 20.0
+    )]
+    pub low_battery_pct: f64,
+
+    /// Where SenML packs arrive; {source_id} names the source.
+    #[arg(
+        long = "senml-topic",
+        env = "OCC_SENML_TOPIC",
+        default_value = "occ/v1/senml/{source_id}"
+    )]
+    pub senml_topic: String,
+}
+
+impl AdapterArgs {
+    /// The adapters these settings ask for.
+    pub fn config(&self) -> occ_adapters::AdaptersConfig {
+        let on = |name: &str| self.enabled.iter().any(|e| e == name);
+        occ_adapters::AdaptersConfig {
+            native: on("native").then(|| occ_adapters::NativeConfig {
+                events_topic: self.native_topic.clone(),
+                status_topic: self.native_status_topic.clone(),
+            }),
+            frigate: if on("frigate") {
+                self.frigate_nvrs.clone()
+            } else {
+                Vec::new()
+            },
+            chirpstack: on("chirpstack").then(|| occ_adapters::ChirpstackConfig {
+                topic: self.chirpstack_topic.clone(),
+                low_battery_pct: self.low_battery_pct,
+            }),
+            senml: on("senml").then(|| occ_adapters::SenmlConfig {
+                topic: self.senml_topic.clone(),
+            }),
+        }
+    }
+}
+
 /// `occ serve`.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct ServeArgs {
@@ -267,6 +356,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub ingest: IngestArgs,
 
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
+
     /// Where the gRPC API listens.
     #[arg(
         long = "grpc-listen",
@@ -275,13 +367,22 @@ pub struct ServeArgs {
     )]
     pub grpc_listen: SocketAddr,
 
-    /// How often rules are reloaded even without a change notification.
+    /// How often rules and the registry (sources, zones, watch lists) are reloaded even
+    /// without a change notification.
     #[arg(
         long = "rules-refresh",
         env = "OCC_RULES_REFRESH",
         default_value = "30s"
     )]
     pub rules_refresh: Span,
+
+    /// How often what ingest heard from sources is written, and silent sources are looked for.
+    #[arg(
+        long = "health-interval",
+        env = "OCC_HEALTH_INTERVAL",
+        default_value = "1s"
+    )]
+    pub health_interval: Span,
 
     /// How often claim leases and claim deadlines are checked (expiry, escalation).
     #[arg(

@@ -8,10 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use occ_api::{ApiState, GrpcConfig};
 use occ_domain::Limits;
-use occ_ingest::{
-    Adapters, BatchConfig, Ingest, IngestStats, IngestStatus, MqttConfig, NativeAdapter,
-};
-use occ_store::rules::LiveRules;
+use occ_ingest::{BatchConfig, Ingest, IngestStats, IngestStatus, MqttConfig};
+use occ_store::health::{ActivityLog, Health};
 use occ_store::{DbConfig, PgPool};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -101,6 +99,31 @@ pub async fn prepare_database(
     }
 }
 
+/// Runs `start` until it succeeds, waiting while PostgreSQL is unreachable.
+async fn retry_unavailable<T, F, Fut>(
+    shutdown: &CancellationToken,
+    what: &str,
+    start: F,
+) -> anyhow::Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = occ_store::Result<T>>,
+{
+    loop {
+        match start().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, "waiting for PostgreSQL to load {what}");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = shutdown.cancelled() => anyhow::bail!("stopped while loading {what}"),
+                }
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot load {what}")),
+        }
+    }
+}
+
 /// Starts OCC serving gRPC on `listener`. Returns once it is started; it runs until
 /// `shutdown` is cancelled.
 pub async fn start(
@@ -114,19 +137,17 @@ pub async fn start(
         occ_store::pool(&db_config(&args.database))?
     };
 
-    let rules = loop {
-        match LiveRules::start(pool.clone(), args.rules_refresh.0, shutdown.clone()).await {
-            Ok(rules) => break rules,
-            Err(e) if e.is_unavailable() => {
-                tracing::warn!(error = %e, "waiting for PostgreSQL to load rules");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    () = shutdown.cancelled() => anyhow::bail!("stopped while loading rules"),
-                }
-            }
-            Err(e) => return Err(e).context("cannot load rules"),
-        }
-    };
+    let adapters =
+        Arc::new(occ_adapters::build(&args.adapters.config()).context("the adapters' settings")?);
+    let rules = retry_unavailable(&shutdown, "rules", || {
+        occ_store::rules::live(pool.clone(), args.rules_refresh.0, shutdown.clone())
+    })
+    .await?;
+    let registry = retry_unavailable(&shutdown, "the registry", || {
+        occ_store::registry::live(pool.clone(), args.rules_refresh.0, shutdown.clone())
+    })
+    .await?;
+    let activity = ActivityLog::default();
 
     // Ingest has connections of its own: API load cannot starve it (nor mark it unhealthy).
     let ingest_pool = occ_store::pool(&DbConfig {
@@ -144,6 +165,9 @@ pub async fn start(
             receive_maximum = args.ingest.receive_maximum,
             "batches cannot be larger than the MQTT receive maximum; they will close on the deadline"
         );
+    }
+    for a in adapters.iter() {
+        tracing::info!(adapter = a.name(), topics = ?a.topic_filters(), "reading producer format");
     }
     let mqtt = MqttConfig {
         host: args.broker.host.clone(),
@@ -172,9 +196,11 @@ pub async fn start(
             commit_timeout: args.database.commit_timeout.0,
         },
         limits.clone(),
-        Adapters::new(vec![Box::new(NativeAdapter::new())]),
+        adapters.clone(),
         ingest_pool,
         rules.clone(),
+        registry.clone(),
+        activity.clone(),
         ingest_stop.clone(),
     );
     let ingest_status = ingest.status();
@@ -206,11 +232,26 @@ pub async fn start(
         args.sweep_interval.0,
         shutdown.clone(),
     ));
+    // Source health stops after ingest, so its last flush has everything ingest heard.
+    let health_stop = CancellationToken::new();
+    let health = tokio::spawn(
+        Health {
+            pool: pool.clone(),
+            log: activity.clone(),
+            rules: rules.clone(),
+            registry: registry.clone(),
+            limits: limits.clone(),
+        }
+        .run(args.health_interval.0, health_stop.clone()),
+    );
     let state = ApiState {
         pool: pool.clone(),
         rules,
+        registry,
         limits,
         feed,
+        activity,
+        adapters,
     };
     let grpc = tokio::spawn(occ_api::serve(
         listener,
@@ -252,6 +293,10 @@ pub async fn start(
                 ?grace,
                 "ingest did not stop in time; unacknowledged messages will be redelivered"
             );
+        }
+        health_stop.cancel();
+        if tokio::time::timeout(grace, health).await.is_err() {
+            tracing::warn!("source activity not written in time");
         }
         if early.is_none() {
             match tokio::time::timeout(grace, grpc).await {

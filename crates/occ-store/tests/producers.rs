@@ -1,0 +1,293 @@
+//! The store's side of real producers, against the real PostgreSQL: evolving events (a
+//! camera's tracked object), status reports from many instances at once, the registry
+//! snapshot, and source health.
+
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use occ_domain::{
+    Enriched, Event, EventInput, IncidentStatus, Limits, Revision, RuleSet, SourceId, SourceInput,
+    SourceStatus,
+};
+use occ_store::health::{ActivityLog, Health};
+use occ_store::ingest::{Batch, BatchOutcome, EventOutcome, commit_batch};
+use occ_store::{Transport, incidents, registry, rules, sources};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// A camera's tracked person at `rank` (0 new, 1.. updates, then end), in `zones`.
+fn person(rank: i16, zones: &[&str]) -> Event {
+    let start = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 11, 25, 6, 0, 0)
+        .single()
+        .expect("valid time");
+    let input = EventInput {
+        id: Some("1764081123.512034-k3v9qa".into()),
+        event_type: Some("object.person".into()),
+        occurred_at: Some(start.to_rfc3339()),
+        zone: zones.first().map(|z| (*z).to_owned()),
+        extra_zones: zones.iter().skip(1).map(|z| (*z).to_owned()).collect(),
+        confidence: Some(0.9),
+        revision: Some(Revision {
+            at: start + TimeDelta::seconds(i64::from(rank)),
+            rank,
+        }),
+        attributes: json!({"phase": rank})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+        ..EventInput::default()
+    };
+    Event::parse(
+        SourceId::parse("frigate:frigate:park_cam").expect("source"),
+        input,
+        b"",
+        Utc::now(),
+        &Limits::default(),
+    )
+    .expect("valid event")
+}
+
+async fn rules_of(pool: &PgPool) -> RuleSet {
+    let mut conn = pool.acquire().await.expect("connection");
+    RuleSet::new(rules::list(&mut conn).await.expect("rules"))
+}
+
+async fn commit(pool: &PgPool, events: Vec<Event>) -> BatchOutcome {
+    let rules = rules_of(pool).await;
+    let events: Vec<Enriched> = events.into_iter().map(Enriched::plain).collect();
+    commit_batch(pool, Batch::new(&events, Transport::Mqtt, &[]), &rules)
+        .await
+        .expect("batch commits")
+}
+
+async fn detection(pool: &PgPool) -> (i32, serde_json::Value) {
+    sqlx::query_as(
+        "SELECT revisions, attributes FROM events WHERE source_id = 'frigate:frigate:park_cam'",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("one detection")
+}
+
+async fn police(pool: &PgPool) -> Vec<occ_domain::Incident> {
+    let mut conn = pool.acquire().await.expect("connection");
+    incidents::list(
+        &mut conn,
+        &incidents::IncidentFilter {
+            queue: occ_domain::QueueName::parse("queue", "police").ok(),
+            ..Default::default()
+        },
+        None,
+        100,
+    )
+    .await
+    .expect("list")
+}
+
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn an_object_that_entered_and_left_a_zone_within_one_batch_still_counts(pool: PgPool) {
+    let outcome = commit(
+        &pool,
+        vec![
+            person(0, &[]),
+            person(1, &["park_path", "restricted_substation"]),
+            person(2, &[]),
+        ],
+    )
+    .await;
+    assert!(
+        outcome
+            .events
+            .iter()
+            .all(|o| matches!(o, EventOutcome::Accepted { .. })),
+        "{outcome:?}"
+    );
+    let (revisions, attributes) = detection(&pool).await;
+    assert_eq!(revisions, 3);
+    assert_eq!(
+        attributes["phase"],
+        json!(2),
+        "the row keeps the newest state"
+    );
+    let open = police(&pool).await;
+    assert_eq!(
+        open.len(),
+        1,
+        "the update in the substation opened the incident"
+    );
+    assert_eq!(
+        open[0].zone.as_ref().map(|z| z.as_str()),
+        Some("restricted_substation")
+    );
+    assert_eq!(open[0].event_count, 1);
+}
+
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn an_overtaken_or_redelivered_revision_changes_nothing(pool: PgPool) {
+    commit(&pool, vec![person(2, &["restricted_substation"])]).await;
+    // An update that arrives after the end (another instance, a redelivery).
+    let late = commit(&pool, vec![person(1, &["park_path"])]).await;
+    assert!(matches!(
+        late.events[0],
+        EventOutcome::Duplicate { existing: Some(_) }
+    ));
+    let again = commit(&pool, vec![person(2, &["restricted_substation"])]).await;
+    assert!(matches!(again.events[0], EventOutcome::Duplicate { .. }));
+    let (revisions, attributes) = detection(&pool).await;
+    assert_eq!((revisions, attributes["phase"].clone()), (1, json!(2)));
+}
+
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn a_later_state_of_a_detection_does_not_reopen_a_dismissed_incident(pool: PgPool) {
+    commit(&pool, vec![person(1, &["restricted_substation"])]).await;
+    let open = police(&pool).await;
+    assert_eq!(open.len(), 1);
+    // The operator dismisses it (a worker, expected there): it stops correlating.
+    sqlx::query("UPDATE incidents SET status = 'DISMISSED', correlating = false WHERE id = $1")
+        .bind(open[0].id.0)
+        .execute(&pool)
+        .await
+        .expect("dismiss");
+    let later = commit(
+        &pool,
+        vec![
+            person(2, &["restricted_substation"]),
+            person(3, &["restricted_substation"]),
+        ],
+    )
+    .await;
+    assert!(matches!(
+        later.events[0],
+        EventOutcome::Accepted { revised: true, .. }
+    ));
+    let all = police(&pool).await;
+    assert_eq!(all.len(), 1, "still the one, dismissed: {all:?}");
+    assert_eq!(all[0].status, IncidentStatus::Dismissed);
+    assert_eq!(detection(&pool).await.0, 3);
+}
+
+fn offline(source: &str) -> Event {
+    occ_domain::source::status_event(
+        SourceId::parse(source).expect("source"),
+        SourceStatus::Offline,
+        "reported",
+        Utc::now(),
+        Utc::now(),
+        &Limits::default(),
+    )
+    .expect("status event")
+}
+
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn many_instances_reporting_one_camera_offline_make_one_event(pool: PgPool) {
+    // A retained status, delivered to every instance as it subscribes, at the same moment.
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(
+                async move { commit(&pool, vec![offline("frigate:frigate:gate_cam")]).await },
+            )
+        })
+        .collect();
+    let mut accepted = 0;
+    for t in tasks {
+        let outcome = t.await.expect("task");
+        accepted += outcome.accepted();
+    }
+    assert_eq!(accepted, 1);
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'source.offline'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!(stored, 1);
+    let mut conn = pool.acquire().await.expect("connection");
+    let s = sources::get(&mut conn, "frigate:frigate:gate_cam")
+        .await
+        .expect("registered");
+    assert_eq!(s.status, SourceStatus::Offline);
+    assert!(!s.config.verified);
+    // One municipal incident for it.
+    let municipal: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM incidents WHERE queue = 'municipal'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!(municipal, 1);
+}
+
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn a_silent_source_goes_offline_once_however_many_instances_check(pool: PgPool) {
+    let mut conn = pool.acquire().await.expect("connection");
+    sources::upsert(
+        &mut conn,
+        vec![SourceInput {
+            id: "level-esil-000".into(),
+            zone: Some("esil_embankment".into()),
+            expected_interval_seconds: Some(1),
+            ..SourceInput::default()
+        }],
+        "admin:test",
+    )
+    .await
+    .expect("registered");
+    drop(conn);
+    let shutdown = CancellationToken::new();
+    let live_rules = rules::live(pool.clone(), Duration::from_secs(3600), shutdown.clone())
+        .await
+        .expect("rules");
+    let live_registry = registry::live(pool.clone(), Duration::from_secs(3600), shutdown.clone())
+        .await
+        .expect("registry");
+    let health = |log: ActivityLog| Health {
+        pool: pool.clone(),
+        log,
+        rules: live_rules.clone(),
+        registry: live_registry.clone(),
+        limits: Limits::default(),
+    };
+    // Heard from a moment ago, on one instance.
+    let log = ActivityLog::default();
+    let reading = Event::parse(
+        SourceId::parse("level-esil-000").expect("source"),
+        EventInput {
+            event_type: Some("water.level".into()),
+            ..EventInput::default()
+        },
+        b"x",
+        Utc::now() - TimeDelta::seconds(2),
+        &Limits::default(),
+    )
+    .expect("event");
+    log.record([&reading], false);
+    assert_eq!(health(log).flush().await.expect("flush"), 1);
+
+    // Five instances look for silent sources at once.
+    let checks: Vec<_> = (0..5)
+        .map(|_| {
+            let h = health(ActivityLog::default());
+            tokio::spawn(async move { h.sweep_silent(100).await.expect("sweep") })
+        })
+        .collect();
+    let mut found = 0;
+    for c in checks {
+        found += c.await.expect("task");
+    }
+    assert_eq!(found, 1);
+    let stored: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT event_type, zone FROM events WHERE source_id = 'level-esil-000' ORDER BY received_at",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("events");
+    assert_eq!(
+        stored,
+        [(
+            "source.offline".to_owned(),
+            Some("esil_embankment".to_owned())
+        )],
+        "the registry placed it"
+    );
+    shutdown.cancel();
+}
