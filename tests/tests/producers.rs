@@ -266,6 +266,34 @@ async fn a_chirpstack_uplink_over_threshold_opens_one_utilities_incident(pool: P
     })
     .await;
     assert_eq!(s.battery_pct, Some(71.5));
+
+    // The network server's errors about the device show on its registry entry.
+    chirpstack
+        .publish(
+            &topic.replace("/up", "/log"),
+            json!({"time": "2026-11-25T06:20:11.002341+00:00",
+                   "deviceInfo": {"devEui": "a84041000181c0a7"},
+                   "level": "ERROR", "code": "UPLINK_CODEC",
+                   "description": "TypeError: cannot read property 'x' of undefined",
+                   "context": {"deduplication_id": "5f1e3b2a-8c4d-4e6f-9a0b-1c2d3e4f5a6b"}})
+            .to_string(),
+        )
+        .await;
+    chirpstack.flush().await;
+    let s = eventually(Duration::from_secs(5), "the error recorded", || async {
+        occ_tests::sources(&occ.grpc)
+            .await
+            .get_source(pb::GetSourceRequest { id: source.into() })
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().source)
+            .filter(|s| !s.last_error.is_empty())
+    })
+    .await;
+    assert_eq!(
+        s.last_error,
+        "TypeError: cannot read property 'x' of undefined"
+    );
 }
 
 #[sqlx::test(migrations = false)]
@@ -593,6 +621,29 @@ async fn zones_place_events_and_a_disabled_source_opens_nothing(pool: PgPool) {
         .expect("ImportZones")
         .into_inner();
     assert_eq!(imported.created, 2);
+    let open_ring = occ_tests::zones(&occ.grpc)
+        .await
+        .put_zone(pb::PutZoneRequest {
+            zone: Some(pb::Zone {
+                name: "broken".into(),
+                geometry: Some(occ_api::convert::json_to_struct(
+                    json!({"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1]]]})
+                        .as_object()
+                        .expect("object"),
+                )),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("an open ring");
+    assert_eq!(open_ring.code(), tonic::Code::InvalidArgument);
+    assert!(
+        open_ring
+            .message()
+            .contains("zone.geometry.coordinates[0]: a ring must end where it starts"),
+        "{}",
+        open_ring.message()
+    );
     let located = eventually(Duration::from_secs(10), "the zones loaded", || async {
         let z = occ_tests::zones(&occ.grpc)
             .await

@@ -36,6 +36,23 @@ fn zone(z: &StoredZone) -> pb::Zone {
     }
 }
 
+/// The store's `zones[i].` field paths as the request's.
+fn renamed(e: ApiError, from: &str, to: &str) -> ApiError {
+    match e {
+        ApiError::InvalidArgument(errors) => {
+            let all = errors
+                .errors()
+                .iter()
+                .map(|f| {
+                    occ_domain::FieldError::new(f.field.replacen(from, to, 1), f.message.clone())
+                })
+                .collect();
+            ApiError::InvalidArgument(FieldErrors::from_vec(all).unwrap_or(errors))
+        }
+        other => other,
+    }
+}
+
 impl ZoneApi {
     pub fn new(state: ApiState) -> Self {
         Self { state }
@@ -81,12 +98,7 @@ impl ZoneService for ZoneApi {
         let (stored, created) = self
             .put(&who, vec![input])
             .await
-            .map_err(|e| match e {
-                ApiError::InvalidArgument(errors) => {
-                    ApiError::InvalidArgument(errors.prefixed("zone."))
-                }
-                other => other,
-            })?
+            .map_err(|e| renamed(e, "zones[0].", "zone."))?
             .pop()
             .ok_or_else(|| ApiError::Internal("put returned nothing".into()))?;
         tracing::info!(zone = %stored.zone.name, created, actor = %who.subject, "zone stored");
@@ -116,12 +128,10 @@ impl ZoneService for ZoneApi {
                 ApiError::invalid("feature_collection.features", "must not be empty").into(),
             );
         }
-        let stored = self.put(&who, inputs).await.map_err(|e| match e {
-            ApiError::InvalidArgument(errors) => {
-                ApiError::InvalidArgument(errors.prefixed("feature_collection."))
-            }
-            other => other,
-        })?;
+        let stored = self
+            .put(&who, inputs)
+            .await
+            .map_err(|e| renamed(e, "zones[", "feature_collection.features["))?;
         let created = stored.iter().filter(|(_, c)| *c).count();
         tracing::info!(created, updated = stored.len() - created, actor = %who.subject, "zones imported");
         Ok(Response::new(pb::ImportZonesResponse {

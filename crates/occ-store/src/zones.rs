@@ -44,7 +44,7 @@ impl ZoneRow {
 }
 
 /// Creates or replaces zones (by name), in one transaction with an audit entry each. Returns
-/// each zone and whether it was new.
+/// each zone and whether it was new. Field errors name the zone: `zones[3].geometry`.
 pub async fn put(
     conn: &mut PgConnection,
     inputs: Vec<ZoneInput>,
@@ -53,12 +53,10 @@ pub async fn put(
     let now = crate::dispatch::now(conn).await?;
     let mut zones = Vec::with_capacity(inputs.len());
     let mut errors = Vec::new();
-    let many = inputs.len() > 1;
     for (i, input) in inputs.into_iter().enumerate() {
         match ZoneArea::parse(input) {
             Ok(z) => zones.push(z),
-            Err(e) if many => errors.extend(e.prefixed(&format!("zones[{i}].")).errors().to_vec()),
-            Err(e) => errors.extend(e.errors().to_vec()),
+            Err(e) => errors.extend(e.prefixed(&format!("zones[{i}].")).errors().to_vec()),
         }
     }
     if let Some(errors) = FieldErrors::from_vec(errors) {

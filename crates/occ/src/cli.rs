@@ -3,8 +3,12 @@
 use std::io::Write;
 use std::time::Duration;
 
-use crate::config::{BrokerArgs, DatabaseArgs, LogArgs, ServeArgs, SimulatorArgs, mask_url};
-use crate::{serve, simulate, telemetry};
+use std::path::PathBuf;
+
+use crate::config::{
+    AdapterArgs, BrokerArgs, DatabaseArgs, LogArgs, ServeArgs, SimulatorArgs, mask_url,
+};
+use crate::{dead_letters, import, serve, simulate, telemetry};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
@@ -42,6 +46,99 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// The registry of cameras, sensors and gateways.
+    Sources {
+        #[command(subcommand)]
+        command: SourcesCommand,
+    },
+    /// The city's zones.
+    Zones {
+        #[command(subcommand)]
+        command: ZonesCommand,
+    },
+    /// Watch lists of plates.
+    Watchlist {
+        #[command(subcommand)]
+        command: WatchlistCommand,
+    },
+    /// What could not become events.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLettersCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SourcesCommand {
+    /// Registers or updates sources from a CSV file (header: id, and any of kind, name, lat,
+    /// lon, zone, district, profile, expected_interval, enabled, tags as key=value;key=value)
+    /// or a JSON file (an array of sources, or {"profiles": [...], "sources": [...]}). All of
+    /// the file, or nothing.
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ZonesCommand {
+    /// Creates or replaces zones from a GeoJSON FeatureCollection (properties: name, and
+    /// optionally district and description). All of the file, or nothing.
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WatchlistCommand {
+    /// Puts plates on watch lists from a CSV file (plate, list, reason, expires_at) or a JSON
+    /// array of the same. A plate already on its list gets the new reason and expiry.
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLettersCommand {
+    /// The newest dead letters, one line each.
+    List {
+        /// Only those not resolved by a replay.
+        #[arg(long)]
+        unresolved: bool,
+        /// Only topics starting with this (frigate/, application/).
+        #[arg(long)]
+        topic_prefix: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Decodes dead letters again with the adapters configured as for `occ serve`: those
+    /// named by --id, or the oldest unresolved ones. What now decodes is stored, once.
+    Replay {
+        #[arg(long = "id")]
+        ids: Vec<uuid::Uuid>,
+        #[arg(long)]
+        topic_prefix: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Largest event payload, as for `occ serve`.
+        #[arg(
+            long = "max-payload-bytes",
+            env = "OCC_MAX_PAYLOAD_BYTES",
+            default_value_t = 64 * 1024
+        )]
+        max_payload_bytes: usize,
+        #[command(flatten)]
+        adapters: AdapterArgs,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +160,14 @@ fn stop_on_signals(token: CancellationToken) -> anyhow::Result<()> {
         token.cancel();
     });
     Ok(())
+}
+
+/// The database for a one-shot tool: migrated, waiting a minute at most for PostgreSQL.
+async fn tool_pool(
+    database: &DatabaseArgs,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<occ_store::PgPool> {
+    serve::prepare_database(database, Some(Duration::from_secs(60)), shutdown).await
 }
 
 /// Parses the command line and runs the command.
@@ -97,6 +202,82 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Simulate { broker, simulator } => {
             stop_on_signals(shutdown.clone())?;
             simulate::run(broker, simulator, shutdown).await
+        }
+        Command::Sources {
+            command: SourcesCommand::Import { file, database },
+        } => {
+            let pool = tool_pool(&database, &shutdown).await?;
+            let done = import::sources(&pool, &file).await?;
+            println!(
+                "{}: {} sources registered, {} updated{}",
+                file.display(),
+                done.created,
+                done.updated,
+                if done.profiles > 0 {
+                    format!(", {} profiles", done.profiles)
+                } else {
+                    String::new()
+                }
+            );
+            Ok(())
+        }
+        Command::Zones {
+            command: ZonesCommand::Import { file, database },
+        } => {
+            let pool = tool_pool(&database, &shutdown).await?;
+            let done = import::zones(&pool, &file).await?;
+            println!(
+                "{}: {} zones created, {} updated",
+                file.display(),
+                done.created,
+                done.updated
+            );
+            Ok(())
+        }
+        Command::Watchlist {
+            command: WatchlistCommand::Import { file, database },
+        } => {
+            let pool = tool_pool(&database, &shutdown).await?;
+            let done = import::watchlist(&pool, &file).await?;
+            println!(
+                "{}: {} entries added, {} updated",
+                file.display(),
+                done.created,
+                done.updated
+            );
+            Ok(())
+        }
+        Command::DeadLetters {
+            command:
+                DeadLettersCommand::List {
+                    unresolved,
+                    topic_prefix,
+                    limit,
+                    database,
+                },
+        } => {
+            let pool = tool_pool(&database, &shutdown).await?;
+            dead_letters::list(&pool, unresolved, topic_prefix, limit).await
+        }
+        Command::DeadLetters {
+            command:
+                DeadLettersCommand::Replay {
+                    ids,
+                    topic_prefix,
+                    limit,
+                    max_payload_bytes,
+                    adapters,
+                    database,
+                },
+        } => {
+            let pool = tool_pool(&database, &shutdown).await?;
+            let built =
+                occ_adapters::build(&adapters.config()).context("the adapters' settings")?;
+            let limits = occ_domain::Limits {
+                max_payload_bytes,
+                ..occ_domain::Limits::default()
+            };
+            dead_letters::replay(&pool, &built, &limits, &ids, topic_prefix.as_deref(), limit).await
         }
         Command::Config {
             command: ConfigCommand::Print(args),

@@ -4,6 +4,8 @@
 
 pub mod cli;
 pub mod config;
+mod dead_letters;
+pub mod import;
 mod operators;
 pub mod serve;
 pub mod simulate;

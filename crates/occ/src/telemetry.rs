@@ -5,8 +5,17 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogArgs;
 
 pub fn init(args: &LogArgs) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&args.filter)
+    let mut filter = EnvFilter::try_new(&args.filter)
         .map_err(|e| anyhow::anyhow!("invalid --log filter {:?}: {e}", args.filter))?;
+    if !args.filter.contains("sqlx") {
+        // PostgreSQL's notices ("relation ... already exists, skipping" at every migration
+        // check) are not news to whoever reads OCC's log.
+        filter = filter.add_directive(
+            "sqlx::postgres::notice=warn"
+                .parse()
+                .map_err(|e| anyhow::anyhow!("log directive: {e}"))?,
+        );
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| Stderr);
