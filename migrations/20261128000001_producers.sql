@@ -186,7 +186,11 @@ VALUES
 
 -- A recognised plate on a watch list, whether reported as a plate read or as a camera's
 -- tracked vehicle with its plate: OCC's watch lists set `watchlisted`.
+-- One incident per plate however a reader spelt it ("505 AAA 02", "505aaa02"): by its
+-- normalised form, which enrichment sets beside the plate as read.
 UPDATE rules
    SET event_types = '{vehicle.plate,object.*}',
-       description = 'A licence plate on one of OCC''s watch lists was recognised (by a plate reader or a camera''s tracked vehicle): police. One incident per plate.'
+       correlation_fields = '{attribute.plate_normalized}',
+       title_template = 'Watch-listed vehicle {attribute.plate_normalized} seen in {zone}',
+       description = 'A licence plate on one of OCC''s watch lists was recognised (by a plate reader or a camera''s tracked vehicle): police. One incident per plate, however it was spelt.'
  WHERE name = 'watchlisted-plate';

@@ -388,6 +388,10 @@ async fn a_watch_listed_plate_opens_a_police_incident_in_any_spelling(pool: PgPo
         .to_string(),
     )
     .await;
+    // The same car as the camera's tracked object, its plate spelt the code's way.
+    let mut car = fixture_json("frigate/events-update-lpr.json");
+    car["after"]["recognized_license_plate"] = json!(["505AAA02", 0.91]);
+    nvr.publish("frigate/events", car.to_string()).await;
     // A plate that is not wanted, though the camera claims it is.
     nvr.publish(
         "occ/v1/events/lpr-esil-001",
@@ -402,11 +406,25 @@ async fn a_watch_listed_plate_opens_a_police_incident_in_any_spelling(pool: PgPo
         (!all.is_empty()).then_some(all)
     })
     .await;
-    assert_eq!(police.len(), 1, "only the wanted plate: {police:?}");
     assert_eq!(
-        police[0].title,
-        "Watch-listed vehicle 505aaa 02 seen in unknown"
+        police.len(),
+        1,
+        "one incident for the wanted plate, however spelt: {police:?}"
     );
+    assert!(
+        police[0]
+            .title
+            .starts_with("Watch-listed vehicle 505AAA02 seen in "),
+        "{}",
+        police[0].title
+    );
+    // The plate read and the tracked car: two sightings, one incident.
+    let joined = eventually(Duration::from_secs(5), "both sightings joined", || async {
+        let p = list(&occ.grpc, "police").await;
+        (p.first().map(|i| i.event_count) == Some(2)).then_some(p)
+    })
+    .await;
+    assert_eq!(joined.len(), 1);
     let hits = eventually(Duration::from_secs(5), "the hit recorded", || async {
         let hits = occ_tests::watchlist(&occ.grpc)
             .await

@@ -83,7 +83,10 @@ pub async fn run(endpoint: String, seed: u64, shutdown: CancellationToken) -> an
     Ok(())
 }
 
-async fn connect(endpoint: &str, shutdown: &CancellationToken) -> anyhow::Result<Channel> {
+pub(crate) async fn connect(
+    endpoint: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Channel> {
     let endpoint = Channel::from_shared(endpoint.to_owned()).context("--sim-grpc is not a URL")?;
     loop {
         match endpoint.connect().await {

@@ -269,15 +269,71 @@ proptest! {
 
     #[test]
     fn mutated_messages_are_decoded_or_rejected(
-        which in 0..2usize,
+        which in 0..5usize,
         pick in any::<usize>(),
         replacement in proptest::option::of(any_json()),
     ) {
-        let (t, file) = [(UP, "chirpstack/up-water-level.json"), (STATUS, "chirpstack/status.json")][which];
+        let log = topic("log");
+        let (t, file) = [
+            (UP, "chirpstack/up-water-level.json"),
+            (STATUS, "chirpstack/status.json"),
+            (UP, "chirpstack/v4-up.json"),
+            (STATUS, "chirpstack/v4-status.json"),
+            (log.as_str(), "chirpstack/v4-log.json"),
+        ][which];
         let mutated = mutate(fixture_json(file), pick, replacement);
         match decode(t, mutated.to_string().as_bytes()) {
             Ok(events) => prop_assert_eq!(events.len(), 1),
             Err(reason) => prop_assert!(!reason.0.is_empty()),
         }
     }
+}
+
+/// The JSON ChirpStack itself writes (its chirpstack_api crate's serialisation, see
+/// tests/fixtures/README.md): every event it publishes decodes as documented above.
+#[test]
+fn what_chirpstacks_own_serialisation_writes_decodes() {
+    let up = one(UP, &fixture("chirpstack/v4-up.json"));
+    assert_eq!(up.event_type.as_str(), "lorawan.uplink");
+    assert_eq!(up.measurements["waterLevelCm"], 412.0);
+    assert_eq!(up.measurements["alarm"], 1.0);
+    assert_eq!(up.attributes["object.trend"], json!("rising"));
+    assert_eq!(
+        up.attributes["gateway_id"],
+        json!("0016c001f1500a01"),
+        "the best of two"
+    );
+    assert_eq!(up.attributes["gateways"], json!(2));
+    assert_eq!(up.attributes["region"], json!("eu868"));
+
+    let bare = one(UP, &fixture("chirpstack/v4-up-no-codec.json"));
+    assert!(bare.measurements.is_empty());
+    assert_ne!(bare.idempotency_key, up.idempotency_key);
+
+    let status = one(STATUS, &fixture("chirpstack/v4-status.json"));
+    assert_eq!(
+        status.event_type.as_str(),
+        "device.battery_low",
+        "12.5 % is low"
+    );
+    assert_eq!(status.measurements["battery_pct"], 12.5);
+
+    let join = one(&topic("join"), &fixture("chirpstack/v4-join.json"));
+    assert_eq!(join.event_type.as_str(), "lorawan.join");
+    assert_eq!(join.attributes["dev_addr"], json!("01ab23ce"));
+
+    let log = one(&topic("log"), &fixture("chirpstack/v4-log.json"));
+    assert_eq!(log.event_type.as_str(), "device.error");
+    assert_eq!(log.attributes["code"], json!("UPLINK_CODEC"));
+    assert!(log.external_id.is_some(), "named by time, code and uplink");
+
+    let location = one(&topic("location"), &fixture("chirpstack/v4-location.json"));
+    assert_eq!(location.event_type.as_str(), "device.location");
+    assert_eq!(location.measurements["accuracy_m"], 120.0);
+
+    assert!(
+        decode(&topic("txack"), &fixture("chirpstack/v4-txack.json"))
+            .expect("valid")
+            .is_empty()
+    );
 }
