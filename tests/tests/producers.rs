@@ -467,7 +467,16 @@ async fn a_watch_listed_plate_opens_a_police_incident_in_any_spelling(pool: PgPo
     .fetch_all(&pool)
     .await
     .expect("audit");
-    assert_eq!(audit, ["watchlist.added", "watchlist.removed"]);
+    assert_eq!(
+        audit,
+        [
+            "watchlist.added",
+            "watchlist.hit",
+            "watchlist.hit",
+            "watchlist.removed"
+        ],
+        "the entry, both sightings (plate read and tracked car), the removal"
+    );
 }
 
 #[sqlx::test(migrations = false)]

@@ -429,7 +429,7 @@ pub(crate) async fn apply(
             })
         })
         .collect();
-    watchlist::record_hits(conn, &hits).await?;
+    watchlist::record_hits(conn, &hits, now).await?;
     if let Some(replay) = batch.replay_of {
         let stored = made.iter().flatten().count();
         dead_letters::resolve(conn, replay.dead_letter, replay.actor, stored, now).await?;

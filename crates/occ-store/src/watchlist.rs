@@ -250,12 +250,16 @@ pub(crate) struct Hit<'a> {
     pub at: DateTime<Utc>,
 }
 
-/// Records hits, once per entry and event (a revised detection is one sighting).
-pub(crate) async fn record_hits(conn: &mut PgConnection, hits: &[Hit<'_>]) -> Result<()> {
+/// Records hits, once per entry and event (a revised detection is one sighting), each with an
+/// audit entry on its watch-list entry: who saw the plate, where, when.
+pub(crate) async fn record_hits(
+    conn: &mut PgConnection,
+    hits: &[Hit<'_>],
+    now: DateTime<Utc>,
+) -> Result<()> {
     if hits.is_empty() {
         return Ok(());
     }
-    let now = crate::dispatch::now(conn).await?;
     let entries: Vec<Uuid> = hits.iter().map(|h| h.entry_id).collect();
     let events: Vec<Uuid> = hits.iter().map(|h| h.event_id.0).collect();
     let plates: Vec<&str> = hits.iter().map(|h| h.plate).collect();
@@ -264,7 +268,7 @@ pub(crate) async fn record_hits(conn: &mut PgConnection, hits: &[Hit<'_>]) -> Re
     let seen: Vec<DateTime<Utc>> = hits.iter().map(|h| h.at).collect();
     // An entry removed a moment ago still existed when the registry snapshot was taken: the
     // sighting is recorded all the same (the row is kept).
-    sqlx::query!(
+    let new = sqlx::query!(
         r#"
         INSERT INTO watchlist_hits (entry_id, event_id, plate, source_id, zone, seen_at, hit_at)
         SELECT u.*, $7
@@ -272,6 +276,7 @@ pub(crate) async fn record_hits(conn: &mut PgConnection, hits: &[Hit<'_>]) -> Re
                       $6::timestamptz[]) AS u(entry_id, event_id, plate, source_id, zone, seen_at)
          WHERE EXISTS (SELECT 1 FROM watchlist_entries w WHERE w.id = u.entry_id)
         ON CONFLICT DO NOTHING
+        RETURNING entry_id, event_id, plate, source_id, zone, seen_at
         "#,
         &entries,
         &events,
@@ -281,9 +286,33 @@ pub(crate) async fn record_hits(conn: &mut PgConnection, hits: &[Hit<'_>]) -> Re
         &seen,
         now,
     )
-    .execute(conn)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(())
+    let log: Vec<AuditEntry> = new
+        .into_iter()
+        .map(|h| AuditEntry {
+            entity: Entity::Watchlist(h.entry_id),
+            at: now,
+            actor: crate::ingest::RULES_ACTOR.into(),
+            action: "watchlist.hit".into(),
+            before: None,
+            after: Some(json!({
+                "event_id": h.event_id,
+                "plate": h.plate,
+                "source_id": h.source_id,
+                "zone": h.zone,
+                "seen_at": h.seen_at.to_rfc3339(),
+            })),
+            detail: format!(
+                "{} seen by {} in {} at {}",
+                h.plate,
+                h.source_id,
+                h.zone.as_deref().unwrap_or("an unknown zone"),
+                h.seen_at.to_rfc3339()
+            ),
+        })
+        .collect();
+    audit::append(conn, &log).await
 }
 
 /// A recorded sighting of a wanted plate.
