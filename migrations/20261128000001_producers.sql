@@ -15,14 +15,21 @@ ALTER TABLE events
     ADD COLUMN revision_at   timestamptz,
     ADD COLUMN revision_rank smallint,
     ADD COLUMN revisions     integer NOT NULL DEFAULT 1 CHECK (revisions > 0),
-    -- When its latest revision arrived (received_at is its first).
-    ADD COLUMN revised_at    timestamptz,
-    ADD CONSTRAINT events_revision_whole CHECK ((revision_at IS NULL) = (revision_rank IS NULL));
+    -- When its latest revision arrived (received_at is when the first batch that stored it
+    -- did).
+    ADD COLUMN revised_at    timestamptz;
+
+-- Constraints on a table that may already hold millions of events: added NOT VALID (no scan
+-- under an exclusive lock), then validated under a lock that lets ingest go on.
+ALTER TABLE events ADD CONSTRAINT events_revision_whole
+    CHECK ((revision_at IS NULL) = (revision_rank IS NULL)) NOT VALID;
+ALTER TABLE events VALIDATE CONSTRAINT events_revision_whole;
 
 -- Events OCC makes itself (a source that went silent) travel by no transport.
 ALTER TABLE events DROP CONSTRAINT events_transport_check;
 ALTER TABLE events ADD CONSTRAINT events_transport_check
-    CHECK (transport IN ('mqtt', 'grpc', 'system'));
+    CHECK (transport IN ('mqtt', 'grpc', 'system')) NOT VALID;
+ALTER TABLE events VALIDATE CONSTRAINT events_transport_check;
 
 -- Rules match districts as well as zones.
 ALTER TABLE rules ADD COLUMN districts text[] NOT NULL DEFAULT '{}';
@@ -57,6 +64,9 @@ CREATE TABLE sources (
     status                    text NOT NULL DEFAULT 'unknown'
                               CHECK (status IN ('unknown', 'online', 'offline')),
     status_changed_at         timestamptz,
+    -- When the latest status report about it was received, whether it changed anything: an
+    -- older one delivered late is stale.
+    status_reported_at        timestamptz,
     last_seen                 timestamptz,
     -- When it counts as silent: last_seen + expected interval while online, else NULL.
     silent_after              timestamptz,
@@ -123,6 +133,8 @@ CREATE TABLE watchlist_hits (
 );
 
 CREATE INDEX watchlist_hits_by_time ON watchlist_hits (hit_at);
+CREATE INDEX watchlist_hits_by_entry ON watchlist_hits (entry_id, seen_at DESC);
+CREATE INDEX watchlist_hits_by_event ON watchlist_hits (event_id);
 
 -- Every OCC instance keeps the registry in memory and reloads it when it changes. Health
 -- columns of sources change all the time and do not count; neither does OCC registering an
@@ -182,7 +194,9 @@ VALUES
     (gen_random_uuid(), 'low-battery',
      'A battery-powered sensor reported a low battery: municipal maintenance, one incident per device per week.',
      '{device.battery_low}', '{}', '{}', NULL, '[]', '{}',
-     'maintenance', 'municipal', 4, 'Low battery at {source_id} ({zone})', '{source_id}', 604800);
+     'maintenance', 'municipal', 4, 'Low battery at {source_id} ({zone})', '{source_id}', 604800)
+-- A city that already has rules of these names keeps its own.
+ON CONFLICT (name) DO NOTHING;
 
 -- A recognised plate on a watch list, whether reported as a plate read or as a camera's
 -- tracked vehicle with its plate: OCC's watch lists set `watchlisted`.

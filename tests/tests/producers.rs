@@ -430,7 +430,7 @@ async fn a_watch_listed_plate_opens_a_police_incident_in_any_spelling(pool: PgPo
             .await
             .list_watchlist_hits(pb::ListWatchlistHitsRequest {
                 entry_id: entry.id.clone(),
-                page_size: 0,
+                ..Default::default()
             })
             .await
             .expect("hits")

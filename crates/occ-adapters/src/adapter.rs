@@ -277,6 +277,11 @@ pub fn unix_time(field: &str, secs: f64) -> Result<DateTime<Utc>, Rejection> {
     })
 }
 
+/// The first 8 bytes of a digest in hex: a short, stable name for content.
+pub fn hex_prefix(digest: &[u8]) -> String {
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
 /// RFC 3339 with nanoseconds, for `EventInput::occurred_at`.
 pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)

@@ -235,27 +235,34 @@ impl Adapter for ChirpstackAdapter {
 }
 
 /// Tags reach rules as `tag.<name>`; `zone`, `district`, `kind` and `lat`/`lon` place the
-/// device.
+/// device. A tag that cannot do its part (a kind with spaces, a position off the globe) is
+/// left out rather than costing the uplink.
 fn place(input: &mut EventInput, tags: &BTreeMap<String, String>) {
-    for (k, v) in tags.iter().take(32) {
-        input.attributes.insert(
-            format!("tag.{k}"),
-            Value::String(v.chars().take(256).collect()),
-        );
+    for (k, v) in tags.iter().take(MAX_TAGS) {
+        let key: String = format!("tag.{k}").chars().take(64).collect();
+        input
+            .attributes
+            .insert(key, Value::String(v.chars().take(256).collect()));
     }
     let tag = |k: &str| tags.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
-    input.zone = tag("zone").map(str::to_owned);
-    input.district = tag("district").map(str::to_owned);
+    let text = |v: &str| v.len() <= 128 && !v.chars().any(char::is_control);
+    input.zone = tag("zone").filter(|v| text(v)).map(str::to_owned);
+    input.district = tag("district").filter(|v| text(v)).map(str::to_owned);
     input.source_kind = tag("kind")
         .or_else(|| tag("source_kind"))
-        .map(str::to_ascii_lowercase);
+        .map(str::to_ascii_lowercase)
+        .filter(|k| occ_domain::SourceKind::parse("kind", k).is_ok());
     if let (Some(lat), Some(lon)) = (
         tag("lat").and_then(|v| v.parse().ok()),
         tag("lon").and_then(|v| v.parse().ok()),
-    ) {
+    ) && occ_domain::GeoPoint::new(lat, lon).is_ok()
+    {
         input.location = Some(LocationInput { lat, lon });
     }
 }
+
+/// Most tags taken into an event's attributes (the rest stay with ChirpStack).
+const MAX_TAGS: usize = 16;
 
 impl ChirpstackAdapter {
     fn uplink(&self, p: &Payload, input: &mut EventInput, limits: &Limits) {
@@ -308,6 +315,10 @@ impl ChirpstackAdapter {
             let mut flat = Vec::new();
             flatten("", &Value::Object(object.clone()), &mut flat);
             let mut dropped = 0;
+            // What is left of the attribute budget, with room for the count of what was not.
+            let room = limits
+                .max_attributes
+                .saturating_sub(input.attributes.len() + 1);
             let mut texts = 0;
             for (path, value) in flat {
                 match value {
@@ -317,7 +328,7 @@ impl ChirpstackAdapter {
                         }
                         _ => dropped += 1,
                     },
-                    Leaf::Text(t) if texts < 24 => {
+                    Leaf::Text(t) if texts < room.min(24) => {
                         texts += 1;
                         input.attributes.insert(
                             format!("object.{}", path.chars().take(56).collect::<String>()),

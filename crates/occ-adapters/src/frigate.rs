@@ -23,7 +23,8 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::adapter::{
-    Adapter, Message, Rejection, TemplateError, from_json, rfc3339, type_word, unix_time,
+    Adapter, Message, Rejection, TemplateError, from_json, hex_prefix, rfc3339, type_word,
+    unix_time,
 };
 use crate::status::status_event;
 
@@ -728,10 +729,6 @@ fn truncate(text: &str, max: usize) -> String {
         cut -= 1;
     }
     text[..cut].to_owned()
-}
-
-fn hex_prefix(digest: &[u8]) -> String {
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

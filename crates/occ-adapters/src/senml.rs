@@ -14,7 +14,9 @@
 //! units are kept in the `units` attribute. The event's type comes from its measurements (see
 //! [`event_type_for`]): air quality, weather, water level or noise, else `senml.reading`; a
 //! source's profile can rename both. A pack with absolute times is keyed by name and time, so
-//! a repeat of the same reading is recognised; a pack with relative times by its content.
+//! a repeat of the same readings is recognised (another quantity at the same time is another
+//! event); a pack with relative times by its content, so such a pack sent again with the same
+//! bytes counts once.
 
 use std::collections::BTreeMap;
 
@@ -336,6 +338,10 @@ impl Adapter for SenmlAdapter {
                 ..EventInput::default()
             };
             let relative = records.iter().any(|r| r.relative);
+            let mut names: Vec<&str> = records.iter().map(|r| r.measurement.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            let names = names.join(",");
             let mut units = Map::new();
             let mut dropped = 0;
             for r in records {
@@ -391,7 +397,7 @@ impl Adapter for SenmlAdapter {
             let key = if relative {
                 format!("senml:{pack_digest}:{n}")
             } else {
-                format!("senml:{base_name}@{}:{kind}", rfc3339(time))
+                format!("senml:{base_name}@{}:{names}", rfc3339(time))
             };
             input.id = Some(if key.len() <= limits.max_external_id_len {
                 key
@@ -411,7 +417,7 @@ impl Adapter for SenmlAdapter {
 }
 
 fn hex8(digest: &[u8]) -> String {
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    crate::adapter::hex_prefix(digest)
 }
 
 #[cfg(test)]

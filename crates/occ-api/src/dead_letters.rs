@@ -35,21 +35,22 @@ fn letter(d: &StoredDeadLetter) -> pb::DeadLetter {
     }
 }
 
-/// Decodes a stored message again with the adapters and registry in force, as it would have
-/// been when it arrived (relative times count from its receipt).
-pub fn redecode(
-    state: &ApiState,
-) -> impl Fn(&StoredDeadLetter) -> Result<Vec<occ_domain::Enriched>, String> + '_ {
-    let registry = state.registry.current();
+/// Decodes a stored message again with `adapters` and `registry`, as it would have been when
+/// it arrived (relative times count from its receipt). The API and `occ dead-letters replay`
+/// decode alike.
+pub fn redecode<'a>(
+    adapters: &'a occ_adapters::Adapters,
+    registry: &'a occ_domain::Registry,
+    limits: &'a occ_domain::Limits,
+) -> impl Fn(&StoredDeadLetter) -> Result<Vec<occ_domain::Enriched>, String> + 'a {
     move |l: &StoredDeadLetter| {
         let message = Message {
             topic: &l.topic,
             payload: &l.payload,
             received_at: l.received_at,
         };
-        state
-            .adapters
-            .decode(&message, &state.limits)
+        adapters
+            .decode(&message, limits)
             .map(|events| events.into_iter().map(|e| registry.enrich(e)).collect())
             .map_err(|r| r.0)
     }
@@ -100,10 +101,11 @@ impl DeadLetterApi {
         };
         drop(conn);
         let rules = self.state.rules.current();
+        let registry = self.state.registry.current();
         let outcomes = dead_letters::replay(
             &self.state.pool,
             &letters,
-            redecode(&self.state),
+            redecode(&self.state.adapters, &registry, &self.state.limits),
             &rules,
             &who.subject,
         )
@@ -170,18 +172,14 @@ impl DeadLetterService for DeadLetterApi {
         let after = paging::parse_key_token("d1", &req.page_token, 3)?
             .map(|p| {
                 if p[2] != filters {
-                    return Err(ApiError::invalid(
-                        "page_token",
-                        "was returned for other filters; repeat the request's filters with its token",
-                    ));
+                    return Err(paging::other_filters());
                 }
                 let at = p[0]
                     .parse()
                     .ok()
                     .and_then(DateTime::from_timestamp_micros)
-                    .ok_or_else(|| ApiError::invalid("page_token", "is not a token this list returned"))?;
-                let id = Uuid::parse_str(&p[1])
-                    .map_err(|_| ApiError::invalid("page_token", "is not a token this list returned"))?;
+                    .ok_or_else(paging::invalid_token)?;
+                let id = Uuid::parse_str(&p[1]).map_err(|_| paging::invalid_token())?;
                 Ok((at, id))
             })
             .transpose()?;

@@ -84,9 +84,8 @@ impl IngestApi {
             events
                 .iter()
                 .zip(&stored)
-                .filter(|(_, s)| matches!(s, Ok(EventOutcome::Accepted { .. })))
-                .map(|(e, _)| &e.event),
-            false,
+                .filter(|(_, s)| s.is_ok())
+                .map(|(e, _)| (&e.event, false)),
         );
 
         let results = parsed

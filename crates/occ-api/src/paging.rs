@@ -39,8 +39,16 @@ fn decode(token: &str, n: usize) -> ApiResult<Vec<String>> {
     }
 }
 
-fn invalid_token() -> ApiError {
+pub(crate) fn invalid_token() -> ApiError {
     ApiError::invalid("page_token", "is not a token this list returned")
+}
+
+/// A token returned for other filters than the request's (AIP-158).
+pub(crate) fn other_filters() -> ApiError {
+    ApiError::invalid(
+        "page_token",
+        "was returned for other filters; repeat the request's filters with its token",
+    )
 }
 
 /// A token for the page after `c`, valid only with the same filters (`filters` is any
@@ -73,10 +81,7 @@ pub fn parse_incident_token(token: &str, filters: &str) -> ApiResult<Option<Inci
         return Err(invalid_token());
     }
     if p[4] != fingerprint(filters) {
-        return Err(ApiError::invalid(
-            "page_token",
-            "was returned for other filters; repeat the request's filters with its token",
-        ));
+        return Err(other_filters());
     }
     let priority = p[1]
         .parse()

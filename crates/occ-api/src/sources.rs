@@ -252,7 +252,19 @@ impl SourceService for SourceApi {
     ) -> Result<Response<pb::ListSourcesResponse>, Status> {
         let req = request.into_inner();
         let limit = paging::page_size(req.page_size, 100, 1000)?;
-        let after = paging::parse_key_token("s1", &req.page_token, 1)?;
+        let filters = paging::fingerprint(&format!(
+            "{}|{}|{}|{}|{:?}",
+            req.kind, req.zone, req.district, req.status, req.unverified
+        ));
+        let after = paging::parse_key_token("s1", &req.page_token, 2)?
+            .map(|p| {
+                if p[1] == filters {
+                    Ok(p)
+                } else {
+                    Err(paging::other_filters())
+                }
+            })
+            .transpose()?;
         let filter = SourceFilter {
             kind: (!req.kind.is_empty()).then_some(req.kind),
             zone: (!req.zone.is_empty()).then_some(req.zone),
@@ -275,7 +287,7 @@ impl SourceService for SourceApi {
         let next_page_token = if page.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
             page.truncate(usize::try_from(limit).unwrap_or(0));
             page.last()
-                .map(|s| paging::key_token("s1", &[s.config.id.as_str()]))
+                .map(|s| paging::key_token("s1", &[s.config.id.as_str(), &filters]))
                 .unwrap_or_default()
         } else {
             String::new()

@@ -88,7 +88,23 @@ impl WatchlistService for WatchlistApi {
             .map_err(ApiError::from)?;
         let stored = watchlist::add(&mut tx, inputs, &who.subject)
             .await
-            .map_err(ApiError::from)?;
+            .map_err(|e| match e {
+                // The domain says expires_at; the request says expire_time.
+                occ_store::StoreError::Invalid(errors) => {
+                    let all = errors
+                        .errors()
+                        .iter()
+                        .map(|f| {
+                            occ_domain::FieldError::new(
+                                f.field.replace(".expires_at", ".expire_time"),
+                                f.message.clone(),
+                            )
+                        })
+                        .collect();
+                    ApiError::InvalidArgument(FieldErrors::from_vec(all).unwrap_or(errors))
+                }
+                other => other.into(),
+            })?;
         occ_store::commit(tx).await.map_err(ApiError::from)?;
         self.state.registry.reload_now();
         let created = stored.iter().filter(|(_, c)| *c).count();
@@ -130,7 +146,19 @@ impl WatchlistService for WatchlistApi {
     ) -> Result<Response<pb::ListWatchlistEntriesResponse>, Status> {
         let req = request.into_inner();
         let limit = paging::page_size(req.page_size, 100, 1000)?;
-        let after = paging::parse_key_token("w1", &req.page_token, 2)?;
+        let filters = paging::fingerprint(&format!(
+            "{}|{}|{}",
+            req.list, req.plate, req.include_expired
+        ));
+        let after = paging::parse_key_token("w1", &req.page_token, 3)?
+            .map(|p| {
+                if p[2] == filters {
+                    Ok(p)
+                } else {
+                    Err(paging::other_filters())
+                }
+            })
+            .transpose()?;
         let filter = EntryFilter {
             list: (!req.list.is_empty()).then_some(req.list),
             plate: if req.plate.is_empty() {
@@ -158,7 +186,9 @@ impl WatchlistService for WatchlistApi {
         let next_page_token = if page.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
             page.truncate(usize::try_from(limit).unwrap_or(0));
             page.last()
-                .map(|e| paging::key_token("w1", &[&e.entry.list, e.entry.plate.as_str()]))
+                .map(|e| {
+                    paging::key_token("w1", &[&e.entry.list, e.entry.plate.as_str(), &filters])
+                })
                 .unwrap_or_default()
         } else {
             String::new()
@@ -176,13 +206,45 @@ impl WatchlistService for WatchlistApi {
         let req = request.into_inner();
         let id = entry_id("entry_id", &req.entry_id)?;
         let limit = paging::page_size(req.page_size, 100, 1000)?;
+        let after = paging::parse_key_token("h1", &req.page_token, 3)?
+            .map(|p| {
+                if p[2] != req.entry_id {
+                    return Err(paging::other_filters());
+                }
+                let at = p[0]
+                    .parse()
+                    .ok()
+                    .and_then(chrono::DateTime::from_timestamp_micros)
+                    .ok_or_else(paging::invalid_token)?;
+                let event = Uuid::parse_str(&p[1]).map_err(|_| paging::invalid_token())?;
+                Ok((at, event))
+            })
+            .transpose()?;
         let mut conn = occ_store::acquire(&self.state.pool)
             .await
             .map_err(ApiError::from)?;
-        let hits = watchlist::hits(&mut conn, id, limit)
+        let mut hits = watchlist::hits(&mut conn, id, after, limit + 1)
             .await
             .map_err(ApiError::from)?;
+        let next_page_token = if hits.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
+            hits.truncate(usize::try_from(limit).unwrap_or(0));
+            hits.last()
+                .map(|h| {
+                    paging::key_token(
+                        "h1",
+                        &[
+                            &h.seen_at.timestamp_micros().to_string(),
+                            &h.event_id.to_string(),
+                            &req.entry_id,
+                        ],
+                    )
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
         Ok(Response::new(pb::ListWatchlistHitsResponse {
+            next_page_token,
             hits: hits
                 .iter()
                 .map(|h| pb::WatchlistHit {

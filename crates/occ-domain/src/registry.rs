@@ -32,7 +32,6 @@ pub struct Registry {
 #[derive(Debug, Clone, PartialEq)]
 pub struct WatchHit {
     pub entry_id: Uuid,
-    pub list: String,
     pub plate: Plate,
 }
 
@@ -69,10 +68,6 @@ impl Registry {
             zones,
             watchlist,
         }
-    }
-
-    pub fn source(&self, id: &SourceId) -> Option<&SourceConfig> {
-        self.sources.get(id)
     }
 
     pub fn zones(&self) -> &ZoneMap {
@@ -162,16 +157,19 @@ impl Registry {
     }
 
     fn check_plate(&self, event: &mut Event) -> Option<WatchHit> {
-        let plate = event
-            .attributes
-            .get(PLATE_ATTRIBUTE)
-            .and_then(|v| v.as_str())
-            .and_then(Plate::normalize)?;
+        // Only OCC's lists say what is wanted: a producer's own claim is kept aside, with or
+        // without a plate OCC can read.
         if let Some(claimed) = event.attributes.remove("watchlisted") {
             event
                 .attributes
                 .insert("camera_watchlisted".into(), claimed);
         }
+        event.attributes.remove("plate_normalized");
+        let plate = event
+            .attributes
+            .get(PLATE_ATTRIBUTE)
+            .and_then(|v| v.as_str())
+            .and_then(Plate::normalize)?;
         event.attributes.insert(
             "plate_normalized".into(),
             serde_json::Value::String(plate.to_string()),
@@ -191,7 +189,6 @@ impl Registry {
         );
         Some(WatchHit {
             entry_id: entry.id,
-            list: entry.list.clone(),
             plate,
         })
     }
@@ -388,6 +385,17 @@ mod tests {
         assert_eq!(
             wanted.watch_hit.as_ref().map(|h| h.plate.as_str()),
             Some("505AAA02")
+        );
+
+        // A claim without a plate OCC can read opens nothing either.
+        let claim_only = registry().enrich(event("lpr-1", |i| {
+            i.event_type = Some("vehicle.plate".into());
+            i.attributes.insert("watchlisted".into(), json!(true));
+        }));
+        assert!(!claim_only.event.attributes.contains_key("watchlisted"));
+        assert_eq!(
+            claim_only.event.attributes["camera_watchlisted"],
+            json!(true)
         );
 
         let not_wanted = registry().enrich(event("lpr-1", |i| {

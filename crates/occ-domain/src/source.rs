@@ -399,18 +399,20 @@ pub struct StatusTransition {
     pub announce: bool,
 }
 
-/// What a status report (a camera's status, a last will, a silence) does to a source whose
-/// status is `current`, last changed at `changed_at`, or `None` when it changes nothing (the
-/// source already has that status, or the report is older than the last change).
+/// What a status report (a camera's status, a last will, a silence) received at `at` does to
+/// a source whose status is `current` and whose latest report was received at `last_report`,
+/// or `None` when it changes nothing: the source already has that status, or the report is
+/// older than one already seen (delivered late by another instance: it is stale, whatever it
+/// says).
 ///
 /// Coming online from `unknown` is not announced: only a return from offline is news.
 pub fn on_report(
     current: SourceStatus,
-    changed_at: Option<DateTime<Utc>>,
+    last_report: Option<DateTime<Utc>>,
     reported: SourceStatus,
     at: DateTime<Utc>,
 ) -> Option<StatusTransition> {
-    if changed_at.is_some_and(|c| at <= c) {
+    if last_report.is_some_and(|c| at <= c) {
         return None;
     }
     let (to, announce) = match (current, reported) {
@@ -499,7 +501,7 @@ mod tests {
                 "{current:?} + {reported:?}"
             );
         }
-        // A report older than the last change changes nothing.
+        // A report older than the latest one seen changes nothing.
         assert_eq!(on_report(Online, Some(t1), Offline, t0), None);
         assert_eq!(on_activity(Unknown), Online);
         assert_eq!(on_activity(Offline), Offline);

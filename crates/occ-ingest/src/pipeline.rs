@@ -79,19 +79,16 @@ impl Decoded {
         }
     }
 
-    /// Tells the activity log what the committed batch heard from its sources.
+    /// Tells the activity log what the committed batch heard from its sources; QoS 0 is
+    /// counted once per event, on the delivery that stored it.
     fn record(&self, outcome: &BatchOutcome, log: &ActivityLog) {
-        for qos0 in [false, true] {
-            log.record(
-                self.events
-                    .iter()
-                    .zip(&self.qos0)
-                    .zip(&outcome.events)
-                    .filter(|((_, q), o)| **q == qos0 && matches!(o, EventOutcome::Accepted { .. }))
-                    .map(|((e, _), _)| &e.event),
-                qos0,
-            );
-        }
+        log.record(
+            self.events
+                .iter()
+                .zip(&self.qos0)
+                .zip(&outcome.events)
+                .map(|((e, q), o)| (&e.event, *q && matches!(o, EventOutcome::Accepted { .. }))),
+        );
     }
 }
 

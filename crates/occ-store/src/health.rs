@@ -4,9 +4,11 @@
 //! `source.offline` event.
 //!
 //! Both announcements go through the same path as any event (rules, incidents, audit), in the
-//! transaction that changes the source's status, so each happens exactly once however many
-//! instances run. Activity not yet written when an instance dies is lost (at most one flush
-//! interval of "last seen"); the source's next event brings it back.
+//! transaction that changes the source's status, so each change is announced once however
+//! many instances run. Activity not yet written when an instance dies is lost (at most one
+//! flush interval of "last seen"); the source's next event brings it back. A source is only
+//! taken for silent two flush intervals after its expected interval ran out, so activity
+//! another instance has not written yet does not make it go offline.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -32,12 +34,13 @@ pub struct ActivityLog {
 }
 
 impl ActivityLog {
-    /// Records the events of a committed batch: when each source was heard from, its battery,
-    /// its errors; `qos0` when they arrived at MQTT QoS 0. Status reports are not activity
-    /// (an NVR reporting a camera offline has not heard from the camera).
-    pub fn record<'a>(&self, events: impl IntoIterator<Item = &'a Event>, qos0: bool) {
+    /// Records the events of a committed batch: when each source was heard from (a repeat or
+    /// a redelivery is hearing from it too), its battery, its errors; with `counted_qos0`, the
+    /// events to count as arrived at MQTT QoS 0. Status reports are not activity (an NVR
+    /// reporting a camera offline has not heard from the camera).
+    pub fn record<'a>(&self, events: impl IntoIterator<Item = (&'a Event, bool)>) {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        for e in events {
+        for (e, qos0) in events {
             if reported_status(e.event_type.as_str()).is_some() {
                 continue;
             }
@@ -114,9 +117,17 @@ impl Health {
         }
     }
 
+    /// Writes activity in one short transaction, then announces the returns of sources that
+    /// were offline, each change locking only its own sources: the flush never holds every
+    /// active source while rules are evaluated.
     async fn write(&self, activity: &BTreeMap<String, Activity>) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let returned = sources::record_activity(&mut tx, activity).await?;
+        tx.commit().await?;
+        if returned.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
         let now = crate::dispatch::now(&mut tx).await?;
         let events: Vec<Event> = returned
             .into_iter()
@@ -129,15 +140,18 @@ impl Health {
         Ok(())
     }
 
-    /// Turns up to `limit` sources silent past their expected interval into `source.offline`
-    /// events. Returns how many.
-    pub async fn sweep_silent(&self, limit: i64) -> Result<usize> {
+    /// Turns up to `limit` sources silent past their expected interval (and `grace` more, for
+    /// activity other instances have not written yet) into `source.offline` events. Returns
+    /// how many sources it looked at.
+    pub async fn sweep_silent(&self, grace: Duration, limit: i64) -> Result<usize> {
         let mut tx = self.pool.begin().await?;
         let now = crate::dispatch::now(&mut tx).await?;
-        let silent = sources::lock_silent(&mut tx, now, limit).await?;
+        let grace = chrono::TimeDelta::from_std(grace).unwrap_or_default();
+        let silent = sources::lock_silent(&mut tx, now - grace, limit).await?;
         if silent.is_empty() {
             return Ok(0);
         }
+        let looked = silent.len();
         let events: Vec<Event> = silent
             .into_iter()
             .filter_map(|(id, seen)| {
@@ -148,10 +162,9 @@ impl Health {
                 self.announce(id, SourceStatus::Offline, &why, seen, now)
             })
             .collect();
-        let n = events.len();
         self.apply(&mut tx, events).await?;
         tx.commit().await?;
-        Ok(n)
+        Ok(looked)
     }
 
     fn announce(
@@ -209,7 +222,9 @@ impl Health {
                 tracing::warn!(error = %e, "cannot record source activity; retrying");
             }
             loop {
-                match self.sweep_silent(100).await {
+                // Two flushes of margin: another instance may have heard from the source and
+                // not written it yet.
+                match self.sweep_silent(interval * 2, 100).await {
                     Ok(100) => continue,
                     Ok(_) => break,
                     Err(e) => {

@@ -180,7 +180,9 @@ pub(crate) async fn apply(
         }
     }
     let before = events::revisions(conn, evolving.keys()).await?;
-    let mut fresh: HashMap<usize, bool> = HashMap::new();
+    let evolving_keys: Vec<(String, String)> = evolving.keys().cloned().collect();
+    // Per fresh revision: its place among the batch's fresh revisions of its event.
+    let mut fresh: HashMap<usize, usize> = HashMap::new();
     let mut newest: Vec<(usize, i32)> = Vec::with_capacity(evolving.len());
     for (key, mut idx) in evolving {
         idx.sort_by_key(|&i| (all[i].revision, i));
@@ -189,18 +191,23 @@ pub(crate) async fn apply(
         let floor = before.get(&key).map(|(_, r)| *r);
         idx.retain(|&i| floor.is_none_or(|f| all[i].revision.is_some_and(|r| r > f)));
         for (n, &i) in idx.iter().enumerate() {
-            // Revised: the row existed before this message.
-            fresh.insert(i, floor.is_some() || n > 0);
+            fresh.insert(i, n);
         }
         if let Some(&last) = idx.last() {
             newest.push((last, i32::try_from(idx.len()).unwrap_or(i32::MAX)));
         }
     }
-    // A status report changes its source's status or nothing at all.
-    let reports: Vec<(usize, sources::StatusReport)> = plain
+    // A status report changes its source's status or nothing at all; one already stored (a
+    // retried call with its producer's id) changes nothing.
+    let mut reports: Vec<(usize, sources::StatusReport)> = plain
         .values()
         .filter_map(|&i| sources::StatusReport::of(all[i]).map(|r| (i, r)))
         .collect();
+    if !reports.is_empty() {
+        let candidates: Vec<&Event> = reports.iter().map(|(i, _)| all[*i]).collect();
+        let stored_before = events::existing_ids(conn, &candidates).await?;
+        reports.retain(|(i, _)| !stored_before.contains_key(&key_of(all[*i])));
+    }
     let refused = sources::apply_status_reports(conn, &reports).await?;
     let mut to_insert: Vec<(usize, i32)> = plain
         .values()
@@ -234,7 +241,12 @@ pub(crate) async fn apply(
         .map(|(i, e)| {
             let key = key_of(e);
             match fresh.get(&i) {
-                Some(&revised) => id_of(&key).map(|id| events::Stored { id, revised }),
+                Some(&n) => id_of(&key).map(|id| events::Stored {
+                    id,
+                    // The row existed before this message: an earlier one of this batch made
+                    // it, or it was stored before (by this instance or, meanwhile, another).
+                    revised: n > 0 || stored.get(&key).is_none_or(|s| s.revised),
+                }),
                 None => (plain.get(&key) == Some(&i))
                     .then(|| stored.get(&key).copied())
                     .flatten(),
@@ -244,8 +256,9 @@ pub(crate) async fn apply(
 
     // An evolving event stored before already belongs to incidents: a later state that
     // matches the same rule and key neither counts again nor reopens a closed one; nor does a
-    // second state of it in this batch.
-    let known: Vec<EventId> = before.values().map(|b| b.0).collect();
+    // second state of it in this batch. Read after the insert: had another instance stored
+    // this event meanwhile, the insert waited for its commit, so its links are seen here.
+    let known: Vec<EventId> = evolving_keys.iter().filter_map(id_of).collect();
     let mut linked = incidents::linked_keys(conn, &known).await?;
 
     // Rule hits grouped by correlation key; keys in sorted order, so every transaction locks

@@ -127,6 +127,8 @@ async fn register_unknown(conn: &mut PgConnection, ids: &[&str], now: DateTime<U
 struct Health {
     status: SourceStatus,
     status_changed_at: Option<DateTime<Utc>>,
+    /// When the latest status report about it was received, whether it changed anything.
+    status_reported_at: Option<DateTime<Utc>>,
     last_seen: Option<DateTime<Utc>>,
     expected_interval: Option<TimeDelta>,
 }
@@ -135,7 +137,8 @@ struct Health {
 async fn lock_health(conn: &mut PgConnection, ids: &[&str]) -> Result<HashMap<String, Health>> {
     let rows = sqlx::query!(
         r#"
-        SELECT id, status, status_changed_at, last_seen, expected_interval_seconds
+        SELECT id, status, status_changed_at, status_reported_at, last_seen,
+               expected_interval_seconds
           FROM sources
          WHERE id = ANY($1)
          ORDER BY id
@@ -154,6 +157,7 @@ async fn lock_health(conn: &mut PgConnection, ids: &[&str]) -> Result<HashMap<St
                 Health {
                     status,
                     status_changed_at: r.status_changed_at,
+                    status_reported_at: r.status_reported_at,
                     last_seen: r.last_seen,
                     expected_interval: r
                         .expected_interval_seconds
@@ -183,17 +187,15 @@ pub(crate) async fn apply_status_reports(
     let mut health = lock_health(conn, &ids).await?;
     let mut ordered: Vec<&(usize, StatusReport)> = reports.iter().collect();
     ordered.sort_by_key(|(i, _)| *i);
-    let mut changed: BTreeMap<&str, ()> = BTreeMap::new();
     for (i, r) in ordered {
         let Some(h) = health.get_mut(&r.source_id) else {
             refused.insert(*i);
             continue;
         };
-        match on_report(h.status, h.status_changed_at, r.status, r.at) {
+        match on_report(h.status, h.status_reported_at, r.status, r.at) {
             Some(StatusTransition { to, announce }) => {
                 h.status = to;
                 h.status_changed_at = Some(r.at);
-                changed.insert(&r.source_id, ());
                 if !announce {
                     refused.insert(*i);
                 }
@@ -202,30 +204,38 @@ pub(crate) async fn apply_status_reports(
                 refused.insert(*i);
             }
         }
+        // A report older than one already seen is stale, whatever it said: the next one
+        // must be newer still (out-of-order deliveries between instances).
+        h.status_reported_at = h.status_reported_at.max(Some(r.at));
     }
     let mut upd_ids = Vec::new();
     let mut statuses = Vec::new();
-    let mut ats = Vec::new();
+    let mut changed_ats = Vec::new();
+    let mut reported_ats = Vec::new();
     let mut silents = Vec::new();
-    for id in changed.keys() {
+    for id in &ids {
         let h = &health[*id];
         upd_ids.push(*id);
         statuses.push(h.status.as_str());
-        ats.push(h.status_changed_at);
+        changed_ats.push(h.status_changed_at);
+        reported_ats.push(h.status_reported_at);
         silents.push(silent_after(h.status, h.last_seen, h.expected_interval));
     }
     sqlx::query!(
         r#"
         UPDATE sources s
-           SET status = u.status, status_changed_at = u.at, silent_after = u.silent_after,
-               updated_at = $5
-          FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
-               AS u(id, status, at, silent_after)
+           SET status = u.status, status_changed_at = u.changed_at,
+               status_reported_at = u.reported_at, silent_after = u.silent_after,
+               updated_at = $6
+          FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+                      $5::timestamptz[])
+               AS u(id, status, changed_at, reported_at, silent_after)
          WHERE s.id = u.id
         "#,
         &upd_ids as &[&str],
         &statuses as &[&str],
-        &ats as &[Option<DateTime<Utc>>],
+        &changed_ats as &[Option<DateTime<Utc>>],
+        &reported_ats as &[Option<DateTime<Utc>>],
         &silents as &[Option<DateTime<Utc>>],
         now,
     )
@@ -279,6 +289,7 @@ pub async fn record_activity(
     let mut errors = Vec::with_capacity(n);
     let mut error_ats = Vec::with_capacity(n);
     let mut qos0 = Vec::with_capacity(n);
+    let mut changed_at = Vec::with_capacity(n);
     let mut returned = Vec::new();
     for (id, a) in activity {
         let h = health.get(id);
@@ -288,6 +299,11 @@ pub async fn record_activity(
         } else {
             current
         };
+        changed_at.push(if status == current {
+            h.and_then(|h| h.status_changed_at)
+        } else {
+            a.last_seen
+        });
         let last_seen = h.and_then(|h| h.last_seen).max(a.last_seen);
         statuses.push(status.as_str());
         seen.push(last_seen);
@@ -310,6 +326,7 @@ pub async fn record_activity(
         r#"
         UPDATE sources s
            SET status = u.status,
+               status_changed_at = u.changed_at,
                last_seen = u.last_seen,
                silent_after = u.silent_after,
                battery_pct = COALESCE(u.battery, s.battery_pct),
@@ -317,8 +334,10 @@ pub async fn record_activity(
                last_error_at = COALESCE(u.error_at, s.last_error_at),
                qos0_events = s.qos0_events + u.qos0
           FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[],
-                      $5::float8[], $6::text[], $7::timestamptz[], $8::int8[])
-               AS u(id, status, last_seen, silent_after, battery, error, error_at, qos0)
+                      $5::float8[], $6::text[], $7::timestamptz[], $8::int8[],
+                      $9::timestamptz[])
+               AS u(id, status, last_seen, silent_after, battery, error, error_at, qos0,
+                    changed_at)
          WHERE s.id = u.id
         "#,
         &ids as &[&str],
@@ -329,17 +348,18 @@ pub async fn record_activity(
         &errors as &[Option<&str>],
         &error_ats as &[Option<DateTime<Utc>>],
         &qos0,
+        &changed_at as &[Option<DateTime<Utc>>],
     )
     .execute(conn)
     .await?;
     Ok(returned)
 }
 
-/// Up to `limit` sources online but silent past their expected interval at `now`, locked
-/// (skipping those another instance holds): (id, last seen).
+/// Up to `limit` sources online but silent past their expected interval before `before`,
+/// locked (skipping those another instance holds): (id, last seen).
 pub async fn lock_silent(
     conn: &mut PgConnection,
-    now: DateTime<Utc>,
+    before: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<(SourceId, DateTime<Utc>)>> {
     let rows = sqlx::query!(
@@ -351,10 +371,20 @@ pub async fn lock_silent(
          LIMIT $2
            FOR UPDATE SKIP LOCKED
         "#,
-        now,
+        before,
         limit
     )
-    .fetch_all(conn)
+    .fetch_all(&mut *conn)
+    .await?;
+    // Looked at: going offline clears it anyway; if the report is refused (an older report
+    // than one already seen), the next activity sets it again rather than this sweep taking
+    // the same source over and over.
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    sqlx::query!(
+        "UPDATE sources SET silent_after = NULL WHERE id = ANY($1)",
+        &ids as &[&str]
+    )
+    .execute(&mut *conn)
     .await?;
     Ok(rows
         .into_iter()
@@ -411,8 +441,8 @@ pub async fn list(
            AND ($3::text IS NULL OR district = $3)
            AND ($4::text IS NULL OR status = $4)
            AND ($5::bool IS NULL OR verified = $5)
-           AND ($6::text IS NULL OR id COLLATE "C" > $6)
-         ORDER BY id COLLATE "C"
+           AND ($6::text IS NULL OR id > $6)
+         ORDER BY id
          LIMIT $7
         "#,
         filter.kind,
@@ -473,19 +503,32 @@ pub async fn upsert(
     if let Some(errors) = FieldErrors::from_vec(errors) {
         return Err(StoreError::Invalid(errors));
     }
+    // Every row this import touches, locked at once in id order, as the health flush locks
+    // them: two transactions never wait on each other in opposite orders.
+    let ids: Vec<&str> = configs.iter().map(|c| c.id.as_str()).collect();
+    let existing: HashMap<String, (bool, String, Option<DateTime<Utc>>)> = sqlx::query!(
+        r#"
+        SELECT id, verified, status, last_seen
+          FROM sources
+         WHERE id = ANY($1)
+         ORDER BY id
+           FOR UPDATE
+        "#,
+        &ids as &[&str]
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| (r.id, (r.verified, r.status, r.last_seen)))
+    .collect();
     let mut out = Vec::with_capacity(configs.len());
     let mut entries = Vec::with_capacity(configs.len());
     for c in configs {
-        let before = sqlx::query!(
-            "SELECT verified, status, last_seen FROM sources WHERE id = $1 FOR UPDATE",
-            c.id.as_str()
-        )
-        .fetch_optional(&mut *conn)
-        .await?;
-        let silent = before.as_ref().and_then(|b| {
+        let before = existing.get(c.id.as_str());
+        let silent = before.and_then(|(_, status, last_seen)| {
             silent_after(
-                SourceStatus::parse(&b.status)?,
-                b.last_seen,
+                SourceStatus::parse(status)?,
+                *last_seen,
                 c.expected_interval,
             )
         });
@@ -526,7 +569,7 @@ pub async fn upsert(
         )
         .execute(&mut *conn)
         .await?;
-        let created = before.as_ref().is_none_or(|b| !b.verified);
+        let created = before.is_none_or(|(verified, ..)| !verified);
         entries.push(AuditEntry {
             entity: Entity::Source(named_id("source", c.id.as_str())),
             at: now,

@@ -326,18 +326,26 @@ pub struct StoredHit {
     pub seen_at: DateTime<Utc>,
 }
 
-/// The sightings of an entry's plate, newest first.
-pub async fn hits(conn: &mut PgConnection, entry_id: Uuid, limit: i64) -> Result<Vec<StoredHit>> {
+/// The sightings of an entry's plate, newest first, after `after` (seen at, event).
+pub async fn hits(
+    conn: &mut PgConnection,
+    entry_id: Uuid,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<StoredHit>> {
     Ok(sqlx::query_as!(
         StoredHit,
         r#"
         SELECT entry_id, event_id, plate, source_id, zone, seen_at
           FROM watchlist_hits
          WHERE entry_id = $1
-         ORDER BY seen_at DESC
-         LIMIT $2
+           AND ($2::timestamptz IS NULL OR (seen_at, event_id) < ($2, $3::uuid))
+         ORDER BY seen_at DESC, event_id DESC
+         LIMIT $4
         "#,
         entry_id,
+        after.map(|a| a.0),
+        after.map(|a| a.1),
         limit
     )
     .fetch_all(conn)

@@ -18,11 +18,16 @@ use tokio_util::sync::CancellationToken;
 
 /// A camera's tracked person at `rank` (0 new, 1.. updates, then end), in `zones`.
 fn person(rank: i16, zones: &[&str]) -> Event {
+    object("1764081123.512034-k3v9qa", rank, zones)
+}
+
+/// The tracked object `id` at `rank`, in `zones`.
+fn object(id: &str, rank: i16, zones: &[&str]) -> Event {
     let start = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 11, 25, 6, 0, 0)
         .single()
         .expect("valid time");
     let input = EventInput {
-        id: Some("1764081123.512034-k3v9qa".into()),
+        id: Some(id.into()),
         event_type: Some("object.person".into()),
         occurred_at: Some(start.to_rfc3339()),
         zone: zones.first().map(|z| (*z).to_owned()),
@@ -260,14 +265,14 @@ async fn a_silent_source_goes_offline_once_however_many_instances_check(pool: Pg
         &Limits::default(),
     )
     .expect("event");
-    log.record([&reading], false);
+    log.record([(&reading, false)]);
     assert_eq!(health(log).flush().await.expect("flush"), 1);
 
     // Five instances look for silent sources at once.
     let checks: Vec<_> = (0..5)
         .map(|_| {
             let h = health(ActivityLog::default());
-            tokio::spawn(async move { h.sweep_silent(100).await.expect("sweep") })
+            tokio::spawn(async move { h.sweep_silent(Duration::ZERO, 100).await.expect("sweep") })
         })
         .collect();
     let mut found = 0;
@@ -290,4 +295,102 @@ async fn a_silent_source_goes_offline_once_however_many_instances_check(pool: Pg
         "the registry placed it"
     );
     shutdown.cancel();
+}
+
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn two_instances_storing_one_new_object_at_once_count_it_once(pool: PgPool) {
+    // A shared subscription hands an object's first messages to two instances: both find it
+    // new, both match the rule. Each object, in its own zone, must be one linked event.
+    for n in 0..20 {
+        let id = format!("1764081123.{n:06}-race{n:02}");
+        let zone = format!("restricted_gate_{n}");
+        let a = {
+            let (pool, e) = (pool.clone(), object(&id, 0, &[zone.as_str()]));
+            tokio::spawn(async move { commit(&pool, vec![e]).await })
+        };
+        let b = {
+            let (pool, e) = (pool.clone(), object(&id, 1, &[zone.as_str()]));
+            tokio::spawn(async move { commit(&pool, vec![e]).await })
+        };
+        a.await.expect("task");
+        b.await.expect("task");
+    }
+    let counts: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT i.zone, i.event_count, count(l.event_id)
+           FROM incidents i JOIN incident_events l ON l.incident_id = i.id
+          GROUP BY i.id ORDER BY i.zone",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("incidents");
+    assert_eq!(counts.len(), 20, "one incident per object: {counts:?}");
+    assert!(
+        counts
+            .iter()
+            .all(|(_, count, links)| *count == 1 && *links == 1),
+        "{counts:?}"
+    );
+    let revisions: Vec<i32> =
+        sqlx::query_scalar("SELECT revisions FROM events WHERE event_type = 'object.person'")
+            .fetch_all(&pool)
+            .await
+            .expect("events");
+    assert_eq!(revisions.len(), 20);
+}
+
+fn report(source: &str, status: SourceStatus, received: chrono::DateTime<Utc>) -> Event {
+    occ_domain::source::status_event(
+        SourceId::parse(source).expect("source"),
+        status,
+        "reported",
+        received,
+        received,
+        &Limits::default(),
+    )
+    .expect("status event")
+}
+
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn a_status_report_delivered_late_or_again_changes_nothing(pool: PgPool) {
+    let cam = "frigate:frigate:gate_cam";
+    let t = Utc::now() - TimeDelta::minutes(1);
+    let offline = report(cam, SourceStatus::Offline, t);
+    let online = report(cam, SourceStatus::Online, t + TimeDelta::seconds(10));
+    commit(&pool, vec![offline.clone()]).await;
+    commit(&pool, vec![online]).await;
+    // The first offline again (a retried call with the same id): a duplicate.
+    let again = commit(&pool, vec![offline]).await;
+    assert!(matches!(again.events[0], EventOutcome::Duplicate { .. }));
+    // An offline the camera's NVR sent before its online, committed late by another instance.
+    let stale = commit(
+        &pool,
+        vec![report(
+            cam,
+            SourceStatus::Offline,
+            t + TimeDelta::seconds(5),
+        )],
+    )
+    .await;
+    assert!(matches!(stale.events[0], EventOutcome::Duplicate { .. }));
+    let mut conn = pool.acquire().await.expect("connection");
+    assert_eq!(
+        sources::get(&mut conn, cam).await.expect("source").status,
+        SourceStatus::Online
+    );
+    // An online that arrived first, then an older offline: the offline is stale too.
+    let other = "frigate:frigate:yard_cam";
+    commit(
+        &pool,
+        vec![report(
+            other,
+            SourceStatus::Online,
+            t + TimeDelta::seconds(10),
+        )],
+    )
+    .await;
+    commit(&pool, vec![report(other, SourceStatus::Offline, t)]).await;
+    assert_eq!(
+        sources::get(&mut conn, other).await.expect("source").status,
+        SourceStatus::Online
+    );
 }

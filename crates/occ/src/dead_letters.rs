@@ -6,9 +6,9 @@
 use std::io::Write;
 
 use anyhow::Context;
-use occ_adapters::{Adapters, Message};
+use occ_adapters::Adapters;
 use occ_domain::{Limits, RuleSet};
-use occ_store::dead_letters::{self, DeadLetterFilter, ReplayOutcome, StoredDeadLetter};
+use occ_store::dead_letters::{self, DeadLetterFilter, ReplayOutcome};
 use occ_store::{PgPool, rules};
 use uuid::Uuid;
 
@@ -79,19 +79,7 @@ pub async fn replay(
     let registry = occ_store::registry::load(pool.clone())
         .await
         .context("cannot load the registry")?;
-    let decode = |l: &StoredDeadLetter| {
-        adapters
-            .decode(
-                &Message {
-                    topic: &l.topic,
-                    payload: &l.payload,
-                    received_at: l.received_at,
-                },
-                limits,
-            )
-            .map(|events| events.into_iter().map(|e| registry.enrich(e)).collect())
-            .map_err(|r| r.0)
-    };
+    let decode = occ_api::dead_letters::redecode(adapters, &registry, limits);
     let outcomes =
         dead_letters::replay(pool, &letters, decode, &rules, &crate::import::actor()).await?;
     let mut out = std::io::stdout().lock();

@@ -44,19 +44,37 @@ fn report(errors: &FieldErrors, locate: impl Fn(&str) -> String) -> String {
         .join("\n")
 }
 
-/// `sources[12].lat` in a CSV file is line 14 (a header line, and counting from 1).
-fn csv_line(field: &str) -> String {
+/// `sources[12].lat` in a CSV file as the line record 12 starts on (`lines[12]`).
+fn csv_line(field: &str, lines: &[u64]) -> String {
     match field
         .strip_prefix("sources[")
         .or_else(|| field.strip_prefix("entries["))
         .and_then(|r| r.split_once("]."))
     {
-        Some((i, rest)) => match i.parse::<usize>() {
-            Ok(i) => format!("line {}, {rest}", i + 2),
-            Err(_) => field.to_owned(),
+        Some((i, rest)) => match i.parse::<usize>().ok().and_then(|i| lines.get(i)) {
+            Some(line) => format!("line {line}, {rest}"),
+            None => field.to_owned(),
         },
         None => field.to_owned(),
     }
+}
+
+/// The rows of a CSV file, each with the line it starts on (a quoted field may span lines).
+fn csv_rows<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> anyhow::Result<Vec<(u64, T)>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_reader(bytes);
+    let headers = reader.headers()?.clone();
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record = record?;
+        let line = record.position().map_or(0, csv::Position::line);
+        let row = record
+            .deserialize(Some(&headers))
+            .map_err(|e| anyhow::anyhow!("line {line}: {e}"))?;
+        rows.push((line, row));
+    }
+    Ok(rows)
 }
 
 /// One CSV row of sources: `id,kind,name,lat,lon,zone,district,profile,expected_interval,enabled,tags`
@@ -88,7 +106,7 @@ struct SourceRow {
 }
 
 impl SourceRow {
-    fn input(self, line: usize) -> anyhow::Result<SourceInput> {
+    fn input(self, line: u64) -> anyhow::Result<SourceInput> {
         let expected_interval_seconds = match self.expected_interval.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(s) => {
@@ -158,15 +176,12 @@ pub struct Imported {
 
 pub async fn sources(pool: &PgPool, path: &Path) -> anyhow::Result<Imported> {
     let bytes = read(path)?;
+    let mut lines = Vec::new();
     let (inputs, profiles) = if is_csv(path) {
-        let mut reader = csv::ReaderBuilder::new()
-            .trim(csv::Trim::All)
-            .from_reader(bytes.as_slice());
         let mut inputs = Vec::new();
-        for (i, row) in reader.deserialize::<SourceRow>().enumerate() {
-            let line = i + 2;
-            let row = row.map_err(|e| anyhow::anyhow!("line {line}: {e}"))?;
+        for (line, row) in csv_rows::<SourceRow>(&bytes)? {
             inputs.push(row.input(line)?);
+            lines.push(line);
         }
         (inputs, Vec::new())
     } else if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
@@ -198,7 +213,11 @@ pub async fn sources(pool: &PgPool, path: &Path) -> anyhow::Result<Imported> {
         Err(StoreError::Invalid(errors)) => bail!(
             "{} is not imported; fix these and run it again:\n{}",
             path.display(),
-            report(&errors, |f| if csv { csv_line(f) } else { f.to_owned() })
+            report(&errors, |f| if csv {
+                csv_line(f, &lines)
+            } else {
+                f.to_owned()
+            })
         ),
         Err(e) => return Err(e.into()),
     };
@@ -283,14 +302,11 @@ pub async fn watchlist(pool: &PgPool, path: &Path) -> anyhow::Result<Imported> {
     let bytes = read(path)?;
     let csv = is_csv(path);
     let mut inputs = Vec::new();
+    let mut lines = Vec::new();
     if csv {
-        let mut reader = csv::ReaderBuilder::new()
-            .trim(csv::Trim::All)
-            .from_reader(bytes.as_slice());
-        for (i, row) in reader.deserialize::<EntryRow>().enumerate() {
-            let line = format!("line {}", i + 2);
-            let row = row.map_err(|e| anyhow::anyhow!("{line}: {e}"))?;
-            inputs.push(row.input(&line)?);
+        for (line, row) in csv_rows::<EntryRow>(&bytes)? {
+            inputs.push(row.input(&format!("line {line}"))?);
+            lines.push(line);
         }
     } else {
         let rows: Vec<EntryRow> = from_json(&bytes, "watch list")
@@ -308,7 +324,11 @@ pub async fn watchlist(pool: &PgPool, path: &Path) -> anyhow::Result<Imported> {
         Err(StoreError::Invalid(errors)) => bail!(
             "{} is not imported; fix these and run it again:\n{}",
             path.display(),
-            report(&errors, |f| if csv { csv_line(f) } else { f.to_owned() })
+            report(&errors, |f| if csv {
+                csv_line(f, &lines)
+            } else {
+                f.to_owned()
+            })
         ),
         Err(e) => return Err(e.into()),
     };
@@ -344,10 +364,15 @@ mod tests {
     }
 
     #[test]
-    fn errors_point_at_csv_lines() {
-        assert_eq!(csv_line("sources[0].lat"), "line 2, lat");
-        assert_eq!(csv_line("entries[11].plate"), "line 13, plate");
-        assert_eq!(csv_line("profile"), "profile");
+    fn errors_point_at_the_line_a_record_starts_on() {
+        let data = "id,name\ncam-1,\"two\nlines\"\ncam-2,x\n";
+        let rows = csv_rows::<std::collections::HashMap<String, String>>(data.as_bytes())
+            .expect("valid csv");
+        let lines: Vec<u64> = rows.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, [2, 4]);
+        assert_eq!(csv_line("sources[1].lat", &lines), "line 4, lat");
+        assert_eq!(csv_line("entries[0].plate", &lines), "line 2, plate");
+        assert_eq!(csv_line("profile", &lines), "profile");
     }
 
     #[test]

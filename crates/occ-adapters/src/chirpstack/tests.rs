@@ -337,3 +337,26 @@ fn what_chirpstacks_own_serialisation_writes_decodes() {
             .is_empty()
     );
 }
+
+#[test]
+fn tags_that_cannot_place_a_device_cost_nothing() {
+    let mut v = fixture_json("chirpstack/up-water-level.json");
+    let mut tags = serde_json::Map::new();
+    tags.insert("kind".into(), json!("Water Sensor"));
+    tags.insert("lat".into(), json!("95"));
+    tags.insert("lon".into(), json!("71.4"));
+    tags.insert("x".repeat(80), json!("long key"));
+    for i in 0..40 {
+        tags.insert(format!("t{i:02}"), json!("v"));
+    }
+    v["deviceInfo"]["tags"] = serde_json::Value::Object(tags);
+    let texts: serde_json::Map<String, serde_json::Value> = (0..40)
+        .map(|i| (format!("s{i:02}"), json!("text")))
+        .collect();
+    v["object"] = serde_json::Value::Object(texts);
+    let e = one(UP, v.to_string().as_bytes());
+    assert!(e.source_kind.is_none());
+    assert!(e.location.is_none());
+    assert!(e.attributes.len() <= 64);
+    assert!(e.attributes.contains_key("object_values_dropped"));
+}

@@ -130,6 +130,9 @@ fn the_same_absolute_reading_twice_is_one_reading() {
     assert_eq!(a[0].idempotency_key, b[0].idempotency_key);
     let c = pack(json!([{"bn": "x:", "bt": 1764050460, "n": "pm2_5", "v": 12}]));
     assert_ne!(a[0].idempotency_key, c[0].idempotency_key);
+    // Another quantity at the same time is another reading, not a repeat.
+    let d = pack(json!([{"bn": "x:", "bt": 1764050400, "n": "no2", "v": 40}]));
+    assert_ne!(a[0].idempotency_key, d[0].idempotency_key);
 }
 
 #[test]
