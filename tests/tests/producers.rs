@@ -67,6 +67,25 @@ async fn timeline_events(grpc: &str, id: &str) -> Vec<pb::Event> {
         .collect()
 }
 
+/// A source's registry entry once `ready` holds for it (its health is written once a flush).
+async fn source_when(
+    grpc: &str,
+    id: &str,
+    what: &str,
+    ready: impl Fn(&pb::Source) -> bool,
+) -> pb::Source {
+    eventually(Duration::from_secs(10), what, || async {
+        occ_tests::sources(grpc)
+            .await
+            .get_source(pb::GetSourceRequest { id: id.into() })
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().source)
+            .filter(|s| ready(s))
+    })
+    .await
+}
+
 /// Waits until this instance's registry has taken in a change: a dry run of `event` matches
 /// `rule`.
 async fn until_registry_applies(grpc: &str, event: pb::Event, rule: &str) {
@@ -158,14 +177,8 @@ async fn a_frigate_object_entering_a_restricted_zone_is_one_detection_and_one_po
     );
 
     // The camera is registered, unverified, as heard from.
-    let source = eventually(Duration::from_secs(5), "the camera registered", || async {
-        occ_tests::sources(&occ.grpc)
-            .await
-            .get_source(pb::GetSourceRequest { id: camera.into() })
-            .await
-            .ok()
-            .and_then(|r| r.into_inner().source)
-            .filter(|s| s.last_seen_time.is_some())
+    let source = source_when(&occ.grpc, camera, "the camera registered", |s| {
+        s.last_seen_time.is_some()
     })
     .await;
     assert!(!source.verified);
@@ -255,14 +268,8 @@ async fn a_chirpstack_uplink_over_threshold_opens_one_utilities_incident(pool: P
     assert_eq!(utilities[0].event_count, 1);
 
     // The status reached the registry: battery, and the device heard from.
-    let s = eventually(Duration::from_secs(5), "the battery recorded", || async {
-        occ_tests::sources(&occ.grpc)
-            .await
-            .get_source(pb::GetSourceRequest { id: source.into() })
-            .await
-            .ok()
-            .and_then(|r| r.into_inner().source)
-            .filter(|s| s.battery_pct.is_some())
+    let s = source_when(&occ.grpc, source, "the battery recorded", |s| {
+        s.battery_pct.is_some()
     })
     .await;
     assert_eq!(s.battery_pct, Some(71.5));
@@ -280,14 +287,8 @@ async fn a_chirpstack_uplink_over_threshold_opens_one_utilities_incident(pool: P
         )
         .await;
     chirpstack.flush().await;
-    let s = eventually(Duration::from_secs(5), "the error recorded", || async {
-        occ_tests::sources(&occ.grpc)
-            .await
-            .get_source(pb::GetSourceRequest { id: source.into() })
-            .await
-            .ok()
-            .and_then(|r| r.into_inner().source)
-            .filter(|s| !s.last_error.is_empty())
+    let s = source_when(&occ.grpc, source, "the error recorded", |s| {
+        !s.last_error.is_empty()
     })
     .await;
     assert_eq!(
@@ -772,32 +773,22 @@ async fn events_at_qos_0_are_counted_per_source(pool: PgPool) {
     nvr.publish("frigate/events", fixture("frigate/events-update.json"))
         .await;
     nvr.flush().await;
-    let counted = eventually(Duration::from_secs(10), "QoS 0 counted", || async {
-        let s = occ_tests::sources(&occ.grpc)
-            .await
-            .get_source(pb::GetSourceRequest {
-                id: "frigate:frigate:kabanbay_batyr_ave_cam_03".into(),
-            })
-            .await
-            .ok()?
-            .into_inner()
-            .source?;
-        (s.qos0_events > 0).then_some(s.qos0_events)
-    })
-    .await;
+    let counted = source_when(
+        &occ.grpc,
+        "frigate:frigate:kabanbay_batyr_ave_cam_03",
+        "QoS 0 counted",
+        |s| s.qos0_events > 0,
+    )
+    .await
+    .qos0_events;
     // The same object three times is one event, and one event arrived at QoS 0.
     assert_eq!(counted, 1);
-    let other = eventually(Duration::from_secs(5), "the other camera", || async {
-        occ_tests::sources(&occ.grpc)
-            .await
-            .get_source(pb::GetSourceRequest {
-                id: "frigate:frigate:left_bank_park_cam_12".into(),
-            })
-            .await
-            .ok()?
-            .into_inner()
-            .source
-    })
+    let other = source_when(
+        &occ.grpc,
+        "frigate:frigate:left_bank_park_cam_12",
+        "the other camera",
+        |s| s.last_seen_time.is_some(),
+    )
     .await;
     assert_eq!(other.qos0_events, 0);
 }

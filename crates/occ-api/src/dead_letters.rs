@@ -189,23 +189,16 @@ impl DeadLetterService for DeadLetterApi {
         let mut page = dead_letters::list(&mut conn, &filter, after, limit + 1)
             .await
             .map_err(ApiError::from)?;
-        let next_page_token = if page.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
-            page.truncate(usize::try_from(limit).unwrap_or(0));
-            page.last()
-                .map(|d| {
-                    paging::key_token(
-                        "d1",
-                        &[
-                            &d.received_at.timestamp_micros().to_string(),
-                            &d.id.to_string(),
-                            &filters,
-                        ],
-                    )
-                })
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = paging::next_page(&mut page, limit, |d| {
+            paging::key_token(
+                "d1",
+                &[
+                    &d.received_at.timestamp_micros().to_string(),
+                    &d.id.to_string(),
+                    &filters,
+                ],
+            )
+        });
         Ok(Response::new(pb::ListDeadLettersResponse {
             dead_letters: page.iter().map(letter).collect(),
             next_page_token,

@@ -48,3 +48,18 @@ pub struct ApiState {
     pub activity: ActivityLog,
     pub adapters: Arc<Adapters>,
 }
+
+impl ApiState {
+    /// Changes the registry in one transaction; this instance takes the change in at once,
+    /// the others on its notification.
+    pub(crate) async fn change_registry<T>(
+        &self,
+        change: impl AsyncFnOnce(&mut occ_store::PgConnection) -> occ_store::Result<T>,
+    ) -> occ_store::Result<T> {
+        let mut tx = occ_store::begin(&self.pool).await?;
+        let out = change(&mut tx).await?;
+        occ_store::commit(tx).await?;
+        self.registry.reload_now();
+        Ok(out)
+    }
+}

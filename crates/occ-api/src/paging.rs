@@ -151,6 +151,26 @@ pub fn parse_key_token(tag: &str, token: &str, n: usize) -> ApiResult<Option<Vec
     Ok(Some(p))
 }
 
+/// Cuts `items` (fetched with `limit + 1`) to `limit`, and returns the token of the next
+/// page (`token` of its last item), or an empty token when there is none.
+pub fn next_page<T>(items: &mut Vec<T>, limit: i64, token: impl Fn(&T) -> String) -> String {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    if items.len() <= limit {
+        return String::new();
+    }
+    items.truncate(limit);
+    items.last().map(token).unwrap_or_default()
+}
+
+/// Checks the number of items a batch call carries.
+pub fn batch_size(field: &str, len: usize, max: usize) -> ApiResult<()> {
+    match len {
+        0 => Err(ApiError::invalid(field, "must not be empty")),
+        n if n > max => Err(ApiError::invalid(field, format!("at most {max} per call"))),
+        _ => Ok(()),
+    }
+}
+
 pub fn name_token(name: &str) -> String {
     encode(&["r1".into(), name.to_owned()])
 }

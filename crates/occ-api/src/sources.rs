@@ -160,15 +160,14 @@ impl SourceApi {
         inputs: Vec<SourceInput>,
         single: bool,
     ) -> ApiResult<Vec<(Source, bool)>> {
-        let mut tx = occ_store::begin(&self.state.pool).await?;
-        let stored = sources::upsert(&mut tx, inputs, &who.subject)
+        let stored = self
+            .state
+            .change_registry(async |tx| sources::upsert(tx, inputs, &who.subject).await)
             .await
             .map_err(|e| match e {
                 occ_store::StoreError::Invalid(errors) => request_fields(single, errors),
                 other => other.into(),
             })?;
-        occ_store::commit(tx).await?;
-        self.state.registry.reload_now();
         Ok(stored)
     }
 }
@@ -203,12 +202,7 @@ impl SourceService for SourceApi {
     ) -> Result<Response<pb::ImportSourcesResponse>, Status> {
         let who = Principal::of(&request);
         let req = request.into_inner();
-        if req.sources.is_empty() {
-            return Err(ApiError::invalid("sources", "must not be empty").into());
-        }
-        if req.sources.len() > 10_000 {
-            return Err(ApiError::invalid("sources", "at most 10000 per call").into());
-        }
+        paging::batch_size("sources", req.sources.len(), 10_000)?;
         let mut inputs = Vec::with_capacity(req.sources.len());
         let mut errors = Vec::new();
         for (i, s) in req.sources.iter().enumerate() {
@@ -284,14 +278,9 @@ impl SourceService for SourceApi {
         )
         .await
         .map_err(ApiError::from)?;
-        let next_page_token = if page.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
-            page.truncate(usize::try_from(limit).unwrap_or(0));
-            page.last()
-                .map(|s| paging::key_token("s1", &[s.config.id.as_str(), &filters]))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = paging::next_page(&mut page, limit, |s| {
+            paging::key_token("s1", &[s.config.id.as_str(), &filters])
+        });
         Ok(Response::new(pb::ListSourcesResponse {
             sources: page.iter().map(source).collect(),
             next_page_token,
@@ -307,14 +296,10 @@ impl SourceService for SourceApi {
         if id.is_empty() {
             return Err(ApiError::invalid("id", "is required").into());
         }
-        let mut tx = occ_store::begin(&self.state.pool)
+        self.state
+            .change_registry(async |tx| sources::delete(tx, &id, &who.subject).await)
             .await
             .map_err(ApiError::from)?;
-        sources::delete(&mut tx, &id, &who.subject)
-            .await
-            .map_err(ApiError::from)?;
-        occ_store::commit(tx).await.map_err(ApiError::from)?;
-        self.state.registry.reload_now();
         tracing::info!(source = %id, actor = %who.subject, "source deleted");
         Ok(Response::new(pb::DeleteSourceResponse {}))
     }
@@ -330,14 +315,11 @@ impl SourceService for SourceApi {
             .ok_or_else(|| ApiError::invalid("profile", "is required"))?;
         let parsed = Profile::parse(&p.name, &p.description, mapping_input(p.mapping.as_ref()))
             .map_err(|e| ApiError::InvalidArgument(e.prefixed("profile.")))?;
-        let mut tx = occ_store::begin(&self.state.pool)
+        let created = self
+            .state
+            .change_registry(async |tx| sources::put_profile(tx, &parsed, &who.subject).await)
             .await
             .map_err(ApiError::from)?;
-        let created = sources::put_profile(&mut tx, &parsed, &who.subject)
-            .await
-            .map_err(ApiError::from)?;
-        occ_store::commit(tx).await.map_err(ApiError::from)?;
-        self.state.registry.reload_now();
         tracing::info!(profile = %parsed.name, created, actor = %who.subject, "profile stored");
         Ok(Response::new(pb::PutProfileResponse {
             profile: Some(profile(&parsed)),
@@ -367,14 +349,10 @@ impl SourceService for SourceApi {
         if name.is_empty() {
             return Err(ApiError::invalid("name", "is required").into());
         }
-        let mut tx = occ_store::begin(&self.state.pool)
+        self.state
+            .change_registry(async |tx| sources::delete_profile(tx, &name, &who.subject).await)
             .await
             .map_err(ApiError::from)?;
-        sources::delete_profile(&mut tx, &name, &who.subject)
-            .await
-            .map_err(ApiError::from)?;
-        occ_store::commit(tx).await.map_err(ApiError::from)?;
-        self.state.registry.reload_now();
         Ok(Response::new(pb::DeleteProfileResponse {}))
     }
 }

@@ -52,12 +52,7 @@ impl WatchlistService for WatchlistApi {
     ) -> Result<Response<pb::AddWatchlistEntriesResponse>, Status> {
         let who = Principal::of(&request);
         let req = request.into_inner();
-        if req.entries.is_empty() {
-            return Err(ApiError::invalid("entries", "must not be empty").into());
-        }
-        if req.entries.len() > 10_000 {
-            return Err(ApiError::invalid("entries", "at most 10000 per call").into());
-        }
+        paging::batch_size("entries", req.entries.len(), 10_000)?;
         let mut inputs = Vec::with_capacity(req.entries.len());
         let mut errors = Vec::new();
         for (i, e) in req.entries.iter().enumerate() {
@@ -83,10 +78,9 @@ impl WatchlistService for WatchlistApi {
         if let Some(errors) = FieldErrors::from_vec(errors) {
             return Err(ApiError::InvalidArgument(errors).into());
         }
-        let mut tx = occ_store::begin(&self.state.pool)
-            .await
-            .map_err(ApiError::from)?;
-        let stored = watchlist::add(&mut tx, inputs, &who.subject)
+        let stored = self
+            .state
+            .change_registry(async |tx| watchlist::add(tx, inputs, &who.subject).await)
             .await
             .map_err(|e| match e {
                 // The domain says expires_at; the request says expire_time.
@@ -105,8 +99,6 @@ impl WatchlistService for WatchlistApi {
                 }
                 other => other.into(),
             })?;
-        occ_store::commit(tx).await.map_err(ApiError::from)?;
-        self.state.registry.reload_now();
         let created = stored.iter().filter(|(_, c)| *c).count();
         tracing::info!(created, updated = stored.len() - created, actor = %who.subject, "watch-list entries added");
         Ok(Response::new(pb::AddWatchlistEntriesResponse {
@@ -126,14 +118,11 @@ impl WatchlistService for WatchlistApi {
         if req.reason.len() > 1000 {
             return Err(ApiError::invalid("reason", "must be at most 1000 bytes").into());
         }
-        let mut tx = occ_store::begin(&self.state.pool)
+        let removed = self
+            .state
+            .change_registry(async |tx| watchlist::remove(tx, id, &who.subject, &req.reason).await)
             .await
             .map_err(ApiError::from)?;
-        let removed = watchlist::remove(&mut tx, id, &who.subject, &req.reason)
-            .await
-            .map_err(ApiError::from)?;
-        occ_store::commit(tx).await.map_err(ApiError::from)?;
-        self.state.registry.reload_now();
         tracing::info!(entry = %id, actor = %who.subject, "watch-list entry removed");
         Ok(Response::new(pb::RemoveWatchlistEntryResponse {
             entry: Some(entry(&removed)),
@@ -183,16 +172,9 @@ impl WatchlistService for WatchlistApi {
         )
         .await
         .map_err(ApiError::from)?;
-        let next_page_token = if page.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
-            page.truncate(usize::try_from(limit).unwrap_or(0));
-            page.last()
-                .map(|e| {
-                    paging::key_token("w1", &[&e.entry.list, e.entry.plate.as_str(), &filters])
-                })
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = paging::next_page(&mut page, limit, |e| {
+            paging::key_token("w1", &[&e.entry.list, e.entry.plate.as_str(), &filters])
+        });
         Ok(Response::new(pb::ListWatchlistEntriesResponse {
             entries: page.iter().map(entry).collect(),
             next_page_token,
@@ -226,23 +208,16 @@ impl WatchlistService for WatchlistApi {
         let mut hits = watchlist::hits(&mut conn, id, after, limit + 1)
             .await
             .map_err(ApiError::from)?;
-        let next_page_token = if hits.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
-            hits.truncate(usize::try_from(limit).unwrap_or(0));
-            hits.last()
-                .map(|h| {
-                    paging::key_token(
-                        "h1",
-                        &[
-                            &h.seen_at.timestamp_micros().to_string(),
-                            &h.event_id.to_string(),
-                            &req.entry_id,
-                        ],
-                    )
-                })
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = paging::next_page(&mut hits, limit, |h| {
+            paging::key_token(
+                "h1",
+                &[
+                    &h.seen_at.timestamp_micros().to_string(),
+                    &h.event_id.to_string(),
+                    &req.entry_id,
+                ],
+            )
+        });
         Ok(Response::new(pb::ListWatchlistHitsResponse {
             next_page_token,
             hits: hits

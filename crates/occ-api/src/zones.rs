@@ -63,11 +63,10 @@ impl ZoneApi {
         who: &Principal,
         inputs: Vec<ZoneInput>,
     ) -> ApiResult<Vec<(StoredZone, bool)>> {
-        let mut tx = occ_store::begin(&self.state.pool).await?;
-        let stored = zones::put(&mut tx, inputs, &who.subject).await?;
-        occ_store::commit(tx).await?;
-        self.state.registry.reload_now();
-        Ok(stored)
+        Ok(self
+            .state
+            .change_registry(async |tx| zones::put(tx, inputs, &who.subject).await)
+            .await?)
     }
 }
 
@@ -158,14 +157,9 @@ impl ZoneService for ZoneApi {
         )
         .await
         .map_err(ApiError::from)?;
-        let next_page_token = if page.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
-            page.truncate(usize::try_from(limit).unwrap_or(0));
-            page.last()
-                .map(|z| paging::key_token("z1", &[z.zone.name.as_str()]))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_page_token = paging::next_page(&mut page, limit, |z| {
+            paging::key_token("z1", &[z.zone.name.as_str()])
+        });
         Ok(Response::new(pb::ListZonesResponse {
             zones: page.iter().map(zone).collect(),
             next_page_token,
@@ -181,14 +175,10 @@ impl ZoneService for ZoneApi {
         if name.is_empty() {
             return Err(ApiError::invalid("name", "is required").into());
         }
-        let mut tx = occ_store::begin(&self.state.pool)
+        self.state
+            .change_registry(async |tx| zones::delete(tx, &name, &who.subject).await)
             .await
             .map_err(ApiError::from)?;
-        zones::delete(&mut tx, &name, &who.subject)
-            .await
-            .map_err(ApiError::from)?;
-        occ_store::commit(tx).await.map_err(ApiError::from)?;
-        self.state.registry.reload_now();
         Ok(Response::new(pb::DeleteZoneResponse {}))
     }
 

@@ -44,6 +44,25 @@ fn report(errors: &FieldErrors, locate: impl Fn(&str) -> String) -> String {
         .join("\n")
 }
 
+/// Why a file was not imported, every error named as the person fixing it finds it.
+fn refused(path: &Path, errors: &FieldErrors, locate: impl Fn(&str) -> String) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} is not imported; fix these and run it again:\n{}",
+        path.display(),
+        report(errors, locate)
+    )
+}
+
+/// How many of the stored items were new.
+fn counted<T>(stored: &[(T, bool)], profiles: usize) -> Imported {
+    let created = stored.iter().filter(|(_, c)| *c).count();
+    Imported {
+        created,
+        updated: stored.len() - created,
+        profiles,
+    }
+}
+
 /// `sources[12].lat` in a CSV file as the line record 12 starts on (`lines[12]`).
 fn csv_line(field: &str, lines: &[u64]) -> String {
     match field
@@ -210,24 +229,19 @@ pub async fn sources(pool: &PgPool, path: &Path) -> anyhow::Result<Imported> {
     let csv = is_csv(path);
     let stored = match sources::upsert(&mut tx, inputs, &actor).await {
         Ok(s) => s,
-        Err(StoreError::Invalid(errors)) => bail!(
-            "{} is not imported; fix these and run it again:\n{}",
-            path.display(),
-            report(&errors, |f| if csv {
-                csv_line(f, &lines)
-            } else {
-                f.to_owned()
-            })
-        ),
+        Err(StoreError::Invalid(errors)) => {
+            return Err(refused(path, &errors, |f| {
+                if csv {
+                    csv_line(f, &lines)
+                } else {
+                    f.to_owned()
+                }
+            }));
+        }
         Err(e) => return Err(e.into()),
     };
     occ_store::commit(tx).await?;
-    let created = stored.iter().filter(|(_, c)| *c).count();
-    Ok(Imported {
-        created,
-        updated: stored.len() - created,
-        profiles: profiles.len(),
-    })
+    Ok(counted(&stored, profiles.len()))
 }
 
 pub async fn zones(pool: &PgPool, path: &Path) -> anyhow::Result<Imported> {
@@ -246,20 +260,15 @@ pub async fn zones(pool: &PgPool, path: &Path) -> anyhow::Result<Imported> {
     let mut tx = occ_store::begin(pool).await?;
     let stored = match zones::put(&mut tx, inputs, &actor()).await {
         Ok(s) => s,
-        Err(StoreError::Invalid(errors)) => bail!(
-            "{} is not imported; fix these and run it again:\n{}",
-            path.display(),
-            report(&errors, |f| f.replacen("zones[", "features[", 1))
-        ),
+        Err(StoreError::Invalid(errors)) => {
+            return Err(refused(path, &errors, |f| {
+                f.replacen("zones[", "features[", 1)
+            }));
+        }
         Err(e) => return Err(e.into()),
     };
     occ_store::commit(tx).await?;
-    let created = stored.iter().filter(|(_, c)| *c).count();
-    Ok(Imported {
-        created,
-        updated: stored.len() - created,
-        profiles: 0,
-    })
+    Ok(counted(&stored, 0))
 }
 
 /// One watch-list entry in a file: `plate,list,reason,expires_at` in CSV (RFC 3339 expiry,
@@ -321,24 +330,19 @@ pub async fn watchlist(pool: &PgPool, path: &Path) -> anyhow::Result<Imported> {
     let mut tx = occ_store::begin(pool).await?;
     let stored = match watchlist::add(&mut tx, inputs, &actor()).await {
         Ok(s) => s,
-        Err(StoreError::Invalid(errors)) => bail!(
-            "{} is not imported; fix these and run it again:\n{}",
-            path.display(),
-            report(&errors, |f| if csv {
-                csv_line(f, &lines)
-            } else {
-                f.to_owned()
-            })
-        ),
+        Err(StoreError::Invalid(errors)) => {
+            return Err(refused(path, &errors, |f| {
+                if csv {
+                    csv_line(f, &lines)
+                } else {
+                    f.to_owned()
+                }
+            }));
+        }
         Err(e) => return Err(e.into()),
     };
     occ_store::commit(tx).await?;
-    let created = stored.iter().filter(|(_, c)| *c).count();
-    Ok(Imported {
-        created,
-        updated: stored.len() - created,
-        profiles: 0,
-    })
+    Ok(counted(&stored, 0))
 }
 
 #[cfg(test)]
