@@ -87,6 +87,11 @@ pub struct Broker {
 
 impl Broker {
     pub async fn start() -> anyhow::Result<Broker> {
+        Self::start_with(|_| String::new()).await
+    }
+
+    /// Like [`Broker::start`], with more settings: `extra` gets the port and returns lines.
+    pub async fn start_with(extra: impl FnOnce(u16) -> String) -> anyhow::Result<Broker> {
         let shipped = std::fs::read_to_string(workspace_root().join("deploy/mosquitto.conf"))
             .context("reading deploy/mosquitto.conf")?;
         let port = free_port();
@@ -109,6 +114,7 @@ impl Broker {
         config.push_str(&format!(
             "listener {port} 127.0.0.1\npersistence false\nlog_dest stderr\n"
         ));
+        config.push_str(&extra(port));
         let path = std::env::temp_dir().join(format!("occ-test-mosquitto-{port}.conf"));
         std::fs::write(&path, config)?;
         let binary = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
@@ -197,14 +203,22 @@ pub struct Occ {
 impl Occ {
     /// Starts OCC with `args` (see [`serve_args`]) and waits until it takes events.
     pub async fn start(args: Vec<String>) -> anyhow::Result<Occ> {
+        let occ = Self::launch(args).await?;
+        if let Some(running) = &occ.running {
+            tokio::time::timeout(Duration::from_secs(20), running.ready())
+                .await
+                .context("OCC not ready within 20 s")??;
+        }
+        Ok(occ)
+    }
+
+    /// Starts OCC with `args` without waiting until it takes events.
+    pub async fn launch(args: Vec<String>) -> anyhow::Result<Occ> {
         init_logs();
         let cli = ServeCli::try_parse_from(std::iter::once("occ".to_owned()).chain(args))?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let shutdown = CancellationToken::new();
         let running = occ::serve::start(cli.args, listener, shutdown.clone()).await?;
-        tokio::time::timeout(Duration::from_secs(20), running.ready())
-            .await
-            .context("OCC not ready within 20 s")??;
         Ok(Occ {
             grpc: format!("http://{}", running.grpc_addr),
             shutdown,
@@ -217,6 +231,15 @@ impl Occ {
         self.running.as_ref().map_or(0, |r| {
             r.ingest_stats()
                 .messages
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+    }
+
+    /// The most messages that waited at once between the broker and the batcher.
+    pub fn inbox_peak(&self) -> u64 {
+        self.running.as_ref().map_or(0, |r| {
+            r.ingest_stats()
+                .inbox_peak
                 .load(std::sync::atomic::Ordering::Relaxed)
         })
     }

@@ -508,3 +508,129 @@ async fn next<S: tokio_stream::Stream + Unpin>(s: &mut S) -> Option<S::Item> {
     use tokio_stream::StreamExt;
     s.next().await
 }
+
+/// Sends bytes as they are, whatever the method expects.
+#[derive(Debug, Clone, Copy, Default)]
+struct Raw;
+
+impl tonic::codec::Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = ();
+    type Encoder = Raw;
+    type Decoder = Raw;
+
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl tonic::codec::Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Raw {
+    type Item = ();
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<()>, tonic::Status> {
+        let n = bytes::Buf::remaining(buf);
+        bytes::Buf::advance(buf, n);
+        Ok(Some(()))
+    }
+}
+
+async fn call_raw(grpc: &str, method: &'static str, body: Vec<u8>) -> tonic::Status {
+    let channel = tonic::transport::Endpoint::from_shared(grpc.to_owned())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = tonic::client::Grpc::new(channel);
+    client.ready().await.expect("ready");
+    client
+        .unary(
+            tonic::Request::new(body),
+            http::uri::PathAndQuery::from_static(method),
+            Raw,
+        )
+        .await
+        .expect_err("refused")
+}
+
+/// Requests refused before any handler sees them get gRPC's codes: bytes that are not the
+/// method's message are the caller's error (INVALID_ARGUMENT), a request over the size limit
+/// is a limit (RESOURCE_EXHAUSTED). Times no device clock can give are refused by field.
+#[sqlx::test(migrations = false)]
+async fn malformed_and_oversize_requests_and_impossible_times_are_refused_by_grpc_codes(
+    pool: PgPool,
+) {
+    let broker = Broker::start().await.expect("broker");
+    let occ = Occ::start(serve_args(
+        &database_url(&pool),
+        broker.port,
+        "occ-api-edges",
+        &["--grpc-max-message-bytes", "65536"],
+    ))
+    .await
+    .expect("occ starts");
+    const PUBLISH: &str = "/occ.v1.IngestService/PublishEvents";
+
+    // An unfinished varint: no protobuf message at all.
+    let status = call_raw(&occ.grpc, PUBLISH, vec![0x0a, 0xff, 0xff]).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("request:"),
+        "{}",
+        status.message()
+    );
+
+    let status = call_raw(&occ.grpc, PUBLISH, vec![0; 100_000]).await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("65536"), "{}", status.message());
+
+    let mut year_one = event("det-1", "y1", "smoke.detected", "esil_residential_1");
+    year_one.occurred_at = Some(prost_types::Timestamp {
+        seconds: -62_135_596_800,
+        nanos: 0,
+    });
+    let mut year_9999 = event("det-1", "y9999", "smoke.detected", "esil_residential_1");
+    year_9999.occurred_at = Some(prost_types::Timestamp {
+        seconds: 253_402_300_799,
+        nanos: 0,
+    });
+    let mut reset_clock = event("det-1", "epoch", "smoke.detected", "esil_residential_1");
+    reset_clock.occurred_at = Some(prost_types::Timestamp {
+        seconds: 0,
+        nanos: 0,
+    });
+    let results = publish(&occ.grpc, vec![year_one, year_9999, reset_clock]).await;
+    use pb::PublishOutcome as O;
+    let outcomes: Vec<i32> = results.iter().map(|r| r.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [O::Rejected, O::Rejected, O::Accepted].map(|o| o as i32),
+        "a device whose clock was reset to 1970 is still heard"
+    );
+    for r in &results[..2] {
+        let fields: Vec<&str> = r.violations.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["occurred_at"]);
+    }
+    occ.stop().await.expect("stop");
+}

@@ -148,8 +148,8 @@ async fn sigterm_stops_cleanly_and_loses_nothing(pool: PgPool) {
     occ.terminate().await.expect("SIGTERM");
 }
 
-/// PostgreSQL goes away: ingest pauses (nothing acked, health NOT_SERVING) and resumes by
-/// itself when it comes back, with nothing lost.
+/// PostgreSQL goes away: health says NOT_SERVING even while no event arrives to notice it,
+/// ingest pauses (nothing acked) and resumes by itself when it comes back, with nothing lost.
 #[sqlx::test(migrations = false)]
 async fn a_database_outage_pauses_ingest_and_it_resumes_by_itself(pool: PgPool) {
     let broker = Broker::start().await.expect("broker");
@@ -158,7 +158,7 @@ async fn a_database_outage_pauses_ingest_and_it_resumes_by_itself(pool: PgPool) 
         &proxy.url_for(&database_url(&pool)),
         broker.port,
         "occ-outage",
-        &["--database-acquire-timeout", "1s"],
+        &[],
     ))
     .await
     .expect("occ starts");
@@ -170,12 +170,13 @@ async fn a_database_outage_pauses_ingest_and_it_resumes_by_itself(pool: PgPool) 
     .await;
 
     proxy.cut();
-    publish_stream(&mut publisher, 100..300).await;
-    publisher.flush().await;
-    eventually(Duration::from_secs(15), "health NOT_SERVING", || async {
+    // No traffic: only OCC's own probe can notice.
+    eventually(Duration::from_secs(10), "health NOT_SERVING", || async {
         (health(&occ.grpc).await == Some(ServingStatus::NotServing)).then_some(())
     })
     .await;
+    publish_stream(&mut publisher, 100..300).await;
+    publisher.flush().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         event_count(&pool).await,
@@ -193,5 +194,132 @@ async fn a_database_outage_pauses_ingest_and_it_resumes_by_itself(pool: PgPool) 
     })
     .await;
     assert_eq!(fire_event_count(&pool).await, [150]);
+    occ.stop().await.expect("stop");
+}
+
+/// Runs `mosquitto_ctrl dynsec` against `broker` as its administrator.
+fn dynsec(broker: &Broker, args: &[&str]) {
+    let status = std::process::Command::new("mosquitto_ctrl")
+        .args([
+            "-p",
+            &broker.port.to_string(),
+            "-u",
+            "admin",
+            "-P",
+            "admin-pw",
+        ])
+        .arg("dynsec")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("mosquitto_ctrl (mosquitto package)");
+    assert!(status.success(), "mosquitto_ctrl dynsec {args:?}");
+}
+
+/// A broker that refuses OCC's subscription (its access control does not grant it yet): OCC
+/// says NOT_SERVING instead of idling as if all were well, asks again by itself, and takes
+/// events as soon as the broker grants it, without a reconnect.
+#[sqlx::test(migrations = false)]
+async fn a_refused_subscription_is_retried_and_health_says_so(pool: PgPool) {
+    let config = std::env::temp_dir().join(format!("occ-dynsec-{}.json", uuid::Uuid::now_v7()));
+    let made = std::process::Command::new("mosquitto_ctrl")
+        .args(["dynsec", "init"])
+        .arg(&config)
+        .args(["admin", "admin-pw"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("mosquitto_ctrl (mosquitto package)");
+    assert!(made.success());
+    let plugin = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(|d| std::path::Path::new(d).join("mosquitto_dynamic_security.so"))
+    .find(|p| p.exists())
+    .expect("mosquitto's dynamic security plugin (mosquitto package)");
+    let broker = Broker::start_with(|_| {
+        format!(
+            "plugin {}\nplugin_opt_config_file {}\n",
+            plugin.display(),
+            config.display()
+        )
+    })
+    .await
+    .expect("broker");
+    // Anonymous clients (OCC here) may publish, but not subscribe.
+    dynsec(&broker, &["createGroup", "anonymous"]);
+    dynsec(&broker, &["setAnonymousGroup", "anonymous"]);
+    dynsec(&broker, &["createRole", "occ"]);
+    dynsec(&broker, &["addGroupRole", "anonymous", "occ"]);
+    dynsec(
+        &broker,
+        &["addRoleACL", "occ", "publishClientSend", "#", "allow"],
+    );
+
+    let occ = Occ::launch(serve_args(
+        &database_url(&pool),
+        broker.port,
+        "occ-refused",
+        &[],
+    ))
+    .await
+    .expect("occ starts");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        health(&occ.grpc).await,
+        Some(ServingStatus::NotServing),
+        "not serving while the subscription is refused"
+    );
+
+    dynsec(
+        &broker,
+        &["addRoleACL", "occ", "subscribePattern", "#", "allow"],
+    );
+    eventually(Duration::from_secs(20), "subscribed on a retry", || async {
+        (health(&occ.grpc).await == Some(ServingStatus::Serving)).then_some(())
+    })
+    .await;
+    let mut publisher = Publisher::connect(broker.port).await;
+    publish_stream(&mut publisher, 0..10).await;
+    expect_exactly(&pool, 10).await;
+    occ.stop().await.expect("stop");
+    let _ = std::fs::remove_file(config);
+}
+
+/// A backlog of thousands of messages waits in OCC's session while OCC is stopped; on resume
+/// the broker sends far more than the receive maximum OCC announced (Mosquitto does). OCC
+/// holds no more than that many in memory, and stores every message.
+#[sqlx::test(migrations = false)]
+async fn a_backlog_never_fills_memory_beyond_the_receive_maximum(pool: PgPool) {
+    const N: usize = 4000;
+    const WINDOW: &str = "20";
+    let broker = Broker::start().await.expect("broker");
+    let args = serve_args(
+        &database_url(&pool),
+        broker.port,
+        "occ-backlog",
+        &["--mqtt-receive-maximum", WINDOW, "--batch-size", "10"],
+    );
+    // The session is made, then OCC goes away and the backlog builds up.
+    Occ::start(args.clone())
+        .await
+        .expect("occ starts")
+        .stop()
+        .await
+        .expect("stop");
+    let mut publisher = Publisher::connect(broker.port).await;
+    publish_stream(&mut publisher, 0..N).await;
+    publisher.flush().await;
+
+    let occ = Occ::start(args).await.expect("occ restarts");
+    expect_exactly(&pool, N).await;
+    let peak = occ.inbox_peak();
+    assert!(
+        (1..=20).contains(&peak),
+        "at most the receive maximum waited in OCC's inbox, not {peak}"
+    );
     occ.stop().await.expect("stop");
 }

@@ -10,6 +10,7 @@
 pub mod convert;
 pub mod dead_letters;
 pub mod dispatch;
+pub mod edge;
 pub mod error;
 pub mod incidents;
 pub mod ingest;

@@ -22,6 +22,7 @@ use tonic_health::ServingStatus;
 use crate::ApiState;
 use crate::dead_letters::DeadLetterApi;
 use crate::dispatch::DispatchApi;
+use crate::edge::RequestStatusLayer;
 use crate::incidents::IncidentApi;
 use crate::ingest::IngestApi;
 use crate::principal::PrincipalLayer;
@@ -123,6 +124,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(config.max_concurrent_streams)
+        .layer(RequestStatusLayer)
         .layer(PrincipalLayer)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -32,6 +32,27 @@ pub struct Limits {
     pub max_evidence: usize,
 }
 
+/// A time a device clock can give: from 1970 (a clock reset to zero is still a device
+/// speaking, and its event is kept) to a day after receipt (a fast clock; later times are a
+/// corrupt field, not a clock).
+fn plausible_time(
+    t: DateTime<Utc>,
+    received_at: DateTime<Utc>,
+) -> Result<DateTime<Utc>, FieldError> {
+    let latest = received_at + chrono::TimeDelta::days(1);
+    if t < DateTime::UNIX_EPOCH || t > latest {
+        return Err(FieldError::new(
+            "occurred_at",
+            format!(
+                "must be between 1970-01-01T00:00:00Z and a day after receipt ({}), got {}",
+                latest.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+        ));
+    }
+    Ok(t)
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -499,7 +520,8 @@ impl Event {
                             "occurred_at",
                             format!("must be an RFC 3339 time such as 2026-11-25T06:31:07Z ({e}), got {s:?}"),
                         )
-                    }),
+                    })
+                    .and_then(|t| plausible_time(t, received_at)),
             ),
         };
         let location = input
@@ -838,9 +860,27 @@ mod tests {
     }
 
     #[test]
+    fn times_no_clock_gives_are_refused() {
+        for bad in [
+            "0001-01-01T00:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "9999-12-31T23:59:59Z",
+        ] {
+            let mut e = input();
+            e.occurred_at = Some(bad.into());
+            let errors =
+                Event::parse(source(), e, b"", received(), &Limits::default()).expect_err(bad);
+            assert_eq!(errors.errors()[0].field, "occurred_at", "{bad}");
+        }
+        let mut reset = input();
+        reset.occurred_at = Some("1970-01-01T00:00:00Z".into());
+        assert!(Event::parse(source(), reset, b"", received(), &Limits::default()).is_ok());
+    }
+
+    #[test]
     fn observed_time_never_runs_ahead_of_receipt() {
         let mut future = input();
-        future.occurred_at = Some("2030-01-01T00:00:00Z".into());
+        future.occurred_at = Some("2026-11-26T00:00:00Z".into());
         let e = Event::parse(source(), future, b"", received(), &Limits::default())
             .expect("valid event");
         assert_eq!(e.observed_at(), received());

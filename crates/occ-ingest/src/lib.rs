@@ -3,7 +3,7 @@
 //! acknowledging messages only after their batch has committed.
 //!
 //! ```text
-//! broker ──► poll task ──(bounded channel)──► batcher ──► one transaction per batch ──► acks
+//! broker ──► poll task ──(bounded inbox)──► batcher ──► one transaction per batch ──► acks
 //! ```
 //!
 //! Nothing is acked that is not committed, so a crash at any point means redelivery, never
@@ -14,7 +14,6 @@ mod mqtt;
 mod pipeline;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 
 use occ_adapters::Adapters;
 use occ_domain::Limits;
@@ -70,17 +69,22 @@ impl Ingest {
         shutdown: CancellationToken,
     ) -> Ingest {
         let window = usize::from(mqtt.receive_maximum).max(1);
-        // Requests are acks (at most one window's worth at a time), subscriptions and the
-        // final disconnect: this capacity means queuing one never waits.
-        let (client, eventloop) = AsyncClient::new(mqtt::options(&mqtt), window + 16);
+        // Requests are acks, subscriptions and the final disconnect. Acks waiting here are
+        // for messages the broker has sent and not yet seen acknowledged, so never more than
+        // the 65,535 packet ids a connection has: with this capacity queuing an ack never
+        // waits, even when the broker ignores the receive maximum and the poll task, holding
+        // to OCC's own bound, reads no more until the inbox has room.
+        let (client, eventloop) =
+            AsyncClient::new(mqtt::options(&mqtt), usize::from(u16::MAX) + 16);
         let subscriptions: Vec<String> = adapters
             .topic_filters()
             .iter()
             .map(|f| mqtt::subscription(&mqtt.share_group, f))
             .collect();
-        let inbox = Arc::new(mqtt::Inbox::default());
+        let inbox = Arc::new(mqtt::Inbox::new(window));
         let stats = Arc::new(IngestStats::default());
-        let epoch = Arc::new(AtomicU64::new(0));
+        let connection = Arc::new(mqtt::Connection::default());
+        let poll_ended = CancellationToken::new();
         let (status_tx, status_rx) = watch::channel(IngestStatus {
             subscribed: false,
             database_ok: true,
@@ -96,7 +100,8 @@ impl Ingest {
             registry,
             activity,
             client: client.clone(),
-            epoch: epoch.clone(),
+            connection: connection.clone(),
+            poll_ended: poll_ended.clone(),
             status: status_tx.clone(),
             stats: stats.clone(),
         };
@@ -106,16 +111,21 @@ impl Ingest {
             batcher.run(batcher_inbox, shutdown).await;
             done.cancel();
         });
-        let poller = tokio::spawn(mqtt::poll(
-            eventloop,
-            client,
-            subscriptions,
-            inbox,
-            epoch,
-            status_tx,
-            window,
-            batcher_done,
-        ));
+        let poll_stats = stats.clone();
+        let poller = tokio::spawn(async move {
+            mqtt::poll(
+                eventloop,
+                client,
+                subscriptions,
+                inbox,
+                connection,
+                status_tx,
+                poll_stats,
+                batcher_done,
+            )
+            .await;
+            poll_ended.cancel();
+        });
         Ingest {
             status: status_rx,
             stats,

@@ -3,12 +3,15 @@
 //! instances split the stream between them.
 //!
 //! The event loop is polled by its own task, which only hands messages over; it never waits
-//! on the database. Backpressure comes from the broker: OCC announces a receive maximum, acks only
-//! after commit, and the broker stops sending when that many messages are unacknowledged.
+//! on the database. Backpressure: OCC announces a receive maximum and acks only after commit,
+//! so a broker that keeps to it stops sending when that many messages are unacknowledged. One
+//! that does not (Mosquitto 2.0 on a resumed session sends the whole backlog) meets OCC's own
+//! bound: the inbox holds at most a receive maximum of messages, and while it is full the poll
+//! task stops reading, so the rest waits in the socket and in the broker's session.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -18,7 +21,7 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::IngestStatus;
+use crate::{IngestStats, IngestStatus};
 
 /// How OCC connects to the broker.
 #[derive(Debug, Clone)]
@@ -81,20 +84,88 @@ pub(crate) fn subscription(share_group: &str, filter: &str) -> String {
     }
 }
 
-/// Messages handed from the poll task to the batcher.
+/// Which connection to the broker is current, and the one way acks reach it.
 ///
-/// The poll task must never wait: while it is stuck, the event loop sends no acks and no
-/// pings. So it only appends here, and the batcher takes from here. What waits here is bounded
-/// by the broker, which sends at most its window of unacknowledged messages (Mosquitto 2.0
-/// was seen exceeding the client's receive maximum after a session resumes, so the length is
-/// watched, not assumed).
+/// A packet id belongs to one connection's session state: an ack for a message of an earlier
+/// connection could acknowledge another, uncommitted message on the new one. So an ack is
+/// queued only while its message's connection is current, under this lock; and when a
+/// connection is lost the poll task moves to the next epoch under the same lock, then drops
+/// every ack still queued. An ack is either queued before the change (and dropped with the
+/// old connection: the broker redelivers its message, recognised as a duplicate) or refused
+/// after it.
 #[derive(Debug, Default)]
+pub(crate) struct Connection {
+    epoch: Mutex<u64>,
+}
+
+/// What became of an ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Acked {
+    Queued,
+    /// The message came on an earlier connection; the broker redelivers it.
+    Stale,
+    /// The request channel is full (or the event loop is gone): try again once the poll task
+    /// has drained it, unless it has ended.
+    Refused,
+}
+
+impl Connection {
+    fn lock(&self) -> MutexGuard<'_, u64> {
+        self.epoch.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn current(&self) -> u64 {
+        *self.lock()
+    }
+
+    /// Queues the ack for a message received on connection `epoch`, if that is still the
+    /// current one. Never waits.
+    pub(crate) fn ack(&self, client: &AsyncClient, publish: &Publish, epoch: u64) -> Acked {
+        let current = self.lock();
+        if *current != epoch {
+            return Acked::Stale;
+        }
+        match client.try_ack(publish) {
+            Ok(()) => Acked::Queued,
+            Err(_) => Acked::Refused,
+        }
+    }
+
+    /// After the event loop lost its connection: later acks of earlier messages are refused,
+    /// and those already queued are dropped (`EventLoop::clean` keeps every other request for
+    /// the next connection).
+    pub(crate) fn lost(&self, eventloop: &mut EventLoop) {
+        let mut current = self.lock();
+        *current += 1;
+        eventloop.clean();
+    }
+}
+
+/// Messages handed from the poll task to the batcher, at most `capacity` of them.
+///
+/// The poll task must not wait on the database: while it is stuck, the event loop sends no
+/// acks and no pings. So it only appends here, and the batcher takes from here. When the
+/// inbox is full (the broker sent more than the receive maximum OCC announced, or the batcher
+/// is held by the database) the poll task waits for room; the broker keeps what it has not
+/// sent, and a connection dropped meanwhile for missed pings only means redelivery.
+#[derive(Debug)]
 pub(crate) struct Inbox {
     queue: Mutex<VecDeque<Inbound>>,
+    capacity: usize,
     ready: Notify,
+    room: Notify,
 }
 
 impl Inbox {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            queue: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
+            capacity: capacity.max(1),
+            ready: Notify::new(),
+            room: Notify::new(),
+        }
+    }
+
     fn push(&self, m: Inbound) -> usize {
         let len = {
             let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
@@ -105,11 +176,34 @@ impl Inbox {
         len
     }
 
-    fn try_pop(&self) -> Option<Inbound> {
+    fn len(&self) -> usize {
         self.queue
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .pop_front()
+            .len()
+    }
+
+    /// Waits until the inbox has room for another message.
+    async fn room(&self) {
+        loop {
+            let notified = self.room.notified();
+            if self.len() < self.capacity {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn try_pop(&self) -> Option<Inbound> {
+        let m = self
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front();
+        if m.is_some() {
+            self.room.notify_one();
+        }
+        m
     }
 
     /// The next message, waiting for one. Cancel-safe: a message is removed only when
@@ -125,24 +219,26 @@ impl Inbox {
     }
 }
 
-/// Polls the event loop: hands messages to the batcher, subscribes after every connect, and
-/// reconnects with backoff after errors, until the batcher has finished and queued its
-/// DISCONNECT (after its last acks). `poll()` is never cancelled mid-way, so no ack it has
-/// taken from the request channel is lost; `stopping` only ends the waits between attempts.
+/// Polls the event loop: hands messages to the batcher, subscribes after every connect (and
+/// again, with backoff, when the broker refuses), and reconnects with backoff after errors,
+/// until the batcher has finished and queued its DISCONNECT (after its last acks). `poll()` is
+/// never cancelled mid-way, so no ack it has taken from the request channel is lost;
+/// `stopping` only ends the waits between attempts.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn poll(
     mut eventloop: EventLoop,
     client: AsyncClient,
     subscriptions: Vec<String>,
     inbox: Arc<Inbox>,
-    epoch: Arc<AtomicU64>,
+    connection: Arc<Connection>,
     status: watch::Sender<IngestStatus>,
-    window: usize,
+    stats: Arc<IngestStats>,
     stopping: CancellationToken,
 ) {
     const MIN_BACKOFF: Duration = Duration::from_millis(250);
     const MAX_BACKOFF: Duration = Duration::from_secs(30);
     let mut backoff = MIN_BACKOFF;
+    let mut resubscribe = Resubscribe::default();
     let mut connected_before = false;
     let mut warned_overflow = false;
     loop {
@@ -150,16 +246,26 @@ pub(crate) async fn poll(
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let waiting = inbox.push(Inbound {
                     publish,
-                    epoch: epoch.load(Ordering::Acquire),
+                    epoch: connection.current(),
                     received_at: Utc::now(),
                 });
-                if !warned_overflow && waiting > window {
-                    warned_overflow = true;
-                    tracing::warn!(
-                        waiting,
-                        window,
-                        "the broker sends more unacknowledged messages than OCC's receive maximum"
-                    );
+                stats
+                    .inbox_peak
+                    .fetch_max(waiting as u64, Ordering::Relaxed);
+                if waiting >= inbox.capacity && !stopping.is_cancelled() {
+                    if !warned_overflow && waiting > inbox.capacity {
+                        warned_overflow = true;
+                        tracing::warn!(
+                            waiting,
+                            receive_maximum = inbox.capacity,
+                            "the broker sends more unacknowledged messages than OCC's receive \
+                             maximum; OCC reads no more until its inbox has room"
+                        );
+                    }
+                    tokio::select! {
+                        () = inbox.room() => {}
+                        () = stopping.cancelled() => {}
+                    }
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -176,26 +282,45 @@ pub(crate) async fn poll(
                     session_present = ack.session_present,
                     "connected to MQTT broker"
                 );
-                let filters = subscriptions
-                    .iter()
-                    .map(|s| Filter::new(s.clone(), QoS::AtLeastOnce));
-                // Never wait on the request channel from the polling task: only this task
-                // drains it.
-                if let Err(e) = client.try_subscribe_many(filters) {
-                    tracing::error!(error = %e, "cannot queue the subscription request");
-                }
+                resubscribe.reset();
+                subscribe(&client, &subscriptions);
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let failed: Vec<_> = ack
-                    .return_codes
+                let refused: Vec<String> = subscriptions
                     .iter()
-                    .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                    .zip(&ack.return_codes)
+                    .filter(|(_, code)| {
+                        !matches!(
+                            code,
+                            SubscribeReasonCode::Success(QoS::AtLeastOnce | QoS::ExactlyOnce)
+                        )
+                    })
+                    .map(|(s, code)| format!("{s}: {code:?}"))
                     .collect();
-                if failed.is_empty() {
+                if refused.is_empty() && ack.return_codes.len() == subscriptions.len() {
                     tracing::info!(subscriptions = ?subscriptions, "subscribed");
+                    resubscribe.reset();
                     status.send_modify(|s| s.subscribed = true);
                 } else {
-                    tracing::error!(codes = ?failed, subscriptions = ?subscriptions, "the broker refused the subscription");
+                    // Granted at QoS 0 is refused too: the broker would drop what OCC has not
+                    // acknowledged. Until every filter is granted, health says NOT_SERVING.
+                    status.send_modify(|s| s.subscribed = false);
+                    let retry_in = resubscribe.next();
+                    tracing::error!(
+                        refused = ?refused,
+                        ?retry_in,
+                        "the broker refused OCC's subscription; events on these topics do not \
+                         reach OCC until it is granted"
+                    );
+                    let client = client.clone();
+                    let subscriptions = subscriptions.clone();
+                    let stopping = stopping.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = tokio::time::sleep(retry_in) => subscribe(&client, &subscriptions),
+                            () = stopping.cancelled() => {}
+                        }
+                    });
                 }
             }
             Ok(Event::Incoming(Packet::Disconnect(d))) => {
@@ -204,7 +329,7 @@ pub(crate) async fn poll(
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
             Ok(_) => {}
             Err(e) => {
-                epoch.fetch_add(1, Ordering::AcqRel);
+                connection.lost(&mut eventloop);
                 status.send_modify(|s| s.subscribed = false);
                 if stopping.is_cancelled() {
                     break;
@@ -222,4 +347,132 @@ pub(crate) async fn poll(
     // The session (and its subscription) stays on the broker for the session expiry, so
     // nothing published meanwhile is lost.
     tracing::info!("MQTT ingest disconnected");
+}
+
+/// Queues a SUBSCRIBE for every filter. Never waits: only the poll task drains the request
+/// channel, and it may be the caller.
+fn subscribe(client: &AsyncClient, subscriptions: &[String]) {
+    let filters = subscriptions
+        .iter()
+        .map(|s| Filter::new(s.clone(), QoS::AtLeastOnce));
+    if let Err(e) = client.try_subscribe_many(filters) {
+        tracing::error!(error = %e, "cannot queue the subscription request");
+    }
+}
+
+/// Backoff between attempts to subscribe again after a refusal.
+#[derive(Debug)]
+struct Resubscribe(Duration);
+
+impl Default for Resubscribe {
+    fn default() -> Self {
+        Self(Duration::from_secs(1))
+    }
+}
+
+impl Resubscribe {
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    fn next(&mut self) -> Duration {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(30));
+        now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rumqttc::v5::Request;
+
+    use super::*;
+
+    fn received(pkid: u16) -> Publish {
+        let mut p = Publish::new("occ/v1/events/det-1", QoS::AtLeastOnce, "{}", None);
+        p.pkid = pkid;
+        p
+    }
+
+    fn queued_acks(eventloop: &EventLoop) -> Vec<u16> {
+        eventloop
+            .pending
+            .iter()
+            .filter_map(|r| match r {
+                Request::PubAck(a) => Some(a.pkid),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_ack_never_reaches_a_later_connection() {
+        let config = MqttConfig {
+            host: "127.0.0.1".into(),
+            port: 1,
+            username: None,
+            password: None,
+            client_id: "occ-test".into(),
+            share_group: String::new(),
+            keep_alive: Duration::from_secs(30),
+            session_expiry: Duration::from_secs(60),
+            receive_maximum: 10,
+            max_packet_size: 1024,
+        };
+        let (client, mut eventloop) = AsyncClient::new(options(&config), 16);
+        let connection = Connection::default();
+        let first = connection.current();
+        // Committed on the first connection, acked just before it is lost: the ack is still
+        // in the request channel when the event loop notices.
+        assert_eq!(connection.ack(&client, &received(7), first), Acked::Queued);
+        client
+            .try_subscribe("occ/v1/events/+", QoS::AtLeastOnce)
+            .unwrap();
+        connection.lost(&mut eventloop);
+        // Packet id 7 may belong to another message on the next connection: the queued ack is
+        // gone (neither kept for the next connection nor left in the channel, which has room
+        // for all of its 16 requests again), the subscription is kept for the next connection.
+        assert!(queued_acks(&eventloop).is_empty());
+        let room = (0..32)
+            .take_while(|_| client.try_subscribe("t", QoS::AtLeastOnce).is_ok())
+            .count();
+        assert_eq!(room, 16, "requests left in the channel");
+        assert!(
+            eventloop
+                .pending
+                .iter()
+                .any(|r| matches!(r, Request::Subscribe(_)))
+        );
+        // A later ack for a message of the lost connection is refused.
+        assert_eq!(connection.ack(&client, &received(8), first), Acked::Stale);
+        // Messages of the new connection are acked (once the channel has room).
+        eventloop.clean();
+        assert_eq!(
+            connection.ack(&client, &received(8), connection.current()),
+            Acked::Queued
+        );
+    }
+
+    #[tokio::test]
+    async fn the_inbox_holds_at_most_its_capacity() {
+        let inbox = Arc::new(Inbox::new(2));
+        for pkid in 1..=2 {
+            inbox.push(Inbound {
+                publish: received(pkid),
+                epoch: 0,
+                received_at: Utc::now(),
+            });
+        }
+        let waiting = tokio::time::timeout(Duration::from_millis(50), inbox.room()).await;
+        assert!(waiting.is_err(), "a full inbox has no room");
+        let reader = {
+            let inbox = inbox.clone();
+            tokio::spawn(async move { inbox.room().await })
+        };
+        assert_eq!(inbox.pop().await.publish.pkid, 1);
+        tokio::time::timeout(Duration::from_secs(1), reader)
+            .await
+            .expect("room after a message is taken")
+            .unwrap();
+    }
 }

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::IngestStatus;
-use crate::mqtt::{Inbound, Inbox};
+use crate::mqtt::{Acked, Connection, Inbound, Inbox};
 
 /// How batches are formed and committed.
 #[derive(Debug, Clone)]
@@ -46,6 +46,8 @@ pub struct IngestStats {
     /// Messages committed and acknowledged (events and dead letters).
     pub messages: AtomicU64,
     pub batches: AtomicU64,
+    /// The most messages that waited at once between the broker and the batcher.
+    pub inbox_peak: AtomicU64,
 }
 
 pub(crate) struct Batcher {
@@ -57,7 +59,9 @@ pub(crate) struct Batcher {
     pub registry: LiveRegistry,
     pub activity: ActivityLog,
     pub client: AsyncClient,
-    pub epoch: Arc<AtomicU64>,
+    pub connection: Arc<Connection>,
+    /// Cancelled when the poll task has ended (no ack can be sent any more).
+    pub poll_ended: CancellationToken,
     pub status: watch::Sender<IngestStatus>,
     pub stats: Arc<IngestStats>,
 }
@@ -308,21 +312,24 @@ impl Batcher {
     async fn ack(&self, batch: &[Inbound]) {
         let mut stale = 0;
         for m in batch {
-            if m.epoch != self.epoch.load(Ordering::Acquire) {
-                stale += 1;
-                continue;
-            }
-            // The poll task keeps draining the request channel, so waiting for room is brief;
-            // an ack is never dropped (a dropped ack would hold a slot of the broker's window
-            // for the rest of the connection).
-            let queued = match self.client.try_ack(&m.publish) {
-                Ok(()) => Ok(()),
-                Err(_) => self.client.ack(&m.publish).await,
-            };
-            if let Err(e) = queued {
-                // Only when the event loop is gone (shutting down): the broker redelivers.
-                tracing::warn!(error = %e, "cannot queue an ack; the message will be redelivered");
-                return;
+            loop {
+                match self.connection.ack(&self.client, &m.publish, m.epoch) {
+                    Acked::Queued => break,
+                    Acked::Stale => {
+                        stale += 1;
+                        break;
+                    }
+                    // The poll task keeps draining the request channel, so waiting for room
+                    // is brief; an ack is never dropped while the connection lasts (a dropped
+                    // ack would hold a slot of the broker's window for the rest of it).
+                    Acked::Refused if !self.poll_ended.is_cancelled() => {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Acked::Refused => {
+                        tracing::warn!("cannot queue an ack; the message will be redelivered");
+                        return;
+                    }
+                }
             }
         }
         self.stats

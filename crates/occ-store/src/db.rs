@@ -70,3 +70,50 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
     MIGRATOR.run(pool).await?;
     Ok(())
 }
+
+/// Follows whether PostgreSQL answers, on a connection of its own (a pool busy with ingest or
+/// API calls must not look like an outage, nor hide one): a ping every `interval`, each
+/// allowed `interval` to answer. Sends false as soon as one does not (and while it cannot
+/// connect), true when one does again. So an outage shows in health within about two
+/// intervals, with or without traffic.
+pub async fn watch_reachable(
+    pool: PgPool,
+    interval: Duration,
+    reachable: tokio::sync::watch::Sender<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let options = pool.connect_options();
+    let mut conn: Option<sqlx::PgConnection> = None;
+    loop {
+        let ok = tokio::time::timeout(interval, async {
+            if conn.is_none() {
+                conn = Some(sqlx::PgConnection::connect_with(&options).await?);
+            }
+            match conn.as_mut() {
+                Some(c) => c.ping().await,
+                None => Ok(()),
+            }
+        })
+        .await;
+        let ok = match ok {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "database probe failed");
+                false
+            }
+            Err(_) => false,
+        };
+        if !ok {
+            // A connection that failed or hung is not trusted again.
+            conn = None;
+        }
+        reachable.send_if_modified(|r| std::mem::replace(r, ok) != ok);
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    if let Some(c) = conn {
+        let _ = c.close().await;
+    }
+}

@@ -367,6 +367,14 @@ pub struct ServeArgs {
     )]
     pub grpc_listen: SocketAddr,
 
+    /// Largest gRPC request message; larger ones get RESOURCE_EXHAUSTED.
+    #[arg(
+        long = "grpc-max-message-bytes",
+        env = "OCC_GRPC_MAX_MESSAGE_BYTES",
+        default_value_t = 16 * 1024 * 1024
+    )]
+    pub grpc_max_message_bytes: usize,
+
     /// How often rules and the registry (sources, zones, watch lists) are reloaded even
     /// without a change notification.
     #[arg(

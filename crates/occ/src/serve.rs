@@ -16,6 +16,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// How often health asks PostgreSQL whether it answers (and how long it waits).
+const DATABASE_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
 use crate::config::{DatabaseArgs, ServeArgs, mask_url};
 
 /// A running OCC.
@@ -206,16 +209,28 @@ pub async fn start(
     let ingest_status = ingest.status();
     let ingest_stats = ingest.stats();
 
-    // Readiness for the health service follows ingest.
+    // Readiness for the health service: ingest takes messages and PostgreSQL answers (probed
+    // each second on a connection of its own, so an outage shows even without traffic).
+    let (reachable_tx, mut reachable) = watch::channel(true);
+    tokio::spawn(occ_store::db::watch_reachable(
+        pool.clone(),
+        DATABASE_PROBE_INTERVAL,
+        reachable_tx,
+        shutdown.clone(),
+    ));
     let (ready_tx, ready_rx) = watch::channel(false);
     let mut follow = ingest.status();
     tokio::spawn(async move {
         loop {
-            let ready = follow.borrow_and_update().ready();
+            let ready = follow.borrow_and_update().ready() && *reachable.borrow_and_update();
             if ready_tx.send(ready).is_err() {
                 break;
             }
-            if follow.changed().await.is_err() {
+            let gone = tokio::select! {
+                changed = follow.changed() => changed.is_err(),
+                changed = reachable.changed() => changed.is_err(),
+            };
+            if gone {
                 let _ = ready_tx.send(false);
                 break;
             }
@@ -256,7 +271,10 @@ pub async fn start(
     let grpc = tokio::spawn(occ_api::serve(
         listener,
         state,
-        GrpcConfig::default(),
+        GrpcConfig {
+            max_message_bytes: args.grpc_max_message_bytes,
+            ..GrpcConfig::default()
+        },
         ready_rx,
         grpc_stop.clone(),
     ));
