@@ -15,13 +15,14 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 const OCC: &str = env!("CARGO_BIN_EXE_occ-under-test");
 
-/// Event `i` of a stream: every other one is smoke in the same block (one incident), the rest
-/// people on camera (no incident).
+/// Event `i` of a stream: every other one is smoke in the same block (one incident), with the
+/// producer's id; the rest people on camera (no incident), sent without an id and with the
+/// same bytes every time, so each is a new event and only a redelivery is a duplicate.
 fn stream_event(i: usize) -> (String, Vec<u8>) {
     let payload = if i.is_multiple_of(2) {
         json!({"id": format!("s{i}"), "type": "smoke.detected", "zone": "esil_residential_9"})
     } else {
-        json!({"id": format!("p{i}"), "type": "object.person", "zone": "esil_street_1", "confidence": 0.8})
+        json!({"type": "object.person", "zone": "esil_street_1", "confidence": 0.8})
     };
     (
         format!("occ/v1/events/dev-{}", i % 17),

@@ -625,7 +625,7 @@ impl FrigateAdapter {
             source,
             status,
             "reported by the NVR: the camera's detection stream",
-            m.received_at,
+            m,
             limits,
         )?])
     }
@@ -652,7 +652,7 @@ impl FrigateAdapter {
             self.nvr.clone(),
             status,
             why,
-            m.received_at,
+            m,
             limits,
         )?])
     }

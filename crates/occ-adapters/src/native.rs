@@ -151,7 +151,7 @@ impl NativeAdapter {
             source,
             status,
             "reported on the status topic (a last will, when the broker sent it)",
-            message.received_at,
+            message,
             limits,
         )?])
     }

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 
 use base64::Engine;
 use chrono::{DateTime, TimeDelta, Utc};
-use occ_domain::{Event, EventInput, Limits, SourceId};
+use occ_domain::{Event, EventInput, IdempotencyKey, Limits, SourceId};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -393,24 +393,22 @@ impl Adapter for SenmlAdapter {
                     .insert("values_dropped".into(), Value::from(dropped));
             }
             // A reading at an absolute time is that reading however often it is sent; a pack
-            // without a clock can only be recognised by its bytes.
-            let key = if relative {
-                format!("senml:{pack_digest}:{n}")
-            } else {
-                format!("senml:{base_name}@{}:{names}", rfc3339(time))
-            };
-            input.id = Some(if key.len() <= limits.max_external_id_len {
-                key
-            } else {
-                format!("senml:{}", hex8(&Sha256::digest(key.as_bytes())))
-            });
-            events.push(Event::parse(
-                source.clone(),
-                input,
-                m.payload,
-                m.received_at,
-                limits,
-            )?);
+            // without a clock is recognised by its bytes and its delivery (the same pack sent
+            // again is a new reading, only its redelivery is not).
+            let content_key = relative.then(|| format!("senml:{pack_digest}:{n}"));
+            if content_key.is_none() {
+                let key = format!("senml:{base_name}@{}:{names}", rfc3339(time));
+                input.id = Some(if key.len() <= limits.max_external_id_len {
+                    key
+                } else {
+                    format!("senml:{}", hex8(&Sha256::digest(key.as_bytes())))
+                });
+            }
+            let mut event = Event::parse(source.clone(), input, m.payload, m.received_at, limits)?;
+            if let Some(key) = content_key {
+                event.idempotency_key = IdempotencyKey::content_named(key);
+            }
+            events.push(event);
         }
         Ok(events)
     }

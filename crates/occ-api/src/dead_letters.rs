@@ -49,9 +49,19 @@ pub fn redecode<'a>(
             payload: &l.payload,
             received_at: l.received_at,
         };
+        // Replaying one letter twice stores its events once.
+        let delivery = occ_domain::Delivery::DeadLetter(l.id);
         adapters
             .decode(&message, limits)
-            .map(|events| events.into_iter().map(|e| registry.enrich(e)).collect())
+            .map(|events| {
+                events
+                    .into_iter()
+                    .map(|mut e| {
+                        e.idempotency_key = e.idempotency_key.scoped(&delivery);
+                        registry.enrich(e)
+                    })
+                    .collect()
+            })
             .map_err(|r| r.0)
     }
 }

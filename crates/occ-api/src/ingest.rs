@@ -1,7 +1,7 @@
 //! `IngestService`: events from gateways that do not speak MQTT.
 
 use chrono::Utc;
-use occ_domain::{Enriched, Event, FieldErrors};
+use occ_domain::{Delivery, Enriched, Event, FieldErrors};
 use occ_proto::v1::{self as pb, ingest_service_server::IngestService};
 use occ_store::Transport;
 use occ_store::dead_letters::DeadLetter;
@@ -61,7 +61,10 @@ impl IngestApi {
                 Event::parse(source, input, &content, received_at, limits)
             });
             match result {
-                Ok(event) => {
+                Ok(mut event) => {
+                    // A call is never delivered again: without an id, each event is new (a
+                    // client that retries a call must send ids to be recognised).
+                    event.idempotency_key = event.idempotency_key.scoped(&Delivery::Once);
                     parsed.push(Ok(events.len()));
                     events.push(registry.enrich(event));
                 }

@@ -312,32 +312,131 @@ impl Confidence {
     }
 }
 
-/// What makes a redelivered event recognisable: the producer's own id when it sends one,
-/// otherwise a hash of the content. Unique per source.
+/// What makes a redelivered event recognisable: the producer's own id when it sends one;
+/// otherwise what OCC knows of the delivery. Unique per source.
+///
+/// Without a producer's id, the same bytes sent twice are two events (a panic button pressed
+/// twice, a sensor repeating its reading): only a redelivery of one message is a duplicate.
+/// Such a key starts as a hash of the content and is then [scoped](IdempotencyKey::scoped) to
+/// the delivery that brought it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct IdempotencyKey(String);
+pub struct IdempotencyKey {
+    value: String,
+    #[serde(skip)]
+    kind: KeyKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+enum KeyKind {
+    /// The producer's id, or a key read back from storage: final.
+    #[default]
+    Final,
+    /// A hash of the content, not yet tied to a delivery.
+    Content,
+    /// The first delivery of a message to OCC's session: if the key is already stored, it
+    /// belongs to an earlier message that had the same bytes and the same packet id (the
+    /// broker reuses packet ids), and this one is stored as a new event.
+    FirstDelivery,
+}
+
+/// How a message reached OCC: what tells a redelivery from a repeat when the producer gives
+/// no id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// An MQTT message at QoS 1 or 2 in OCC's session (its client id). The broker redelivers a
+    /// message it has not seen acknowledged only on a new connection, with the same packet id
+    /// and the DUP flag set.
+    Mqtt {
+        session: String,
+        packet_id: u16,
+        redelivered: bool,
+    },
+    /// A message decoded again from a dead letter: replaying one letter twice stores once.
+    DeadLetter(Uuid),
+    /// Never delivered again (a gRPC call, an MQTT message at QoS 0): always a new event.
+    Once,
+}
 
 impl IdempotencyKey {
     /// The producer's id for the event (Frigate event id, ChirpStack deduplication id, the
     /// native envelope's `id`).
     pub fn external(id: &str) -> Self {
-        Self(format!("id:{id}"))
+        Self {
+            value: format!("id:{id}"),
+            kind: KeyKind::Final,
+        }
     }
 
-    /// A SHA-256 of the bytes that carried an event without a producer's id: a redelivery
-    /// carries the same bytes.
+    /// A SHA-256 of the bytes that carried an event without a producer's id, to be scoped to
+    /// its delivery.
     pub fn content(bytes: &[u8]) -> Self {
-        Self(format!("sha256:{}", hex::encode(Sha256::digest(bytes))))
+        Self::content_named(format!("sha256:{}", hex::encode(Sha256::digest(bytes))))
+    }
+
+    /// A content key made by an adapter (one of several events of one message), to be scoped
+    /// to its delivery.
+    pub fn content_named(value: String) -> Self {
+        Self {
+            value,
+            kind: KeyKind::Content,
+        }
+    }
+
+    /// Ties a content key to the delivery that brought it; a producer's id is left as it is.
+    /// A redelivery (same session, packet id and bytes) gets the key its first delivery got.
+    pub fn scoped(self, delivery: &Delivery) -> Self {
+        if self.kind != KeyKind::Content {
+            return self;
+        }
+        match delivery {
+            Delivery::Mqtt {
+                session,
+                packet_id,
+                redelivered,
+            } => Self {
+                value: format!("{}@{session}#{packet_id}", self.value),
+                kind: if *redelivered {
+                    KeyKind::Final
+                } else {
+                    KeyKind::FirstDelivery
+                },
+            },
+            Delivery::DeadLetter(id) => Self {
+                value: format!("{}@dead-letter:{id}", self.value),
+                kind: KeyKind::Final,
+            },
+            Delivery::Once => Self {
+                value: format!("{}@{}", self.value, Uuid::now_v7()),
+                kind: KeyKind::Final,
+            },
+        }
+    }
+
+    /// True for the first delivery of a message without a producer's id: a stored event with
+    /// this key is an earlier message, not this one.
+    pub fn is_first_delivery(&self) -> bool {
+        self.kind == KeyKind::FirstDelivery
+    }
+
+    /// This first delivery's key when an earlier message holds the plain one.
+    pub fn another(&self, event: EventId) -> Self {
+        Self {
+            value: format!("{}+{event}", self.value),
+            kind: KeyKind::Final,
+        }
     }
 
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.value
     }
 
     /// Rebuilds a key read back from storage.
     pub fn from_stored(value: String) -> Self {
-        Self(value)
+        Self {
+            value,
+            kind: KeyKind::Final,
+        }
     }
 }
 
@@ -759,13 +858,39 @@ mod tests {
         assert!(e.idempotency_key.as_str().starts_with("sha256:"));
     }
 
+    fn mqtt(packet_id: u16, redelivered: bool) -> Delivery {
+        Delivery::Mqtt {
+            session: "occ-a".into(),
+            packet_id,
+            redelivered,
+        }
+    }
+
     #[test]
-    fn the_same_content_gives_the_same_key_and_other_content_another() {
-        let a = IdempotencyKey::content(b"{\"type\":\"x\"}");
-        let b = IdempotencyKey::content(b"{\"type\":\"x\"}");
-        let c = IdempotencyKey::content(b"{\"type\":\"y\"}");
-        assert_eq!(a, b);
-        assert_ne!(a, c);
+    fn a_redelivery_gets_its_first_deliverys_key_and_a_repeat_does_not() {
+        let bytes = b"{\"type\":\"panic.pressed\"}";
+        let first = IdempotencyKey::content(bytes).scoped(&mqtt(7, false));
+        let redelivered = IdempotencyKey::content(bytes).scoped(&mqtt(7, true));
+        let pressed_again = IdempotencyKey::content(bytes).scoped(&mqtt(8, false));
+        assert_eq!(first.as_str(), redelivered.as_str());
+        assert!(first.is_first_delivery() && !redelivered.is_first_delivery());
+        assert_ne!(first.as_str(), pressed_again.as_str());
+        let other = IdempotencyKey::content(b"{}").scoped(&mqtt(7, true));
+        assert_ne!(other.as_str(), redelivered.as_str());
+        // Calls and QoS 0 messages are never delivered again: each is an event.
+        let a = IdempotencyKey::content(bytes).scoped(&Delivery::Once);
+        let b = IdempotencyKey::content(bytes).scoped(&Delivery::Once);
+        assert_ne!(a, b);
+        // One dead letter replayed twice is one event.
+        let letter = Uuid::now_v7();
+        assert_eq!(
+            IdempotencyKey::content(bytes).scoped(&Delivery::DeadLetter(letter)),
+            IdempotencyKey::content(bytes).scoped(&Delivery::DeadLetter(letter))
+        );
+        // A producer's id is the key, however the message came.
+        let id = IdempotencyKey::external("det-1").scoped(&mqtt(9, false));
+        assert_eq!(id.as_str(), "id:det-1");
+        assert!(!id.is_first_delivery());
     }
 
     #[test]

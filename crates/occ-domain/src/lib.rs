@@ -48,8 +48,9 @@ pub(crate) fn check_transitions<S, C, E>(
 
 pub use correlation::{Candidate, CorrelationPlan, OpenIncident, Segment, plan_correlation};
 pub use event::{
-    Confidence, District, Event, EventId, EventInput, EventType, Evidence, EvidenceKind, GeoPoint,
-    IdempotencyKey, Limits, LocationInput, Revision, Severity, SourceId, SourceKind, Zone,
+    Confidence, Delivery, District, Event, EventId, EventInput, EventType, Evidence, EvidenceKind,
+    GeoPoint, IdempotencyKey, Limits, LocationInput, Revision, Severity, SourceId, SourceKind,
+    Zone,
 };
 pub use incident::{
     ClaimInfo, Incident, IncidentCommand, IncidentId, IncidentNumber, IncidentStatus, Priority,

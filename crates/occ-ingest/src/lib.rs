@@ -93,6 +93,7 @@ impl Ingest {
 
         let batcher = pipeline::Batcher {
             config: batch,
+            session: mqtt.client_id.clone(),
             limits,
             adapters,
             pool,

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use occ_adapters::{Adapters, Message};
-use occ_domain::{Enriched, Limits};
+use occ_domain::{Delivery, Enriched, Limits};
 use occ_store::PgPool;
 use occ_store::StoreError;
 use occ_store::Transport;
@@ -52,6 +52,8 @@ pub struct IngestStats {
 
 pub(crate) struct Batcher {
     pub config: BatchConfig,
+    /// OCC's MQTT session (its client id): packet ids are numbered within it.
+    pub session: String,
     pub limits: Limits,
     pub adapters: Arc<Adapters>,
     pub pool: PgPool,
@@ -143,7 +145,18 @@ impl Batcher {
             match self.adapters.decode(&message, &self.limits) {
                 Ok(decoded) => {
                     let at_most_once = m.publish.qos == QoS::AtMostOnce;
-                    for e in decoded {
+                    // What tells this message's redelivery from the same bytes sent again.
+                    let delivery = if at_most_once {
+                        Delivery::Once
+                    } else {
+                        Delivery::Mqtt {
+                            session: self.session.clone(),
+                            packet_id: m.publish.pkid,
+                            redelivered: m.publish.dup,
+                        }
+                    };
+                    for mut e in decoded {
+                        e.idempotency_key = e.idempotency_key.scoped(&delivery);
                         events.push(registry.enrich(e));
                         qos0.push(at_most_once);
                     }

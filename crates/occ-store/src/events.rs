@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use occ_domain::{Event, EventId, Revision};
+use occ_domain::{Enriched, Event, EventId, Revision};
 use sqlx::PgConnection;
 
 use crate::error::Result;
@@ -255,6 +255,36 @@ pub async fn existing_ids(
         .into_iter()
         .map(|r| ((r.source_id, r.idempotency_key), EventId(r.id)))
         .collect())
+}
+
+/// First deliveries of messages without a producer's id whose key is already stored belong to
+/// an earlier message with the same bytes that had the same packet id in OCC's session (the
+/// broker reuses packet ids once acknowledged): they are new events, so they get keys of their
+/// own. `None` when no event of the batch needs one (the common case: no copy is made).
+pub async fn rekey_repeats(
+    conn: &mut PgConnection,
+    events: &[Enriched],
+) -> Result<Option<Vec<Enriched>>> {
+    let first: Vec<&Event> = events
+        .iter()
+        .map(|e| &e.event)
+        .filter(|e| e.idempotency_key.is_first_delivery())
+        .collect();
+    let taken = existing_ids(conn, &first).await?;
+    if taken.is_empty() {
+        return Ok(None);
+    }
+    let mut events = events.to_vec();
+    for e in &mut events {
+        let key = (
+            e.event.source_id.to_string(),
+            e.event.idempotency_key.as_str().to_owned(),
+        );
+        if e.event.idempotency_key.is_first_delivery() && taken.contains_key(&key) {
+            e.event.idempotency_key = e.event.idempotency_key.another(e.event.id);
+        }
+    }
+    Ok(Some(events))
 }
 
 /// An event linked to an incident, as its timeline shows it.

@@ -155,6 +155,11 @@ pub(crate) async fn apply(
 ) -> Result<BatchOutcome> {
     // The database's clock, like every other change to incidents.
     let now = crate::dispatch::now(conn).await?;
+    let rekeyed = events::rekey_repeats(conn, batch.events).await?;
+    let batch = Batch {
+        events: rekeyed.as_deref().unwrap_or(batch.events),
+        ..batch
+    };
     let all: Vec<&Event> = batch.events.iter().map(|e| &e.event).collect();
     let key_of = |e: &Event| {
         (

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 use occ_domain::{
-    Enriched, Event, EventInput, IncidentStatus, Limits, LocationInput, Priority, RuleInput,
-    RuleSet, SourceId,
+    Delivery, Enriched, Event, EventInput, IncidentStatus, Limits, LocationInput, Priority,
+    RuleInput, RuleSet, SourceId,
 };
 use occ_store::dead_letters::{self, DeadLetter};
 use occ_store::incidents::{self, IncidentCursor, IncidentFilter};
@@ -166,6 +166,64 @@ async fn a_redelivered_event_changes_nothing(pool: PgPool) {
     let incidents = all_incidents(&pool).await;
     assert_eq!(incidents.len(), 1);
     assert_eq!(incidents[0].event_count, 1);
+}
+
+/// A panic button without ids: the same bytes over MQTT, delivered as `packet_id` of OCC's
+/// session, `redelivered` when the broker sends it again after a lost connection.
+fn press(packet_id: u16, redelivered: bool) -> Event {
+    let bytes = br#"{"type": "panic.pressed", "zone": "esil_transit_stop_1"}"#;
+    let mut e = Event::parse(
+        SourceId::parse("panic-1").expect("valid source"),
+        EventInput {
+            event_type: Some("panic.pressed".into()),
+            zone: Some("esil_transit_stop_1".into()),
+            ..EventInput::default()
+        },
+        bytes,
+        Utc::now(),
+        &Limits::default(),
+    )
+    .expect("valid event");
+    e.idempotency_key = e.idempotency_key.scoped(&Delivery::Mqtt {
+        session: "occ-a".into(),
+        packet_id,
+        redelivered,
+    });
+    e
+}
+
+fn accepted(outcome: &EventOutcome) -> bool {
+    matches!(outcome, EventOutcome::Accepted { .. })
+}
+
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn without_ids_a_repeat_is_a_new_event_and_only_a_redelivery_is_a_duplicate(pool: PgPool) {
+    // Pressed, committed; its ack was lost with the connection: the broker redelivers it.
+    let first = commit(&pool, &[press(7, false)]).await;
+    assert!(accepted(&first.events[0]));
+    let redelivery = commit(&pool, &[press(7, true)]).await;
+    assert!(
+        !accepted(&redelivery.events[0]),
+        "a redelivery is a duplicate"
+    );
+    // Pressed again: a new message, whatever its packet id, even the one the broker reused.
+    let again = commit(&pool, &[press(8, false), press(7, false)]).await;
+    assert!(again.events.iter().all(accepted), "{again:?}");
+    // The reused packet id's message is redelivered too: still one event for it.
+    let again_redelivered = commit(&pool, &[press(7, true)]).await;
+    assert!(!accepted(&again_redelivered.events[0]));
+    // A message still in hand from the lost connection and its redelivery in one batch.
+    let both = commit(&pool, &[press(9, false), press(9, true)]).await;
+    assert!(accepted(&both.events[0]) && !accepted(&both.events[1]));
+
+    let mut conn = pool.acquire().await.expect("connection");
+    assert_eq!(
+        occ_store::events::count_for_source(&mut conn, "panic-1")
+            .await
+            .expect("count"),
+        4,
+        "four presses"
+    );
 }
 
 #[sqlx::test(migrator = "occ_store::MIGRATOR")]
