@@ -202,3 +202,27 @@ async fn dead_letters_are_replayed_from_the_command_line(pool: PgPool) {
         1
     );
 }
+
+/// `occ bench` runs end to end on a small load: its own broker, databases and OCC, the drain
+/// checked to store exactly the events the messages hold, one table printed, nothing left
+/// behind. (What it measures is reported from real runs, not asserted here.)
+#[sqlx::test(migrations = false)]
+async fn the_bench_runs_and_cleans_up_after_itself(pool: PgPool) {
+    let (ok, out, err) = occ(&pool, &["bench", "--messages", "400"]).await;
+    assert!(ok, "{err}");
+    for line in [
+        "| broker alone",
+        "| PostgreSQL alone",
+        "| bare consumer",
+        "| OCC drain: 400 queued messages",
+        "| OCC peak RSS",
+    ] {
+        assert!(out.contains(line), "{line} missing from:\n{out}");
+    }
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname LIKE 'occ_bench_%'")
+            .fetch_one(&pool)
+            .await
+            .expect("databases");
+    assert_eq!(left, 0, "the bench dropped its databases");
+}

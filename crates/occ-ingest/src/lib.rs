@@ -69,13 +69,9 @@ impl Ingest {
         shutdown: CancellationToken,
     ) -> Ingest {
         let window = usize::from(mqtt.receive_maximum).max(1);
-        // Requests are acks, subscriptions and the final disconnect. Acks waiting here are
-        // for messages the broker has sent and not yet seen acknowledged, so never more than
-        // the 65,535 packet ids a connection has: with this capacity queuing an ack never
-        // waits, even when the broker ignores the receive maximum and the poll task, holding
-        // to OCC's own bound, reads no more until the inbox has room.
-        let (client, eventloop) =
-            AsyncClient::new(mqtt::options(&mqtt), usize::from(u16::MAX) + 16);
+        // Requests are acks, subscriptions and the final disconnect. Acks beyond this wait in
+        // the batcher (see `Batcher::ack`), so the channel never has to hold a backlog's.
+        let (client, eventloop) = AsyncClient::new(mqtt::options(&mqtt), 2 * window + 16);
         let subscriptions: Vec<String> = adapters
             .topic_filters()
             .iter()
@@ -102,6 +98,7 @@ impl Ingest {
             activity,
             client: client.clone(),
             connection: connection.clone(),
+            acks: std::sync::Mutex::new(std::collections::VecDeque::new()),
             poll_ended: poll_ended.clone(),
             status: status_tx.clone(),
             stats: stats.clone(),

@@ -10,13 +10,13 @@
 //! task stops reading, so the rest waits in the socket and in the broker's session.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, RetainForwardRule, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -133,11 +133,18 @@ impl Connection {
 
     /// After the event loop lost its connection: later acks of earlier messages are refused,
     /// and those already queued are dropped (`EventLoop::clean` keeps every other request for
-    /// the next connection).
+    /// the next connection). So are messages of the lost connection that rumqttc read but has
+    /// not handed out yet: handed out after the reconnect they would pass for the new
+    /// connection's, and their packet ids may name other messages there. Not acked, they are
+    /// redelivered.
     pub(crate) fn lost(&self, eventloop: &mut EventLoop) {
         let mut current = self.lock();
         *current += 1;
         eventloop.clean();
+        eventloop
+            .state
+            .events
+            .retain(|e| !matches!(e, Event::Incoming(Packet::Publish(_))));
     }
 }
 
@@ -282,6 +289,7 @@ pub(crate) async fn poll(
                     session_present = ack.session_present,
                     "connected to MQTT broker"
                 );
+                // A retry planned on an earlier connection is moot: this one subscribes now.
                 resubscribe.reset();
                 subscribe(&client, &subscriptions);
             }
@@ -290,10 +298,7 @@ pub(crate) async fn poll(
                     .iter()
                     .zip(&ack.return_codes)
                     .filter(|(_, code)| {
-                        !matches!(
-                            code,
-                            SubscribeReasonCode::Success(QoS::AtLeastOnce | QoS::ExactlyOnce)
-                        )
+                        !matches!(code, SubscribeReasonCode::Success(QoS::AtLeastOnce))
                     })
                     .map(|(s, code)| format!("{s}: {code:?}"))
                     .collect();
@@ -302,25 +307,17 @@ pub(crate) async fn poll(
                     resubscribe.reset();
                     status.send_modify(|s| s.subscribed = true);
                 } else {
-                    // Granted at QoS 0 is refused too: the broker would drop what OCC has not
-                    // acknowledged. Until every filter is granted, health says NOT_SERVING.
+                    // Granted at any QoS but 1 is refused too: at 0 the broker would drop what
+                    // OCC has not acknowledged, and OCC's acks are QoS 1's. Until every filter
+                    // is granted, health says NOT_SERVING.
                     status.send_modify(|s| s.subscribed = false);
-                    let retry_in = resubscribe.next();
+                    let retry_in = resubscribe.schedule(&client, &subscriptions, &stopping);
                     tracing::error!(
                         refused = ?refused,
                         ?retry_in,
                         "the broker refused OCC's subscription; events on these topics do not \
                          reach OCC until it is granted"
                     );
-                    let client = client.clone();
-                    let subscriptions = subscriptions.clone();
-                    let stopping = stopping.clone();
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            () = tokio::time::sleep(retry_in) => subscribe(&client, &subscriptions),
-                            () = stopping.cancelled() => {}
-                        }
-                    });
                 }
             }
             Ok(Event::Incoming(Packet::Disconnect(d))) => {
@@ -350,35 +347,69 @@ pub(crate) async fn poll(
 }
 
 /// Queues a SUBSCRIBE for every filter. Never waits: only the poll task drains the request
-/// channel, and it may be the caller.
+/// channel, and it may be the caller. Subscribing again to a subscription the session has
+/// does not make the broker send retained messages again (a retained status would otherwise
+/// come back as a new report on every reconnect).
 fn subscribe(client: &AsyncClient, subscriptions: &[String]) {
-    let filters = subscriptions
-        .iter()
-        .map(|s| Filter::new(s.clone(), QoS::AtLeastOnce));
+    let filters = subscriptions.iter().map(|s| {
+        let mut f = Filter::new(s.clone(), QoS::AtLeastOnce);
+        f.retain_forward_rule = RetainForwardRule::OnNewSubscribe;
+        f
+    });
     if let Err(e) = client.try_subscribe_many(filters) {
         tracing::error!(error = %e, "cannot queue the subscription request");
     }
 }
 
-/// Backoff between attempts to subscribe again after a refusal.
+/// Subscribing again after a refusal: one attempt planned at a time, with backoff.
 #[derive(Debug)]
-struct Resubscribe(Duration);
+struct Resubscribe {
+    backoff: Duration,
+    /// The attempt planned last; an earlier one finds it changed and does nothing.
+    planned: Arc<AtomicU64>,
+}
 
 impl Default for Resubscribe {
     fn default() -> Self {
-        Self(Duration::from_secs(1))
+        Self {
+            backoff: Duration::from_secs(1),
+            planned: Arc::new(AtomicU64::new(0)),
+        }
     }
 }
 
 impl Resubscribe {
+    /// Drops the attempt planned, if any, and starts the backoff again.
     fn reset(&mut self) {
-        *self = Self::default();
+        self.planned.fetch_add(1, Ordering::AcqRel);
+        self.backoff = Duration::from_secs(1);
     }
 
-    fn next(&mut self) -> Duration {
-        let now = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(30));
-        now
+    /// Plans the next attempt, in place of any planned before; returns its delay.
+    fn schedule(
+        &mut self,
+        client: &AsyncClient,
+        subscriptions: &[String],
+        stopping: &CancellationToken,
+    ) -> Duration {
+        let delay = self.backoff;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+        let attempt = self.planned.fetch_add(1, Ordering::AcqRel) + 1;
+        let planned = self.planned.clone();
+        let client = client.clone();
+        let subscriptions = subscriptions.to_vec();
+        let stopping = stopping.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {
+                    if planned.load(Ordering::Acquire) == attempt {
+                        subscribe(&client, &subscriptions);
+                    }
+                }
+                () = stopping.cancelled() => {}
+            }
+        });
+        delay
     }
 }
 
@@ -428,7 +459,16 @@ mod tests {
         client
             .try_subscribe("occ/v1/events/+", QoS::AtLeastOnce)
             .unwrap();
+        // A message read from the socket with others just before it failed, not handed out.
+        eventloop
+            .state
+            .events
+            .push_back(Event::Incoming(Packet::Publish(received(9))));
         connection.lost(&mut eventloop);
+        assert!(
+            eventloop.state.events.is_empty(),
+            "a message of the lost connection is not handed out after the reconnect"
+        );
         // Packet id 7 may belong to another message on the next connection: the queued ack is
         // gone (neither kept for the next connection nor left in the channel, which has room
         // for all of its 16 requests again), the subscription is kept for the next connection.

@@ -6,8 +6,9 @@
 //! stops sending once its window of unacknowledged messages is full and holds the rest in
 //! OCC's session. When PostgreSQL comes back, the batch commits and ingest resumes by itself.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use occ_adapters::{Adapters, Message};
@@ -22,6 +23,7 @@ use occ_store::registry::LiveRegistry;
 use occ_store::rules::LiveRules;
 use rumqttc::v5::AsyncClient;
 use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Publish;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -62,6 +64,8 @@ pub(crate) struct Batcher {
     pub activity: ActivityLog,
     pub client: AsyncClient,
     pub connection: Arc<Connection>,
+    /// Acks of committed messages not yet handed to the event loop, in arrival order.
+    pub acks: Mutex<VecDeque<PendingAck>>,
     /// Cancelled when the poll task has ended (no ack can be sent any more).
     pub poll_ended: CancellationToken,
     pub status: watch::Sender<IngestStatus>,
@@ -103,9 +107,12 @@ impl Batcher {
     /// behind its acks, and returns.
     pub async fn run(self, inbox: Arc<Inbox>, shutdown: CancellationToken) {
         loop {
+            self.send_acks();
             let first = tokio::select! {
                 () = shutdown.cancelled() => break,
                 m = inbox.pop() => m,
+                // Acks still waiting for room in the request channel go out as it drains.
+                () = tokio::time::sleep(ACK_RETRY), if self.acks_waiting() => continue,
             };
             let mut batch = Vec::with_capacity(self.config.size);
             batch.push(first);
@@ -121,6 +128,12 @@ impl Batcher {
             if !self.process(&batch, &shutdown).await || shutdown.is_cancelled() {
                 break;
             }
+        }
+        // Every ack of what was committed goes out before the DISCONNECT, as long as the
+        // connection lasts.
+        while self.acks_waiting() && !self.poll_ended.is_cancelled() {
+            self.send_acks();
+            tokio::time::sleep(ACK_RETRY).await;
         }
         // After the acks in the request channel: the event loop sends them, then this, then
         // the poll task ends.
@@ -205,7 +218,7 @@ impl Batcher {
             }
             None => return false,
         };
-        self.ack(batch).await;
+        self.ack(batch);
         decoded.record(&outcome, &self.activity);
         tracing::debug!(
             messages = batch.len(),
@@ -257,7 +270,7 @@ impl Batcher {
                 }
             }
         }
-        self.ack(single).await;
+        self.ack(single);
         true
     }
 
@@ -319,36 +332,56 @@ impl Batcher {
         }
     }
 
-    /// Acks committed messages in arrival order. A message from an earlier connection is not
-    /// acked: its packet id may since belong to another message; the broker redelivers it
-    /// and the redelivery is recognised as a duplicate.
-    async fn ack(&self, batch: &[Inbound]) {
-        let mut stale = 0;
-        for m in batch {
-            loop {
-                match self.connection.ack(&self.client, &m.publish, m.epoch) {
-                    Acked::Queued => break,
-                    Acked::Stale => {
-                        stale += 1;
-                        break;
-                    }
-                    // The poll task keeps draining the request channel, so waiting for room
-                    // is brief; an ack is never dropped while the connection lasts (a dropped
-                    // ack would hold a slot of the broker's window for the rest of it).
-                    Acked::Refused if !self.poll_ended.is_cancelled() => {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    Acked::Refused => {
-                        tracing::warn!("cannot queue an ack; the message will be redelivered");
-                        return;
-                    }
-                }
-            }
+    /// Acks committed messages, in arrival order: queued here, then handed to the event loop
+    /// as its request channel has room. Never waits: the poll task may itself be waiting for
+    /// the batcher to take messages from a full inbox, and rumqttc sends one request per poll
+    /// while a broker flooding a backlog keeps it reading, so acks can fall behind for a
+    /// while. What waits here is 16 bytes a message, not the message.
+    fn ack(&self, batch: &[Inbound]) {
+        {
+            let mut acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
+            acks.extend(
+                batch
+                    .iter()
+                    .filter(|m| m.publish.qos != QoS::AtMostOnce)
+                    .map(|m| PendingAck {
+                        packet_id: m.publish.pkid,
+                        qos: m.publish.qos,
+                        epoch: m.epoch,
+                    }),
+            );
         }
         self.stats
             .messages
-            .fetch_add((batch.len() - stale) as u64, Ordering::Relaxed);
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.send_acks();
+    }
+
+    fn acks_waiting(&self) -> bool {
+        !self
+            .acks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
+    /// Hands waiting acks to the event loop, in order, until its channel is full. A message
+    /// from an earlier connection is not acked: its packet id may since belong to another
+    /// message; the broker redelivers it and the redelivery is recognised as a duplicate.
+    fn send_acks(&self) {
+        let mut acks = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut stale = 0;
+        while let Some(a) = acks.front() {
+            let mut publish = Publish::new("", a.qos, Vec::new(), None);
+            publish.pkid = a.packet_id;
+            match self.connection.ack(&self.client, &publish, a.epoch) {
+                Acked::Queued => {}
+                Acked::Stale => stale += 1,
+                Acked::Refused => break,
+            }
+            acks.pop_front();
+        }
         if stale > 0 {
             tracing::info!(
                 stale,
@@ -357,3 +390,14 @@ impl Batcher {
         }
     }
 }
+
+/// An ack waiting to be handed to the event loop.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PendingAck {
+    packet_id: u16,
+    qos: QoS,
+    epoch: u64,
+}
+
+/// How often waiting acks are offered to the event loop again.
+const ACK_RETRY: Duration = Duration::from_millis(2);

@@ -280,7 +280,10 @@ pub async fn rekey_repeats(
             e.event.source_id.to_string(),
             e.event.idempotency_key.as_str().to_owned(),
         );
-        if e.event.idempotency_key.is_first_delivery() && taken.contains_key(&key) {
+        // Taken by this very event: a retry of a batch that did commit (its redelivery is
+        // then a duplicate, as it should be).
+        let by_another = taken.get(&key).is_some_and(|id| *id != e.event.id);
+        if e.event.idempotency_key.is_first_delivery() && by_another {
             e.event.idempotency_key = e.event.idempotency_key.another(e.event.id);
         }
     }

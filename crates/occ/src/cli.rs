@@ -61,6 +61,9 @@ enum Command {
         #[command(subcommand)]
         command: WatchlistCommand,
     },
+    /// Measure ingest on this machine against baselines from the same run (starts its own
+    /// broker, databases and OCC; prints one table).
+    Bench(crate::bench::BenchArgs),
     /// What could not become events.
     DeadLetters {
         #[command(subcommand)]
@@ -199,6 +202,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(url = %mask_url(&database.url), "database migrated");
             Ok(())
         }
+        Command::Bench(args) => crate::bench::run(args).await,
         Command::Simulate { broker, simulator } => {
             stop_on_signals(shutdown.clone())?;
             simulate::run(broker, simulator, shutdown).await

@@ -982,6 +982,25 @@ async fn publish(
     Ok(())
 }
 
+/// `n` messages of the city's day for `occ bench`, in publishing order (delays ignored): its
+/// ordinary readings and detections, and one in twenty from a situation the default rules
+/// turn into an incident (or join to one).
+pub(crate) fn mix(seed: u64, n: usize) -> Vec<(String, Vec<u8>)> {
+    let mut city = City::new(seed);
+    let now = Utc::now();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let steps = if city.rng.random_bool(0.05) {
+            city.situation(now).1
+        } else {
+            city.background(now)
+        };
+        out.extend(steps.into_iter().map(|(_, m)| (m.topic, m.payload)));
+    }
+    out.truncate(n);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

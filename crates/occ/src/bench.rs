@@ -1,0 +1,916 @@
+//! `occ bench`: how fast OCC ingests on this machine, each figure beside a baseline measured in
+//! the same run, on the same broker and PostgreSQL.
+//!
+//! It starts what it needs on its own: a Mosquitto with OCC's settings (`deploy/mosquitto.conf`)
+//! on a free port, its own databases on the PostgreSQL server it is pointed at, and OCC itself
+//! as a child process (this same binary, `occ serve`), so OCC's memory and CPU are its own.
+//! Everything is stopped and dropped at the end.
+//!
+//! Measures, in order:
+//! - **broker alone**: QoS 1 publish → QoS 1 subscriber, the messages of the run;
+//! - **PostgreSQL alone**: COPY of the events those messages decode to, 1,000 rows a
+//!   transaction, into a table shaped like OCC's `events`;
+//! - **bare consumer**: the least an ack-after-commit consumer can do: the backlog queued in a
+//!   persistent session, drained with rumqttc (manual acks) into COPY batches of 500, acked
+//!   after each commit;
+//! - **OCC drain**: the same backlog queued in OCC's session while OCC is stopped, then timed
+//!   from OCC's first commit to its last, and the stored events checked to be exactly those
+//!   the messages hold.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use chrono::Utc;
+use clap::Args;
+use occ_adapters::{Adapters, Message};
+use occ_domain::{Delivery, Event, Limits};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
+use rumqttc::v5::{AsyncClient, Event as MqttEvent, MqttOptions};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, PgConnection};
+use tokio::process::{Child, Command};
+
+/// `occ bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Messages in the run (the simulator's mix: cameras, LoRaWAN and SenML sensors, gateways;
+    /// about one in twenty from a situation that opens or joins an incident).
+    #[arg(long, default_value_t = 200_000)]
+    pub messages: usize,
+
+    /// The PostgreSQL server to measure on; the bench creates (and drops) its own databases
+    /// there, named occ_bench_*.
+    #[arg(
+        long = "database-url",
+        env = "OCC_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub database_url: String,
+
+    /// The Mosquitto program to start (on a free port, with OCC's settings); by default the
+    /// system's.
+    #[arg(long)]
+    pub mosquitto: Option<PathBuf>,
+}
+
+fn mosquitto_program(given: Option<&Path>) -> PathBuf {
+    given.map(Path::to_path_buf).unwrap_or_else(|| {
+        [
+            "/usr/sbin/mosquitto",
+            "/usr/local/sbin/mosquitto",
+            "/usr/bin/mosquitto",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("mosquitto"))
+    })
+}
+
+/// OCC's default adapters, as `occ serve` runs them in the bench.
+fn default_adapters() -> anyhow::Result<Adapters> {
+    Ok(occ_adapters::build(&occ_adapters::AdaptersConfig {
+        native: Some(occ_adapters::NativeConfig::default()),
+        frigate: vec![occ_adapters::FrigateConfig::default()],
+        chirpstack: Some(occ_adapters::ChirpstackConfig::default()),
+        senml: Some(occ_adapters::SenmlConfig::default()),
+    })?)
+}
+
+/// One message of the run.
+#[derive(Debug, Clone)]
+struct Msg {
+    topic: String,
+    payload: Vec<u8>,
+}
+
+/// One line of the result table.
+#[derive(Debug)]
+struct Row {
+    what: String,
+    result: String,
+    baseline: String,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let adapters = default_adapters()?;
+    let messages = mix(&adapters, args.messages);
+    let events = decode(&adapters, &messages);
+    let expected = distinct_events(&events);
+    let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
+    eprintln!(
+        "occ bench: {} messages ({} bytes on average) that hold {expected} events",
+        messages.len(),
+        bytes / messages.len().max(1)
+    );
+
+    let broker = Mosquitto::start(&mosquitto_program(args.mosquitto.as_deref())).await?;
+    let server = PgConnectOptions::from_str(&args.database_url)?;
+    let databases = Databases::new(server.clone());
+    let result = measure(&broker, &databases, &messages, &events, expected).await;
+    databases.drop_all().await;
+    drop(broker);
+    let rows = result?;
+    print_table(&args, &rows, started.elapsed());
+    Ok(())
+}
+
+async fn measure(
+    broker: &Mosquitto,
+    databases: &Databases,
+    messages: &[Msg],
+    events: &[Event],
+    expected: usize,
+) -> anyhow::Result<Vec<Row>> {
+    let n = messages.len();
+    let mut rows = Vec::new();
+
+    eprintln!("broker alone …");
+    let broker_rate = broker_alone(broker.port, messages).await?;
+    rows.push(Row {
+        what: "broker alone: QoS 1 publish → subscribe".into(),
+        result: format!("{} msg/s", thousands(broker_rate)),
+        baseline: "—".into(),
+    });
+
+    eprintln!("PostgreSQL alone …");
+    let db = databases.create("copy").await?;
+    let (copy_rate, _) = measure_pg(|| copy_events(&db, events)).await?;
+    rows.push(Row {
+        what: "PostgreSQL alone: COPY of the decoded events, 1,000 a transaction".into(),
+        result: format!("{} ev/s", thousands(copy_rate)),
+        baseline: "—".into(),
+    });
+
+    eprintln!("bare consumer …");
+    let db = databases.create("bare").await?;
+    let (bare, bare_pg) = measure_pg(|| bare_consumer(broker.port, &db, messages)).await?;
+    rows.push(Row {
+        what: format!(
+            "bare consumer: drain of {n} queued messages (rumqttc → COPY, ack after commit)"
+        ),
+        result: format!("{} msg/s", thousands(bare)),
+        baseline: "—".into(),
+    });
+
+    eprintln!("OCC drain …");
+    let db = databases.create("occ").await?;
+    let drain = occ_drain(broker.port, &db, messages, expected).await?;
+    rows.push(Row {
+        what: format!("OCC drain: {n} queued messages → {expected} events, exactly once"),
+        result: format!("{} msg/s", thousands(drain.rate)),
+        baseline: format!(
+            "bare consumer {} msg/s ({:.2}×)",
+            thousands(bare),
+            drain.rate / bare
+        ),
+    });
+    rows.push(Row {
+        what: "PostgreSQL CPU per message, drain".into(),
+        result: format!("{:.1} µs", drain.pg_cpu.as_secs_f64() * 1e6 / n as f64),
+        baseline: format!(
+            "bare consumer {:.1} µs",
+            bare_pg.as_secs_f64() * 1e6 / n as f64
+        ),
+    });
+    rows.push(Row {
+        what: "OCC CPU per message, drain".into(),
+        result: format!("{:.1} µs", drain.occ_cpu.as_secs_f64() * 1e6 / n as f64),
+        baseline: "—".into(),
+    });
+    rows.push(Row {
+        what: "OCC peak RSS, drain".into(),
+        result: format!("{} MiB", drain.peak_rss_kib / 1024),
+        baseline: format!("--mqtt-receive-maximum {}", RECEIVE_MAXIMUM),
+    });
+    Ok(rows)
+}
+
+/// OCC's receive maximum in the run (its default).
+const RECEIVE_MAXIMUM: u16 = 1000;
+
+fn print_table(args: &BenchArgs, rows: &[Row], took: Duration) {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "occ bench {} — {} messages, {cores} cores, broker, PostgreSQL, OCC and load on one machine, {}",
+        env!("CARGO_PKG_VERSION"),
+        args.messages,
+        Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
+    println!();
+    println!("| measure | result | baseline (same run) |");
+    println!("|---|---|---|");
+    for r in rows {
+        println!("| {} | {} | {} |", r.what, r.result, r.baseline);
+    }
+    println!();
+    println!("(the run took {:.0} s)", took.as_secs_f64());
+}
+
+fn thousands(v: f64) -> String {
+    let n = v.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The run's messages: the simulator's city, without its status reports (whether one is
+/// stored depends on the source's state, which would blur the exactly-once check).
+fn mix(adapters: &Adapters, n: usize) -> Vec<Msg> {
+    crate::simulate::mix(7, n * 2)
+        .into_iter()
+        .map(|(topic, payload)| Msg { topic, payload })
+        .filter(|m| {
+            decode_one(adapters, m).is_some_and(|events| {
+                !events.is_empty()
+                    && events.iter().all(|e| {
+                        occ_domain::source::reported_status(e.event_type.as_str()).is_none()
+                    })
+            })
+        })
+        .take(n)
+        .collect()
+}
+
+fn decode_one(adapters: &Adapters, m: &Msg) -> Option<Vec<Event>> {
+    adapters
+        .decode(
+            &Message {
+                topic: &m.topic,
+                payload: &m.payload,
+                received_at: Utc::now(),
+            },
+            &Limits::default(),
+        )
+        .ok()
+}
+
+fn decode(adapters: &Adapters, messages: &[Msg]) -> Vec<Event> {
+    messages
+        .iter()
+        .filter_map(|m| decode_one(adapters, m))
+        .flatten()
+        .map(|mut e| {
+            // Every message of the run is delivered once: events without a producer id are
+            // each their own.
+            e.idempotency_key = e.idempotency_key.scoped(&Delivery::Once);
+            e
+        })
+        .collect()
+}
+
+/// How many events OCC must store: one per (source, key); an evolving event's revisions are
+/// one row.
+fn distinct_events(events: &[Event]) -> usize {
+    events
+        .iter()
+        .map(|e| (e.source_id.as_str(), e.idempotency_key.as_str()))
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The broker
+
+/// A Mosquitto with OCC's settings on a free port, without persistence. Stopped when dropped.
+#[derive(Debug)]
+struct Mosquitto {
+    port: u16,
+    child: Child,
+    config: PathBuf,
+}
+
+impl Mosquitto {
+    async fn start(program: &Path) -> anyhow::Result<Mosquitto> {
+        let port = free_port()?;
+        let shipped = include_str!("../../../deploy/mosquitto.conf");
+        let mut config: String = shipped
+            .lines()
+            .filter(|l| {
+                !matches!(
+                    l.split_whitespace().next().unwrap_or(""),
+                    "listener"
+                        | "persistence"
+                        | "persistence_location"
+                        | "autosave_interval"
+                        | "log_dest"
+                )
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        config.push_str(&format!(
+            "listener {port} 127.0.0.1\npersistence false\nlog_dest none\n"
+        ));
+        let path = std::env::temp_dir().join(format!("occ-bench-mosquitto-{port}.conf"));
+        std::fs::write(&path, config)?;
+        let child = Command::new(program)
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {} (the mosquitto package)", program.display()))?;
+        let broker = Mosquitto {
+            port,
+            child,
+            config: path,
+        };
+        wait_for_port(port).await?;
+        Ok(broker)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn wait_for_port(port: u16) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("nothing listens on port {port}")
+}
+
+fn mqtt_options(client_id: &str, port: u16, persistent: bool) -> MqttOptions {
+    let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(Some(1024 * 1024))
+        .set_outgoing_inflight_upper_limit(1000);
+    if persistent {
+        o.set_clean_start(false)
+            .set_session_expiry_interval(Some(3600))
+            .set_receive_maximum(Some(RECEIVE_MAXIMUM))
+            .set_manual_acks(true);
+    }
+    o
+}
+
+/// Publishes every message at QoS 1 and returns once the broker has acknowledged them all.
+async fn publish_all(port: u16, messages: &[Msg]) -> anyhow::Result<()> {
+    let (client, mut eventloop) = AsyncClient::new(
+        mqtt_options(
+            &format!("occ-bench-pub-{}", std::process::id()),
+            port,
+            false,
+        ),
+        2000,
+    );
+    let n = messages.len();
+    let acks = tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < n {
+            match eventloop.poll().await {
+                Ok(MqttEvent::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(e) => bail!("publisher: {e}"),
+            }
+        }
+        Ok(eventloop)
+    });
+    for m in messages {
+        client
+            .publish(m.topic.clone(), QoS::AtLeastOnce, false, m.payload.clone())
+            .await?;
+    }
+    let mut eventloop = acks.await??;
+    client.disconnect().await?;
+    while !matches!(
+        eventloop.poll().await,
+        Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)
+    ) {}
+    Ok(())
+}
+
+/// Connects a persistent session and subscribes, so that what is published next is queued
+/// for it.
+async fn make_session(client_id: &str, port: u16, filters: Vec<Filter>) -> anyhow::Result<()> {
+    let (client, mut eventloop) = AsyncClient::new(mqtt_options(client_id, port, true), 100);
+    client.subscribe_many(filters).await?;
+    loop {
+        match eventloop.poll().await? {
+            MqttEvent::Incoming(Packet::SubAck(_)) => break,
+            _ => continue,
+        }
+    }
+    client.disconnect().await?;
+    while !matches!(
+        eventloop.poll().await,
+        Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)
+    ) {}
+    Ok(())
+}
+
+async fn broker_alone(port: u16, messages: &[Msg]) -> anyhow::Result<f64> {
+    let (client, mut eventloop) = AsyncClient::new(
+        mqtt_options(
+            &format!("occ-bench-sub-{}", std::process::id()),
+            port,
+            false,
+        ),
+        100,
+    );
+    client.subscribe("#", QoS::AtLeastOnce).await?;
+    loop {
+        if let MqttEvent::Incoming(Packet::SubAck(_)) = eventloop.poll().await? {
+            break;
+        }
+    }
+    let n = messages.len();
+    let receiver = tokio::spawn(async move {
+        let mut received = 0;
+        while received < n {
+            if let MqttEvent::Incoming(Packet::Publish(_)) = eventloop.poll().await? {
+                received += 1;
+            }
+        }
+        anyhow::Ok(Instant::now())
+    });
+    let start = Instant::now();
+    publish_all(port, messages).await?;
+    let end = tokio::time::timeout(Duration::from_secs(600), receiver)
+        .await
+        .context("the subscriber did not get every message")???;
+    let _ = client.disconnect().await;
+    Ok(n as f64 / (end - start).as_secs_f64())
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL
+
+/// The bench's databases on the server, dropped at the end.
+#[derive(Debug)]
+struct Databases {
+    server: PgConnectOptions,
+    made: std::sync::Mutex<Vec<String>>,
+}
+
+impl Databases {
+    fn new(server: PgConnectOptions) -> Self {
+        Self {
+            server,
+            made: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    async fn create(&self, what: &str) -> anyhow::Result<PgConnectOptions> {
+        let name = format!("occ_bench_{}_{what}", std::process::id());
+        let mut admin = self.server.connect().await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name}"
+        )))
+        .execute(&mut admin)
+        .await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await?;
+        admin.close().await?;
+        self.made
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(name.clone());
+        Ok(self.server.clone().database(&name))
+    }
+
+    async fn drop_all(&self) {
+        let names = std::mem::take(
+            &mut *self
+                .made
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let Ok(mut admin) = self.server.connect().await else {
+            eprintln!("cannot drop the bench databases {names:?}");
+            return;
+        };
+        for name in names {
+            if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut admin)
+            .await
+            {
+                eprintln!("cannot drop {name}: {e}");
+            }
+        }
+        let _ = admin.close().await;
+    }
+}
+
+/// CPU time (user + system) of every process named `name`, and of `pid`'s, read from /proc.
+fn cpu_of_processes(name: &str) -> Duration {
+    let mut ticks = 0u64;
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let path = entry.path();
+            let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+                continue;
+            };
+            if stat_comm(&stat) == Some(name) {
+                ticks += stat_ticks(&stat);
+            }
+        }
+    }
+    ticks_to_duration(ticks)
+}
+
+fn cpu_of_pid(pid: u32) -> Duration {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| ticks_to_duration(stat_ticks(&s)))
+        .unwrap_or_default()
+}
+
+fn stat_comm(stat: &str) -> Option<&str> {
+    Some(&stat[stat.find('(')? + 1..stat.rfind(')')?])
+}
+
+/// utime + stime (fields 14 and 15), in clock ticks.
+fn stat_ticks(stat: &str) -> u64 {
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return 0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After "pid (comm) ", field 3 is index 0; utime is field 14.
+    let at = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    at(14) + at(15)
+}
+
+/// Linux reports process times in USER_HZ, 100 per second on every mainstream build.
+fn ticks_to_duration(ticks: u64) -> Duration {
+    Duration::from_millis(ticks * 10)
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Runs `phase` (which returns a rate) and the PostgreSQL CPU it cost.
+async fn measure_pg<F, Fut>(phase: F) -> anyhow::Result<(f64, Duration)>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<f64>>,
+{
+    let before = cpu_of_processes("postgres");
+    let rate = phase().await?;
+    let after = cpu_of_processes("postgres");
+    Ok((rate, after.saturating_sub(before)))
+}
+
+const EVENTS_TABLE: &str = "CREATE TABLE events (
+    id uuid PRIMARY KEY, source_id text NOT NULL, idempotency_key text NOT NULL,
+    event_type text NOT NULL, occurred_at timestamptz NOT NULL, received_at timestamptz NOT NULL,
+    lat double precision, lon double precision, zone text, confidence double precision,
+    measurements jsonb NOT NULL, attributes jsonb NOT NULL,
+    UNIQUE (source_id, idempotency_key))";
+
+/// One line of COPY's text format: tabs between fields, `\N` for null, backslash escapes.
+fn copy_field(out: &mut String, value: Option<&str>) {
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\t');
+    }
+    match value {
+        None => out.push_str("\\N"),
+        Some(v) => {
+            for c in v.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\t' => out.push_str("\\t"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    c => out.push(c),
+                }
+            }
+        }
+    }
+}
+
+fn copy_line(out: &mut String, e: &Event) {
+    let measurements = serde_json::to_string(&e.measurements).unwrap_or_else(|_| "{}".into());
+    let attributes = serde_json::to_string(&e.attributes).unwrap_or_else(|_| "{}".into());
+    copy_field(out, Some(&e.id.to_string()));
+    copy_field(out, Some(e.source_id.as_str()));
+    copy_field(out, Some(e.idempotency_key.as_str()));
+    copy_field(out, Some(e.event_type.as_str()));
+    copy_field(out, Some(&e.occurred_at.to_rfc3339()));
+    copy_field(out, Some(&e.received_at.to_rfc3339()));
+    copy_field(out, e.location.map(|l| l.lat().to_string()).as_deref());
+    copy_field(out, e.location.map(|l| l.lon().to_string()).as_deref());
+    copy_field(out, e.zone.as_ref().map(|z| z.as_str()));
+    copy_field(out, e.confidence.map(|c| c.value().to_string()).as_deref());
+    copy_field(out, Some(&measurements));
+    copy_field(out, Some(&attributes));
+    out.push('\n');
+}
+
+async fn copy_events(db: &PgConnectOptions, events: &[Event]) -> anyhow::Result<f64> {
+    let mut conn = db.connect().await?;
+    sqlx::raw_sql(EVENTS_TABLE).execute(&mut conn).await?;
+    // Revisions of one evolving event are one row, as in OCC.
+    let mut seen = HashSet::new();
+    let rows: Vec<&Event> = events
+        .iter()
+        .filter(|e| seen.insert((e.source_id.as_str(), e.idempotency_key.as_str())))
+        .collect();
+    let start = Instant::now();
+    for chunk in rows.chunks(1000) {
+        let mut text = String::new();
+        for e in chunk {
+            copy_line(&mut text, e);
+        }
+        let mut tx = conn.begin().await?;
+        let mut copy = tx
+            .copy_in_raw(
+                "COPY events (id, source_id, idempotency_key, event_type, occurred_at, \
+                 received_at, lat, lon, zone, confidence, measurements, attributes) FROM STDIN",
+            )
+            .await?;
+        copy.send(text.as_bytes()).await?;
+        copy.finish().await?;
+        tx.commit().await?;
+    }
+    let rate = rows.len() as f64 / start.elapsed().as_secs_f64();
+    conn.close().await?;
+    Ok(rate)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bare consumer
+
+async fn bare_consumer(port: u16, db: &PgConnectOptions, messages: &[Msg]) -> anyhow::Result<f64> {
+    let mut conn = db.connect().await?;
+    sqlx::raw_sql(
+        "CREATE TABLE messages (topic text NOT NULL, payload bytea NOT NULL, received_at timestamptz NOT NULL)",
+    )
+    .execute(&mut conn)
+    .await?;
+    let client_id = format!("occ-bench-bare-{}", std::process::id());
+    make_session(&client_id, port, vec![Filter::new("#", QoS::AtLeastOnce)]).await?;
+    publish_all(port, messages).await?;
+
+    let (client, mut eventloop) = AsyncClient::new(mqtt_options(&client_id, port, true), 70_000);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let poller = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    if tx.send(p).is_err() {
+                        break;
+                    }
+                }
+                Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("bare consumer: {e}");
+                    break;
+                }
+            }
+        }
+    });
+    let n = messages.len();
+    let mut stored = 0;
+    let mut first: Option<Instant> = None;
+    let mut text = Vec::new();
+    while stored < n {
+        let mut batch = Vec::with_capacity(500);
+        let Some(p) = rx.recv().await else {
+            bail!("bare consumer: the connection ended after {stored} messages");
+        };
+        batch.push(p);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+        while batch.len() < 500 {
+            tokio::select! {
+                p = rx.recv() => match p { Some(p) => batch.push(p), None => break },
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        text.clear();
+        let now = Utc::now().to_rfc3339();
+        for p in &batch {
+            let mut line = String::new();
+            copy_field(&mut line, Some(&String::from_utf8_lossy(&p.topic)));
+            copy_field(&mut line, Some(&format!("\\x{}", hex(&p.payload))));
+            copy_field(&mut line, Some(&now));
+            line.push('\n');
+            text.extend_from_slice(line.as_bytes());
+        }
+        let mut tx = conn.begin().await?;
+        let mut copy = tx
+            .copy_in_raw("COPY messages (topic, payload, received_at) FROM STDIN")
+            .await?;
+        copy.send(text.as_slice()).await?;
+        copy.finish().await?;
+        tx.commit().await?;
+        first.get_or_insert_with(Instant::now);
+        for p in &batch {
+            client.ack(p).await?;
+        }
+        stored += batch.len();
+    }
+    let rate = n as f64
+        / first
+            .map_or(Duration::ZERO, |f| f.elapsed())
+            .as_secs_f64()
+            .max(1e-9);
+    let _ = client.disconnect().await;
+    let _ = poller.await;
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(&mut conn)
+        .await?;
+    ensure!(count as usize == n, "bare consumer stored {count} of {n}");
+    conn.close().await?;
+    // The first batch's commit starts the clock, as for OCC: one batch fewer was timed.
+    Ok(rate * (n - 500.min(n)) as f64 / n as f64)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// OCC
+
+#[derive(Debug)]
+struct Drain {
+    rate: f64,
+    pg_cpu: Duration,
+    occ_cpu: Duration,
+    peak_rss_kib: u64,
+}
+
+/// `occ serve` as a child process on the bench's broker and database.
+async fn start_occ(
+    port: u16,
+    db: &PgConnectOptions,
+    client_id: &str,
+) -> anyhow::Result<(Child, String)> {
+    let grpc = format!("127.0.0.1:{}", free_port()?);
+    let url = db.to_url_lossy().to_string();
+    let child = Command::new(std::env::current_exe()?)
+        .args(["serve", "--database-url", &url])
+        .args([
+            "--mqtt-port",
+            &port.to_string(),
+            "--mqtt-client-id",
+            client_id,
+        ])
+        .args(["--grpc-listen", &grpc])
+        .env("OCC_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting occ serve")?;
+    Ok((child, grpc))
+}
+
+async fn wait_serving(grpc: &str, child: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("occ serve exited: {status}");
+        }
+        if serving(grpc).await {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "occ serve not ready within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn serving(grpc: &str) -> bool {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{grpc}")) else {
+        return false;
+    };
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    client
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .is_ok_and(|r| {
+            r.into_inner().status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        })
+}
+
+async fn terminate(child: &mut Child) -> anyhow::Result<()> {
+    let pid = child.id().context("occ already exited")?;
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .context("occ serve did not stop within 30 s")??;
+    Ok(())
+}
+
+async fn occ_drain(
+    port: u16,
+    db: &PgConnectOptions,
+    messages: &[Msg],
+    expected: usize,
+) -> anyhow::Result<Drain> {
+    let client_id = format!("occ-bench-occ-{}", std::process::id());
+    // The first start creates the schema and OCC's session; then OCC is stopped and the
+    // backlog queued in its session.
+    let (mut occ, grpc) = start_occ(port, db, &client_id).await?;
+    wait_serving(&grpc, &mut occ).await?;
+    terminate(&mut occ).await?;
+    publish_all(port, messages).await?;
+
+    let mut conn = db.connect().await?;
+    let count = async |conn: &mut PgConnection| -> anyhow::Result<usize> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(n as usize)
+    };
+    let pg_before = cpu_of_processes("postgres");
+    let (mut occ, _) = start_occ(port, db, &client_id).await?;
+    let pid = occ.id().context("occ serve exited")?;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let mut first: Option<(Instant, usize)> = None;
+    let end = loop {
+        let n = count(&mut conn).await?;
+        if n > 0 && first.is_none() {
+            first = Some((Instant::now(), n));
+        }
+        if n >= expected {
+            break Instant::now();
+        }
+        if let Some(status) = occ.try_wait()? {
+            bail!("occ serve exited during the drain: {status}");
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "drain not done within an hour: {n} of {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let occ_cpu = cpu_of_pid(pid);
+    let peak_rss_kib = peak_rss_kib(pid);
+    let pg_cpu = cpu_of_processes("postgres").saturating_sub(pg_before);
+    // Nothing more may arrive: every message is one event, or a revision of one.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stored = count(&mut conn).await?;
+    terminate(&mut occ).await?;
+    conn.close().await?;
+    ensure!(
+        stored == expected,
+        "OCC stored {stored} events, expected {expected}"
+    );
+    let (t0, n0) = first.context("nothing stored")?;
+    let timed = messages.len() as f64 * (expected - n0) as f64 / expected as f64;
+    Ok(Drain {
+        rate: timed / (end - t0).as_secs_f64().max(1e-9),
+        pg_cpu,
+        occ_cpu,
+        peak_rss_kib,
+    })
+}
