@@ -83,6 +83,7 @@ where
 pub struct Broker {
     pub port: u16,
     child: Child,
+    config: std::path::PathBuf,
 }
 
 impl Broker {
@@ -117,25 +118,47 @@ impl Broker {
         config.push_str(&extra(port));
         let path = std::env::temp_dir().join(format!("occ-test-mosquitto-{port}.conf"));
         std::fs::write(&path, config)?;
+        let child = Self::spawn(&path)?;
+        let broker = Broker {
+            port,
+            child,
+            config: path,
+        };
+        broker.listening().await?;
+        Ok(broker)
+    }
+
+    fn spawn(config: &Path) -> anyhow::Result<Child> {
         let binary = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .unwrap_or("mosquitto");
-        let child = Command::new(binary)
+        Command::new(binary)
             .arg("-c")
-            .arg(&path)
+            .arg(config)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("starting {binary} (install the mosquitto package)"))?;
-        let broker = Broker { port, child };
+            .with_context(|| format!("starting {binary} (install the mosquitto package)"))
+    }
+
+    /// SIGKILLs the broker and starts it again on the same port. Without persistence (the
+    /// tests' default) it comes back without any session.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        self.child = Self::spawn(&self.config)?;
+        self.listening().await
+    }
+
+    async fn listening(&self) -> anyhow::Result<()> {
+        let port = self.port;
         for _ in 0..100 {
             if tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .is_ok()
             {
-                return Ok(broker);
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

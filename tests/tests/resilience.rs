@@ -324,3 +324,71 @@ async fn a_backlog_never_fills_memory_beyond_the_receive_maximum(pool: PgPool) {
     );
     occ.stop().await.expect("stop");
 }
+
+async fn session_started(pool: &PgPool, client_id: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    sqlx::query_scalar("SELECT started_at FROM mqtt_sessions WHERE client_id = $1")
+        .bind(client_id)
+        .fetch_optional(pool)
+        .await
+        .expect("mqtt_sessions")
+}
+
+/// A broker restarted without its sessions numbers OCC's packet ids from 1 again. A message
+/// without an id that the new session redelivers (OCC received it, could not commit it, and
+/// was killed) must not be taken for the old session's message with the same bytes and the
+/// same packet id: it is stored.
+#[sqlx::test(migrations = false)]
+async fn a_new_broker_session_is_never_confused_with_the_old_one(pool: PgPool) {
+    const CLIENT: &str = "occ-sessions";
+    let mut broker = Broker::start().await.expect("broker");
+    let proxy = DbProxy::start(database_server()).await.expect("proxy");
+    let args = serve_args(
+        &proxy.url_for(&database_url(&pool)),
+        broker.port,
+        CLIENT,
+        &[],
+    );
+    let press = br#"{"type": "panic.pressed", "zone": "esil_transit_stop_1"}"#.to_vec();
+
+    let occ = OccProcess::start(OCC, &args).await.expect("occ starts");
+    let first_session = session_started(&pool, CLIENT)
+        .await
+        .expect("session recorded");
+    let mut publisher = Publisher::connect(broker.port).await;
+    publisher
+        .publish("occ/v1/events/panic-1", press.clone())
+        .await;
+    publisher.flush().await;
+    expect_exactly(&pool, 1).await;
+
+    // The broker loses every session; OCC reconnects into a new one.
+    broker.restart().await.expect("broker restarts");
+    eventually(
+        Duration::from_secs(20),
+        "a new session recorded",
+        || async {
+            session_started(&pool, CLIENT)
+                .await
+                .filter(|s| *s > first_session)
+                .map(|_| ())
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(20), "subscribed again", || async {
+        (health(&occ.grpc).await == Some(ServingStatus::Serving)).then_some(())
+    })
+    .await;
+
+    // Pressed again; OCC receives it (packet id 1 of the new session) but cannot commit it,
+    // and dies. The broker redelivers it to the restarted OCC, with DUP set.
+    proxy.cut();
+    let mut publisher = Publisher::connect(broker.port).await;
+    publisher.publish("occ/v1/events/panic-1", press).await;
+    publisher.flush().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    occ.kill().await.expect("kill");
+    proxy.restore();
+    let occ = OccProcess::start(OCC, &args).await.expect("occ restarts");
+    expect_exactly(&pool, 2).await;
+    occ.terminate().await.expect("stop");
+}

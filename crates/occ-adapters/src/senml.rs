@@ -15,8 +15,8 @@
 //! [`event_type_for`]): air quality, weather, water level or noise, else `senml.reading`; a
 //! source's profile can rename both. A pack with absolute times is keyed by name and time, so
 //! a repeat of the same readings is recognised (another quantity at the same time is another
-//! event); a pack with relative times by its content, so such a pack sent again with the same
-//! bytes counts once.
+//! event); a pack with relative times has no such key: its content, scoped to its delivery,
+//! so the same bytes sent again are new readings and only their redelivery is a duplicate.
 
 use std::collections::BTreeMap;
 

@@ -87,9 +87,9 @@ impl Ingest {
         });
         let batcher_done = CancellationToken::new();
 
+        let session = mqtt::Session::new(mqtt.client_id.clone(), pool.clone());
         let batcher = pipeline::Batcher {
             config: batch,
-            session: mqtt.client_id.clone(),
             limits,
             adapters,
             pool,
@@ -119,6 +119,7 @@ impl Ingest {
                 connection,
                 status_tx,
                 poll_stats,
+                session,
                 batcher_done,
             )
             .await;

@@ -21,6 +21,8 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use occ_store::PgPool;
+
 use crate::{IngestStats, IngestStatus};
 
 /// How OCC connects to the broker.
@@ -50,6 +52,8 @@ pub struct MqttConfig {
 #[derive(Debug)]
 pub(crate) struct Inbound {
     pub publish: Publish,
+    /// The broker's session it came in: packet ids are numbered within it.
+    pub session: Arc<str>,
     /// The connection the message arrived on. Packet ids belong to a connection's session
     /// state: a message from an earlier connection is not acked (the broker redelivers it).
     pub epoch: u64,
@@ -81,6 +85,87 @@ pub(crate) fn subscription(share_group: &str, filter: &str) -> String {
         filter.to_owned()
     } else {
         format!("$share/{share_group}/{filter}")
+    }
+}
+
+/// The broker's session OCC's messages come in, named `<client id>~<when it began>`.
+///
+/// A broker that lost OCC's session (expired, or restarted without it) starts a new one under
+/// the same client id and numbers packet ids from 1 again; the name tells the two apart, so a
+/// redelivery in the new session is never taken for a message of the old one. When it began
+/// is kept in PostgreSQL, for the restarts of OCC that resume the session.
+#[derive(Debug)]
+pub(crate) struct Session {
+    client_id: String,
+    name: Arc<str>,
+    pool: PgPool,
+}
+
+impl Session {
+    pub(crate) fn new(client_id: String, pool: PgPool) -> Self {
+        Self {
+            name: client_id.as_str().into(),
+            client_id,
+            pool,
+        }
+    }
+
+    pub(crate) fn name(&self) -> Arc<str> {
+        self.name.clone()
+    }
+
+    fn named(&mut self, began: DateTime<Utc>) {
+        self.name = format!("{}~{}", self.client_id, began.timestamp_millis()).into();
+    }
+
+    /// Reads when the session began, waiting for PostgreSQL if need be. False when OCC stops
+    /// first.
+    async fn load(&mut self, stopping: &CancellationToken) -> bool {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            match occ_store::sessions::started(&self.pool, &self.client_id).await {
+                Ok(Some(began)) => {
+                    self.named(began);
+                    return true;
+                }
+                // Never seen begin: the broker's ConnAck will say it is new.
+                Ok(None) => return true,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot read OCC's MQTT session; waiting for the database");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = stopping.cancelled() => return false,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// The broker began a new session: named now, recorded in the background (the poll task
+    /// does not wait on the database).
+    fn began(&mut self) {
+        let began = Utc::now();
+        self.named(began);
+        let pool = self.pool.clone();
+        let client_id = self.client_id.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(250);
+            for _ in 0..10 {
+                match occ_store::sessions::record_start(&pool, &client_id, began).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "cannot record OCC's new MQTT session");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+            tracing::error!(
+                "OCC's new MQTT session is not recorded: after a restart, messages redelivered \
+                 from it may be stored twice if they carry no producer id"
+            );
+        });
     }
 }
 
@@ -240,8 +325,12 @@ pub(crate) async fn poll(
     connection: Arc<Connection>,
     status: watch::Sender<IngestStatus>,
     stats: Arc<IngestStats>,
+    mut session: Session,
     stopping: CancellationToken,
 ) {
+    if !session.load(&stopping).await {
+        return;
+    }
     const MIN_BACKOFF: Duration = Duration::from_millis(250);
     const MAX_BACKOFF: Duration = Duration::from_secs(30);
     let mut backoff = MIN_BACKOFF;
@@ -253,6 +342,7 @@ pub(crate) async fn poll(
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let waiting = inbox.push(Inbound {
                     publish,
+                    session: session.name(),
                     epoch: connection.current(),
                     received_at: Utc::now(),
                 });
@@ -277,6 +367,9 @@ pub(crate) async fn poll(
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff = MIN_BACKOFF;
+                if !ack.session_present {
+                    session.began();
+                }
                 if connected_before && !ack.session_present {
                     tracing::warn!(
                         "the broker did not keep OCC's session: messages published while OCC \
@@ -499,6 +592,7 @@ mod tests {
         for pkid in 1..=2 {
             inbox.push(Inbound {
                 publish: received(pkid),
+                session: "occ-test".into(),
                 epoch: 0,
                 received_at: Utc::now(),
             });

@@ -54,8 +54,6 @@ pub struct IngestStats {
 
 pub(crate) struct Batcher {
     pub config: BatchConfig,
-    /// OCC's MQTT session (its client id): packet ids are numbered within it.
-    pub session: String,
     pub limits: Limits,
     pub adapters: Arc<Adapters>,
     pub pool: PgPool,
@@ -163,7 +161,7 @@ impl Batcher {
                         Delivery::Once
                     } else {
                         Delivery::Mqtt {
-                            session: self.session.clone(),
+                            session: m.session.to_string(),
                             packet_id: m.publish.pkid,
                             redelivered: m.publish.dup,
                         }

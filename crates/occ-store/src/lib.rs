@@ -23,6 +23,7 @@ pub mod live;
 pub mod queues;
 pub mod registry;
 pub mod rules;
+pub mod sessions;
 pub mod sources;
 pub mod sweep;
 pub mod timeline;
