@@ -32,6 +32,10 @@ pub struct Limits {
     pub max_evidence: usize,
 }
 
+/// How much older than its receipt an event's time may be and still be taken as when it
+/// happened (a day: the longest a broker keeps OCC's session by default).
+pub const CLOCK_TRUSTED_FOR: chrono::TimeDelta = chrono::TimeDelta::days(1);
+
 /// A time a device clock can give: from 1970 (a clock reset to zero is still a device
 /// speaking, and its event is kept) to a day after receipt (a fast clock; later times are a
 /// corrupt field, not a clock).
@@ -760,9 +764,16 @@ impl Event {
 
     /// When the event is taken to have happened for correlation windows and first/last seen:
     /// the producer's time, but never later than receipt, so a source with a fast clock cannot
-    /// hold an incident open into the future.
+    /// hold an incident open into the future; and receipt when the producer's time is more
+    /// than [`CLOCK_TRUSTED_FOR`] older, which no broker or gateway holds a message for: a
+    /// clock reset to 1970 or to its firmware's build date. Such a device's events would
+    /// otherwise each be an old situation of their own, opening an incident per batch.
     pub fn observed_at(&self) -> DateTime<Utc> {
-        self.occurred_at.min(self.received_at)
+        if self.occurred_at < self.received_at - CLOCK_TRUSTED_FOR {
+            self.received_at
+        } else {
+            self.occurred_at.min(self.received_at)
+        }
     }
 
     /// Looks up a value named by a rule: `source_id`, `zone`, `district`, `type`, `severity`,
@@ -1000,6 +1011,24 @@ mod tests {
         let mut reset = input();
         reset.occurred_at = Some("1970-01-01T00:00:00Z".into());
         assert!(Event::parse(source(), reset, b"", received(), &Limits::default()).is_ok());
+    }
+
+    #[test]
+    fn a_reset_clock_is_not_taken_as_when_the_event_happened() {
+        let mut reset = input();
+        reset.occurred_at = Some("1970-01-01T00:00:07Z".into());
+        let e = Event::parse(source(), reset, b"", received(), &Limits::default())
+            .expect("valid event");
+        assert_eq!(e.observed_at(), received());
+        let mut late = input();
+        late.occurred_at = Some("2026-11-24T09:00:00Z".into());
+        let e =
+            Event::parse(source(), late, b"", received(), &Limits::default()).expect("valid event");
+        assert_eq!(
+            e.observed_at().to_rfc3339(),
+            "2026-11-24T09:00:00+00:00",
+            "a message held by the broker for hours keeps its time"
+        );
     }
 
     #[test]

@@ -16,10 +16,16 @@ use occ_store::{StoreError, Transport};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+/// The tests' reference time: an hour ago, to the second (event times must be within a day
+/// of receipt to be taken as when the events happened).
 fn t0() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 11, 25, 1, 0, 0)
-        .single()
-        .expect("valid time")
+    static T0: std::sync::OnceLock<DateTime<Utc>> = std::sync::OnceLock::new();
+    *T0.get_or_init(|| {
+        let t = Utc::now() - TimeDelta::hours(1);
+        Utc.timestamp_opt(t.timestamp(), 0)
+            .single()
+            .expect("valid time")
+    })
 }
 
 fn event(source: &str, id: &str, f: impl FnOnce(&mut EventInput)) -> Event {
@@ -274,6 +280,20 @@ async fn correlated_events_join_and_a_critical_one_raises_priority(pool: PgPool)
         .collect();
     assert_eq!(actions, ["incident.opened", "incident.priority_raised"]);
     assert_eq!(tl.len(), 5, "three events and two audit entries");
+}
+
+/// A detector whose clock was reset to 1970 keeps reporting the same smoke, batch after
+/// batch: one incident, not one per batch beside the open one.
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn a_device_with_a_reset_clock_joins_the_open_incident(pool: PgPool) {
+    let reset = |e: &mut EventInput| e.occurred_at = Some("1970-01-01T00:00:00Z".into());
+    commit(&pool, &[event("det-1", "r1", |e| e.occurred_at = None)]).await;
+    for id in ["r2", "r3", "r4"] {
+        commit(&pool, &[event("det-1", id, reset)]).await;
+    }
+    let incidents = all_incidents(&pool).await;
+    assert_eq!(incidents.len(), 1, "{incidents:#?}");
+    assert_eq!(incidents[0].event_count, 4);
 }
 
 #[sqlx::test(migrator = "occ_store::MIGRATOR")]
