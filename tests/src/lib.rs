@@ -112,10 +112,13 @@ impl Broker {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        config.push_str(&format!(
-            "listener {port} 127.0.0.1\npersistence false\nlog_dest stderr\n"
-        ));
-        config.push_str(&extra(port));
+        // Mosquitto keeps the first value of a setting: what `extra` sets comes first.
+        let extra = extra(port);
+        config.push_str(&extra);
+        config.push_str(&format!("listener {port} 127.0.0.1\nlog_dest stderr\n"));
+        if !extra.contains("persistence ") {
+            config.push_str("persistence false\n");
+        }
         let path = std::env::temp_dir().join(format!("occ-test-mosquitto-{port}.conf"));
         std::fs::write(&path, config)?;
         let child = Self::spawn(&path)?;
@@ -147,6 +150,18 @@ impl Broker {
     /// tests' default) it comes back without any session.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.child.kill().await?;
+        self.child = Self::spawn(&self.config)?;
+        self.listening().await
+    }
+
+    /// Stops the broker with SIGTERM (with persistence, it writes its snapshot) and starts it
+    /// again on the same port.
+    pub async fn restart_gracefully(&mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().context("mosquitto already exited")?;
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await??;
         self.child = Self::spawn(&self.config)?;
         self.listening().await
     }

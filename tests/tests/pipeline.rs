@@ -270,7 +270,14 @@ async fn a_malformed_payload_is_dead_lettered_and_the_next_message_flows(pool: P
 async fn two_instances_sharing_the_subscription_make_one_incident(pool: PgPool) {
     let broker = Broker::start().await.expect("broker");
     let url = database_url(&pool);
-    let small_batches = ["--batch-size", "5", "--batch-deadline", "5ms"];
+    let small_batches = [
+        "--batch-size",
+        "5",
+        "--batch-deadline",
+        "5ms",
+        "--mqtt-share-group",
+        "occ",
+    ];
     let a = Occ::start(serve_args(&url, broker.port, "occ-e2e-a", &small_batches))
         .await
         .expect("first instance");

@@ -392,3 +392,47 @@ async fn a_new_broker_session_is_never_confused_with_the_old_one(pool: PgPool) {
     expect_exactly(&pool, 2).await;
     occ.terminate().await.expect("stop");
 }
+
+/// The broker is restarted (SIGTERM, with persistence) in the middle of a stream, as a city's
+/// IT does for an upgrade. One instance subscribes plainly (the default), so its subscription
+/// is part of its session and comes back with the broker's snapshot: every event published
+/// before, during the restart's aftermath and after is stored, once.
+#[sqlx::test(migrations = false)]
+async fn a_broker_restarted_mid_stream_loses_nothing(pool: PgPool) {
+    const N: usize = 1000;
+    let dir = std::env::temp_dir().join(format!("occ-broker-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).expect("persistence dir");
+    // Mosquitto started as root drops to its own user before it writes the snapshot.
+    let mut open = std::fs::metadata(&dir).expect("dir").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut open, 0o777);
+    std::fs::set_permissions(&dir, open).expect("chmod");
+    let mut broker = Broker::start_with(|_| {
+        format!(
+            "persistence true\npersistence_location {}/\n",
+            dir.display()
+        )
+    })
+    .await
+    .expect("broker");
+    let occ = Occ::start(serve_args(
+        &database_url(&pool),
+        broker.port,
+        "occ-broker-restart",
+        &[],
+    ))
+    .await
+    .expect("occ starts");
+    let mut publisher = Publisher::connect(broker.port).await;
+    publish_stream(&mut publisher, 0..N / 2).await;
+    publisher.flush().await;
+
+    broker.restart_gracefully().await.expect("broker restarts");
+    // Published at once, before OCC has even reconnected.
+    let mut publisher = Publisher::connect(broker.port).await;
+    publish_stream(&mut publisher, N / 2..N).await;
+    publisher.flush().await;
+    expect_exactly(&pool, N).await;
+    assert_eq!(fire_event_count(&pool).await, [N as i32 / 2]);
+    occ.stop().await.expect("stop");
+    let _ = std::fs::remove_dir_all(dir);
+}

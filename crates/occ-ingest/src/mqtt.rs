@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, RetainForwardRule, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::{
+    DisconnectReasonCode, Filter, Packet, Publish, RetainForwardRule, SubscribeReasonCode,
+};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -414,7 +416,17 @@ pub(crate) async fn poll(
                 }
             }
             Ok(Event::Incoming(Packet::Disconnect(d))) => {
-                tracing::warn!(reason = ?d.reason_code, "the broker closed the connection");
+                if d.reason_code == DisconnectReasonCode::SessionTakenOver {
+                    // Two instances under one client id take the session from each other in
+                    // turn, and each one's messages land in the other's half of the time.
+                    tracing::error!(
+                        client_id = %session.client_id,
+                        "another client connected with OCC's client id and took its session: \
+                         every OCC instance needs its own --mqtt-client-id"
+                    );
+                } else {
+                    tracing::warn!(reason = ?d.reason_code, "the broker closed the connection");
+                }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
             Ok(_) => {}

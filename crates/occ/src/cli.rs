@@ -286,11 +286,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config {
             command: ConfigCommand::Print(args),
         } => {
-            let mut effective = toml::Table::try_from(&*args)?;
-            effective.insert(
-                "mqtt_client_id_effective".into(),
-                toml::Value::String(args.ingest.client_id()),
-            );
+            let effective = toml::Table::try_from(&*args)?;
             let mut out = std::io::stdout().lock();
             writeln!(out, "{}", toml::to_string_pretty(&effective)?)?;
             Ok(())

@@ -170,16 +170,23 @@ pub struct BrokerArgs {
 /// MQTT ingest.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct IngestArgs {
-    /// The MQTT client id: unique per OCC instance and stable across its restarts, since the
-    /// broker keeps the session under it. Defaults to occ-<hostname>.
-    #[arg(long = "mqtt-client-id", env = "OCC_MQTT_CLIENT_ID")]
-    pub client_id: Option<String>,
+    /// The MQTT client id: unique per OCC instance and stable across its restarts and
+    /// redeployments (not a hostname), since the broker keeps the session, and the messages
+    /// queued while OCC is away, under it.
+    #[arg(
+        long = "mqtt-client-id",
+        env = "OCC_MQTT_CLIENT_ID",
+        default_value = "occ"
+    )]
+    pub client_id: String,
 
-    /// Shared subscription group: instances with the same group split the messages.
+    /// Shared subscription group, for several instances splitting the stream (each with its
+    /// own client id). Empty, the default: a plain subscription, the safe choice for one
+    /// instance (see the README on several instances).
     #[arg(
         long = "mqtt-share-group",
         env = "OCC_MQTT_SHARE_GROUP",
-        default_value = "occ"
+        default_value = ""
     )]
     pub share_group: String,
 
@@ -239,20 +246,6 @@ pub struct IngestArgs {
         default_value_t = 64 * 1024
     )]
     pub max_payload_bytes: usize,
-}
-
-impl IngestArgs {
-    pub fn client_id(&self) -> String {
-        self.client_id.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .or_else(|| std::env::var("HOSTNAME").ok())
-                .map(|h| h.trim().to_owned())
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "local".into());
-            format!("occ-{host}")
-        })
-    }
 }
 
 /// Which producer formats OCC reads, and where.

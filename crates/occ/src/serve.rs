@@ -177,7 +177,7 @@ pub async fn start(
         port: args.broker.port,
         username: args.broker.username.clone(),
         password: args.broker.password.clone(),
-        client_id: args.ingest.client_id(),
+        client_id: args.ingest.client_id.clone(),
         share_group: args.ingest.share_group.clone(),
         keep_alive: args.ingest.keep_alive.0,
         session_expiry: args.ingest.session_expiry.0,
