@@ -351,9 +351,11 @@ async fn a_new_broker_session_is_never_confused_with_the_old_one(pool: PgPool) {
     let press = br#"{"type": "panic.pressed", "zone": "esil_transit_stop_1"}"#.to_vec();
 
     let occ = OccProcess::start(OCC, &args).await.expect("occ starts");
-    let first_session = session_started(&pool, CLIENT)
-        .await
-        .expect("session recorded");
+    // Recorded in the background once the broker says the session is new.
+    let first_session = eventually(Duration::from_secs(10), "the session recorded", || {
+        session_started(&pool, CLIENT)
+    })
+    .await;
     let mut publisher = Publisher::connect(broker.port).await;
     publisher
         .publish("occ/v1/events/panic-1", press.clone())
