@@ -215,6 +215,9 @@ pub fn serve_args(db_url: &str, broker_port: u16, client_id: &str, extra: &[&str
         "20ms",
         "--shutdown-grace",
         "5s",
+        // Many OCCs run at once in the tests: metrics only where a test asks for them.
+        "--metrics-listen",
+        "",
     ]
     .iter()
     .map(|s| (*s).to_owned())

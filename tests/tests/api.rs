@@ -634,3 +634,117 @@ async fn malformed_and_oversize_requests_and_impossible_times_are_refused_by_grp
     }
     occ.stop().await.expect("stop");
 }
+
+/// Reads `GET /metrics` from `addr` with a bare HTTP/1.1 request.
+async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics port");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: occ\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("response");
+    body
+}
+
+/// The value of one sample line (`name{labels} value`), if present.
+fn sample(metrics: &str, line_start: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Prometheus metrics on their own port: what ingest committed by adapter, dead letters,
+/// incidents opened by queue, gRPC calls by method and code.
+#[sqlx::test(migrations = false)]
+async fn metrics_count_what_ingest_and_the_api_did(pool: PgPool) {
+    let broker = Broker::start().await.expect("broker");
+    let metrics_addr = format!("127.0.0.1:{}", occ_tests::free_port());
+    let occ = Occ::start(serve_args(
+        &database_url(&pool),
+        broker.port,
+        "occ-metrics",
+        &["--metrics-listen", &metrics_addr],
+    ))
+    .await
+    .expect("occ starts");
+    let mut publisher = occ_tests::Publisher::connect(broker.port).await;
+    for i in 0..3 {
+        publisher
+            .publish(
+                "occ/v1/events/det-1",
+                serde_json::json!({"id": format!("m{i}"), "type": "smoke.detected", "zone": "esil_residential_1"})
+                    .to_string()
+                    .into_bytes(),
+            )
+            .await;
+    }
+    publisher
+        .publish("occ/v1/events/det-2", b"{not json".to_vec())
+        .await;
+    publisher.flush().await;
+    eventually(Duration::from_secs(10), "events stored", || async {
+        (event_count(&pool).await == 3).then_some(())
+    })
+    .await;
+    let _ = incidents(&occ.grpc)
+        .await
+        .list_incidents(pb::ListIncidentsRequest::default())
+        .await
+        .expect("ListIncidents");
+    let _ = incidents(&occ.grpc)
+        .await
+        .get_incident(pb::GetIncidentRequest { id: "nope".into() })
+        .await
+        .expect_err("not an id");
+
+    let metrics = eventually(
+        Duration::from_secs(10),
+        "the dead letter counted",
+        || async {
+            let m = scrape(&metrics_addr).await;
+            (sample(&m, r#"occ_ingest_messages_total{adapter="native"}"#) == Some(4.0)).then_some(m)
+        },
+    )
+    .await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"occ_ingest_dead_letters_total{adapter="native"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, r#"occ_ingest_events_total{outcome="stored"}"#),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"occ_incidents_opened_total{queue="fire",priority="P1"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    let calls = |code: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("occ_grpc_requests_total{") && l.contains(code))
+            .filter(|l| l.contains("IncidentService"))
+            .count()
+    };
+    assert_eq!(calls(r#"code="0""#), 1, "{metrics}");
+    assert_eq!(
+        calls(r#"code="3""#),
+        1,
+        "INVALID_ARGUMENT counted: {metrics}"
+    );
+    assert!(metrics.contains("occ_ingest_commit_seconds_bucket"));
+    occ.stop().await.expect("stop");
+}

@@ -14,6 +14,7 @@ pub mod edge;
 pub mod error;
 pub mod incidents;
 pub mod ingest;
+pub mod metrics;
 pub mod paging;
 pub mod principal;
 pub mod rules;

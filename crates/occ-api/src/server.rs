@@ -25,6 +25,7 @@ use crate::dispatch::DispatchApi;
 use crate::edge::RequestStatusLayer;
 use crate::incidents::IncidentApi;
 use crate::ingest::IngestApi;
+use crate::metrics::GrpcMetricsLayer;
 use crate::principal::PrincipalLayer;
 use crate::rules::RuleApi;
 use crate::sources::SourceApi;
@@ -124,6 +125,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(config.max_concurrent_streams)
+        .layer(GrpcMetricsLayer)
         .layer(RequestStatusLayer)
         .layer(PrincipalLayer)
         .add_service(health_service)

@@ -351,6 +351,7 @@ pub(crate) async fn poll(
                 stats
                     .inbox_peak
                     .fetch_max(waiting as u64, Ordering::Relaxed);
+                metrics::gauge!("occ_ingest_inbox_messages").set(waiting as f64);
                 if waiting >= inbox.capacity && !stopping.is_cancelled() {
                     if !warned_overflow && waiting > inbox.capacity {
                         warned_overflow = true;
@@ -401,6 +402,7 @@ pub(crate) async fn poll(
                     tracing::info!(subscriptions = ?subscriptions, "subscribed");
                     resubscribe.reset();
                     status.send_modify(|s| s.subscribed = true);
+                    metrics::gauge!("occ_ingest_subscribed").set(1.0);
                 } else {
                     // Granted at any QoS but 1 is refused too: at 0 the broker would drop what
                     // OCC has not acknowledged, and OCC's acks are QoS 1's. Until every filter
@@ -433,6 +435,8 @@ pub(crate) async fn poll(
             Err(e) => {
                 connection.lost(&mut eventloop);
                 status.send_modify(|s| s.subscribed = false);
+                metrics::gauge!("occ_ingest_subscribed").set(0.0);
+                metrics::counter!("occ_mqtt_connection_losses_total").increment(1);
                 if stopping.is_cancelled() {
                     break;
                 }

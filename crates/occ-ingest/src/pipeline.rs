@@ -72,6 +72,9 @@ pub(crate) struct Batcher {
 
 /// A batch decoded: the events to store and the messages that become dead letters.
 struct Decoded {
+    /// Per adapter: messages, and how many of them became dead letters (`None`: no adapter
+    /// reads the topic).
+    by_adapter: Vec<(Option<&'static str>, u64, u64)>,
     events: Vec<Enriched>,
     /// Per event: whether its message came at QoS 0 (the producer did not wait for the broker).
     qos0: Vec<bool>,
@@ -81,15 +84,35 @@ struct Decoded {
 impl Decoded {
     fn letter(dead_letter: DeadLetter) -> Self {
         Self {
+            by_adapter: Vec::new(),
             events: Vec::new(),
             qos0: Vec::new(),
             dead_letters: vec![dead_letter],
         }
     }
 
-    /// Tells the activity log what the committed batch heard from its sources; QoS 0 is
-    /// counted once per event, on the delivery that stored it.
+    /// Tells the activity log and the metrics what the committed batch heard from its
+    /// sources; QoS 0 is counted once per event, on the delivery that stored it.
     fn record(&self, outcome: &BatchOutcome, log: &ActivityLog) {
+        for (adapter, messages, dead) in &self.by_adapter {
+            let adapter = adapter.unwrap_or("none");
+            metrics::counter!("occ_ingest_messages_total", "adapter" => adapter)
+                .increment(*messages);
+            metrics::counter!("occ_ingest_dead_letters_total", "adapter" => adapter)
+                .increment(*dead);
+        }
+        metrics::counter!("occ_ingest_events_total", "outcome" => "stored")
+            .increment(outcome.accepted() as u64);
+        metrics::counter!("occ_ingest_events_total", "outcome" => "duplicate")
+            .increment(outcome.duplicates() as u64);
+        for i in &outcome.opened {
+            metrics::counter!(
+                "occ_incidents_opened_total",
+                "queue" => i.queue.clone(),
+                "priority" => i.priority.as_str()
+            )
+            .increment(1);
+        }
         log.record(
             self.events
                 .iter()
@@ -146,8 +169,18 @@ impl Batcher {
         let mut events = Vec::with_capacity(batch.len());
         let mut qos0 = Vec::with_capacity(batch.len());
         let mut dead_letters = Vec::new();
+        let mut by_adapter: Vec<(Option<&'static str>, u64, u64)> = Vec::new();
         for m in batch {
             let topic = String::from_utf8_lossy(&m.publish.topic);
+            let adapter = self.adapters.for_topic(&topic).map(|a| a.name());
+            let count = match by_adapter.iter_mut().find(|(a, _, _)| *a == adapter) {
+                Some(c) => c,
+                None => {
+                    by_adapter.push((adapter, 0, 0));
+                    by_adapter.last_mut().expect("just pushed")
+                }
+            };
+            count.1 += 1;
             let message = Message {
                 topic: &topic,
                 payload: &m.publish.payload,
@@ -173,12 +206,14 @@ impl Batcher {
                     }
                 }
                 Err(rejection) => {
+                    count.2 += 1;
                     tracing::debug!(%topic, reason = %rejection, "dead letter");
                     dead_letters.push(self.dead_letter(m, rejection.0));
                 }
             }
         }
         Decoded {
+            by_adapter,
             events,
             qos0,
             dead_letters,
@@ -218,6 +253,13 @@ impl Batcher {
         };
         self.ack(batch);
         decoded.record(&outcome, &self.activity);
+        metrics::histogram!("occ_ingest_batch_messages").record(batch.len() as f64);
+        metrics::histogram!("occ_ingest_commit_seconds").record(started.elapsed().as_secs_f64());
+        if let Some(oldest) = batch.iter().map(|m| m.received_at).min() {
+            // From receipt to commit: how far ingest runs behind the broker.
+            let lag = (chrono::Utc::now() - oldest).as_seconds_f64().max(0.0);
+            metrics::histogram!("occ_ingest_lag_seconds").record(lag);
+        }
         tracing::debug!(
             messages = batch.len(),
             accepted = outcome.accepted(),
@@ -380,6 +422,7 @@ impl Batcher {
             }
             acks.pop_front();
         }
+        metrics::gauge!("occ_ingest_acks_waiting").set(acks.len() as f64);
         if stale > 0 {
             tracing::info!(
                 stale,

@@ -798,7 +798,7 @@ async fn start_occ(
             "--mqtt-client-id",
             client_id,
         ])
-        .args(["--grpc-listen", &grpc])
+        .args(["--grpc-listen", &grpc, "--metrics-listen", ""])
         .env("OCC_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -360,6 +360,14 @@ pub struct ServeArgs {
     )]
     pub grpc_listen: SocketAddr,
 
+    /// Where Prometheus metrics are served (`GET /metrics`); empty serves none.
+    #[arg(
+        long = "metrics-listen",
+        env = "OCC_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_listen: String,
+
     /// Largest gRPC request message; larger ones get RESOURCE_EXHAUSTED.
     #[arg(
         long = "grpc-max-message-bytes",

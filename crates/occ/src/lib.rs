@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 mod dead_letters;
 pub mod import;
+pub mod metrics;
 mod operators;
 pub mod serve;
 pub mod simulate;

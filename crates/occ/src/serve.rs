@@ -134,12 +134,14 @@ pub async fn start(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
+    crate::metrics::serve(&args.metrics_listen)?;
     let pool = if args.migrate {
         prepare_database(&args.database, None, &shutdown).await?
     } else {
         occ_store::pool(&db_config(&args.database))?
     };
 
+    tokio::spawn(crate::metrics::watch_pool(pool.clone(), shutdown.clone()));
     let adapters =
         Arc::new(occ_adapters::build(&args.adapters.config()).context("the adapters' settings")?);
     let rules = retry_unavailable(&shutdown, "rules", || {
