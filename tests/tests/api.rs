@@ -703,6 +703,26 @@ async fn metrics_count_what_ingest_and_the_api_did(pool: PgPool) {
         .await
         .expect_err("not an id");
 
+    // The fire queue's waiting incident, as the gauges (read every 5 s) see it, then claimed.
+    eventually(Duration::from_secs(15), "the waiting incident", || async {
+        let m = scrape(&metrics_addr).await;
+        (sample(&m, r#"occ_queue_waiting{queue="fire",priority="P1"}"#) == Some(1.0)).then_some(())
+    })
+    .await;
+    let mut dispatch =
+        occ_proto::v1::dispatch_service_client::DispatchServiceClient::connect(occ.grpc.clone())
+            .await
+            .expect("dispatch");
+    for _ in 0..2 {
+        dispatch
+            .claim_next(pb::ClaimNextRequest {
+                queue: "fire".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("ClaimNext");
+    }
+
     let metrics = eventually(
         Duration::from_secs(10),
         "the dead letter counted",
@@ -712,6 +732,21 @@ async fn metrics_count_what_ingest_and_the_api_did(pool: PgPool) {
         },
     )
     .await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"occ_claims_total{queue="fire",outcome="claimed"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"occ_claims_total{queue="fire",outcome="empty"}"#
+        ),
+        Some(1.0)
+    );
     assert_eq!(
         sample(
             &metrics,

@@ -123,6 +123,13 @@ impl DispatchApi {
             .await
             .map_err(|e| lease_error(e, "lease"))?;
         occ_store::commit(tx).await?;
+        let outcome = if claimed.is_some() {
+            "claimed"
+        } else {
+            "empty"
+        };
+        metrics::counter!("occ_claims_total", "queue" => queue.as_str().to_owned(), "outcome" => outcome)
+            .increment(1);
         Ok(match claimed {
             None => pb::ClaimNextResponse::default(),
             Some(incident) => pb::ClaimNextResponse {

@@ -73,9 +73,9 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 
 /// Follows whether PostgreSQL answers, on a connection of its own (a pool busy with ingest or
 /// API calls must not look like an outage, nor hide one): a ping every `interval`, each
-/// allowed `interval` to answer. Sends false as soon as one does not (and while it cannot
-/// connect), true when one does again. So an outage shows in health within about two
-/// intervals, with or without traffic.
+/// allowed `interval` to answer. Sends false after two pings in a row did not answer (one
+/// slow answer is not an outage), true as soon as one does again. So an outage shows in
+/// health within about three intervals, with or without traffic.
 pub async fn watch_reachable(
     pool: PgPool,
     interval: Duration,
@@ -84,6 +84,7 @@ pub async fn watch_reachable(
 ) {
     let options = pool.connect_options();
     let mut conn: Option<sqlx::PgConnection> = None;
+    let mut failures = 0u32;
     loop {
         let ok = tokio::time::timeout(interval, async {
             if conn.is_none() {
@@ -103,11 +104,15 @@ pub async fn watch_reachable(
             }
             Err(_) => false,
         };
-        if !ok {
+        if ok {
+            failures = 0;
+        } else {
             // A connection that failed or hung is not trusted again.
             conn = None;
+            failures += 1;
         }
-        reachable.send_if_modified(|r| std::mem::replace(r, ok) != ok);
+        let answers = ok || failures < 2;
+        reachable.send_if_modified(|r| std::mem::replace(r, answers) != answers);
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             () = shutdown.cancelled() => break,

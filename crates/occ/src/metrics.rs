@@ -85,18 +85,52 @@ fn describe() {
     );
     describe_histogram!("occ_grpc_request_seconds", "gRPC request time by method");
     describe_gauge!(
+        "occ_queue_waiting",
+        "incidents waiting to be claimed, by queue and priority (the whole city's)"
+    );
+    describe_gauge!(
+        "occ_queue_oldest_wait_seconds",
+        "how long the oldest waiting incident of a queue has waited"
+    );
+    describe_gauge!("occ_queue_claimed", "incidents claimed, by queue");
+    describe_counter!(
+        "occ_claims_total",
+        "ClaimNext calls by queue and outcome (claimed or empty)"
+    );
+    describe_gauge!(
         "occ_db_connections",
         "PostgreSQL connections of the pool, by state (idle, in_use)"
     );
 }
 
-/// Keeps the pool gauges current.
+/// Keeps the pool and queue gauges current. Queues are the whole city's, read from
+/// PostgreSQL: every instance reports the same values (take `max` across instances).
 pub async fn watch_pool(pool: occ_store::PgPool, shutdown: tokio_util::sync::CancellationToken) {
     loop {
         let size = f64::from(pool.size());
         let idle = pool.num_idle() as f64;
         metrics::gauge!("occ_db_connections", "state" => "idle").set(idle);
         metrics::gauge!("occ_db_connections", "state" => "in_use").set((size - idle).max(0.0));
+        if let Ok(mut conn) = pool.acquire().await
+            && let Ok(queues) = occ_store::queues::summaries(&mut conn).await
+        {
+            for q in queues {
+                for p in occ_domain::Priority::ALL {
+                    let n = q
+                        .waiting
+                        .iter()
+                        .find(|(w, _)| *w == p)
+                        .map_or(0, |(_, n)| *n);
+                    metrics::gauge!("occ_queue_waiting", "queue" => q.name.clone(), "priority" => p.as_str())
+                        .set(n as f64);
+                }
+                metrics::gauge!("occ_queue_oldest_wait_seconds", "queue" => q.name.clone()).set(
+                    q.oldest_waiting_age
+                        .map_or(0.0, |a| a.as_seconds_f64().max(0.0)),
+                );
+                metrics::gauge!("occ_queue_claimed", "queue" => q.name).set(q.claimed as f64);
+            }
+        }
         tokio::select! {
             () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
             () = shutdown.cancelled() => break,
