@@ -627,6 +627,16 @@ impl Event {
                     .and_then(|t| plausible_time(t, received_at)),
             ),
         };
+        // A revision far ahead of receipt would rank above every later state of the event
+        // and freeze it; the same bounds as for `occurred_at`.
+        if let Some(r) = &input.revision
+            && let Err(e) = plausible_time(r.at, received_at)
+        {
+            c.push(
+                "revision",
+                e.message.replace("got", "the producer's frame time is"),
+            );
+        }
         let location = input
             .location
             .and_then(|l| c.take(GeoPoint::new(l.lat, l.lon)));
@@ -1011,6 +1021,24 @@ mod tests {
         let mut reset = input();
         reset.occurred_at = Some("1970-01-01T00:00:00Z".into());
         assert!(Event::parse(source(), reset, b"", received(), &Limits::default()).is_ok());
+    }
+
+    #[test]
+    fn a_revision_far_in_the_future_is_refused() {
+        let mut ahead = input();
+        ahead.revision = Some(Revision {
+            at: received() + chrono::TimeDelta::days(400),
+            rank: 1,
+        });
+        let errors = Event::parse(source(), ahead, b"", received(), &Limits::default())
+            .expect_err("a frame time a year ahead");
+        assert_eq!(errors.errors()[0].field, "revision");
+        let mut fine = input();
+        fine.revision = Some(Revision {
+            at: received() - chrono::TimeDelta::seconds(2),
+            rank: 1,
+        });
+        assert!(Event::parse(source(), fine, b"", received(), &Limits::default()).is_ok());
     }
 
     #[test]
