@@ -93,32 +93,8 @@ impl Broker {
 
     /// Like [`Broker::start`], with more settings: `extra` gets the port and returns lines.
     pub async fn start_with(extra: impl FnOnce(u16) -> String) -> anyhow::Result<Broker> {
-        let shipped = std::fs::read_to_string(workspace_root().join("deploy/mosquitto.conf"))
-            .context("reading deploy/mosquitto.conf")?;
         let port = free_port();
-        // OCC's settings, minus where it listens, persists and logs.
-        let mut config: String = shipped
-            .lines()
-            .filter(|l| {
-                let key = l.split_whitespace().next().unwrap_or("");
-                !matches!(
-                    key,
-                    "listener"
-                        | "persistence"
-                        | "persistence_location"
-                        | "autosave_interval"
-                        | "log_dest"
-                )
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
-        // Mosquitto keeps the first value of a setting: what `extra` sets comes first.
-        let extra = extra(port);
-        config.push_str(&extra);
-        config.push_str(&format!("listener {port} 127.0.0.1\nlog_dest stderr\n"));
-        if !extra.contains("persistence ") {
-            config.push_str("persistence false\n");
-        }
+        let config = occ::bench::mosquitto_config(port, &extra(port), "stderr");
         let path = std::env::temp_dir().join(format!("occ-test-mosquitto-{port}.conf"));
         std::fs::write(&path, config)?;
         let child = Self::spawn(&path)?;
@@ -132,18 +108,20 @@ impl Broker {
     }
 
     fn spawn(config: &Path) -> anyhow::Result<Child> {
-        let binary = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .unwrap_or("mosquitto");
-        Command::new(binary)
+        let binary = occ::bench::mosquitto_program(None);
+        Command::new(&binary)
             .arg("-c")
             .arg(config)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("starting {binary} (install the mosquitto package)"))
+            .with_context(|| {
+                format!(
+                    "starting {} (install the mosquitto package)",
+                    binary.display()
+                )
+            })
     }
 
     /// SIGKILLs the broker and starts it again on the same port. Without persistence (the

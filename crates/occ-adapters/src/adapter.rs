@@ -57,25 +57,34 @@ pub trait Adapter: Send + Sync + fmt::Debug {
     fn decode(&self, message: &Message<'_>, limits: &Limits) -> Result<Vec<Event>, Rejection>;
 }
 
-/// The adapters in use; each message goes to the first whose filters match its topic.
+/// The adapters in use; each message goes to the first whose filters match its topic. Each
+/// adapter's filters are read once, here, not for every message.
 #[derive(Debug, Default)]
-pub struct Adapters(Vec<Box<dyn Adapter>>);
+pub struct Adapters(Vec<(Box<dyn Adapter>, Vec<String>)>);
 
 impl Adapters {
     pub fn new(adapters: Vec<Box<dyn Adapter>>) -> Self {
-        Self(adapters)
+        Self(
+            adapters
+                .into_iter()
+                .map(|a| {
+                    let filters = a.topic_filters();
+                    (a, filters)
+                })
+                .collect(),
+        )
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &dyn Adapter> {
-        self.0.iter().map(AsRef::as_ref)
+        self.0.iter().map(|(a, _)| a.as_ref())
     }
 
     /// Every topic filter, once.
     pub fn topic_filters(&self) -> Vec<String> {
         let mut filters: Vec<String> = Vec::new();
-        for f in self.iter().flat_map(|a| a.topic_filters()) {
-            if !filters.contains(&f) {
-                filters.push(f);
+        for f in self.0.iter().flat_map(|(_, f)| f) {
+            if !filters.contains(f) {
+                filters.push(f.clone());
             }
         }
         filters
@@ -83,24 +92,45 @@ impl Adapters {
 
     /// The adapter for a topic.
     pub fn for_topic(&self, topic: &str) -> Option<&dyn Adapter> {
-        self.iter()
-            .find(|a| a.topic_filters().iter().any(|f| topic_matches(topic, f)))
+        self.0
+            .iter()
+            .find(|(_, filters)| filters.iter().any(|f| topic_matches(topic, f)))
+            .map(|(a, _)| a.as_ref())
     }
 
     /// Decodes a message with the adapter for its topic. Payloads over the size limit are
     /// rejected before any adapter looks at them.
     pub fn decode(&self, message: &Message<'_>, limits: &Limits) -> Result<Vec<Event>, Rejection> {
+        self.decode_named(message, limits).1
+    }
+
+    /// As [`Adapters::decode`], with the name of the adapter that read the message (`None`
+    /// when none handles its topic).
+    pub fn decode_named(
+        &self,
+        message: &Message<'_>,
+        limits: &Limits,
+    ) -> (Option<&'static str>, Result<Vec<Event>, Rejection>) {
+        let Some(adapter) = self.for_topic(message.topic) else {
+            return (
+                None,
+                Err(Rejection(format!(
+                    "no adapter handles topic {:?}",
+                    message.topic
+                ))),
+            );
+        };
         if message.payload.len() > limits.max_payload_bytes {
-            return Err(Rejection(format!(
-                "payload is {} bytes, over the limit of {} bytes",
-                message.payload.len(),
-                limits.max_payload_bytes
-            )));
+            return (
+                Some(adapter.name()),
+                Err(Rejection(format!(
+                    "payload is {} bytes, over the limit of {} bytes",
+                    message.payload.len(),
+                    limits.max_payload_bytes
+                ))),
+            );
         }
-        let adapter = self
-            .for_topic(message.topic)
-            .ok_or_else(|| Rejection(format!("no adapter handles topic {:?}", message.topic)))?;
-        adapter.decode(message, limits)
+        (Some(adapter.name()), adapter.decode(message, limits))
     }
 }
 

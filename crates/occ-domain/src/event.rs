@@ -347,12 +347,12 @@ enum KeyKind {
 /// How a message reached OCC: what tells a redelivery from a repeat when the producer gives
 /// no id.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Delivery {
+pub enum Delivery<'a> {
     /// An MQTT message at QoS 1 or 2 in OCC's session (its client id). The broker redelivers a
     /// message it has not seen acknowledged only on a new connection, with the same packet id
     /// and the DUP flag set.
     Mqtt {
-        session: String,
+        session: &'a str,
         packet_id: u16,
         redelivered: bool,
     },
@@ -389,7 +389,7 @@ impl IdempotencyKey {
 
     /// Ties a content key to the delivery that brought it; a producer's id is left as it is.
     /// A redelivery (same session, packet id and bytes) gets the key its first delivery got.
-    pub fn scoped(self, delivery: &Delivery) -> Self {
+    pub fn scoped(self, delivery: &Delivery<'_>) -> Self {
         if self.kind != KeyKind::Content {
             return self;
         }
@@ -879,9 +879,9 @@ mod tests {
         assert!(e.idempotency_key.as_str().starts_with("sha256:"));
     }
 
-    fn mqtt(packet_id: u16, redelivered: bool) -> Delivery {
+    fn mqtt(packet_id: u16, redelivered: bool) -> Delivery<'static> {
         Delivery::Mqtt {
-            session: "occ-a".into(),
+            session: "occ-a",
             packet_id,
             redelivered,
         }

@@ -172,7 +172,12 @@ impl Batcher {
         let mut by_adapter: Vec<(Option<&'static str>, u64, u64)> = Vec::new();
         for m in batch {
             let topic = String::from_utf8_lossy(&m.publish.topic);
-            let adapter = self.adapters.for_topic(&topic).map(|a| a.name());
+            let message = Message {
+                topic: &topic,
+                payload: &m.publish.payload,
+                received_at: m.received_at,
+            };
+            let (adapter, decoded) = self.adapters.decode_named(&message, &self.limits);
             let count = match by_adapter.iter_mut().find(|(a, _, _)| *a == adapter) {
                 Some(c) => c,
                 None => {
@@ -181,12 +186,7 @@ impl Batcher {
                 }
             };
             count.1 += 1;
-            let message = Message {
-                topic: &topic,
-                payload: &m.publish.payload,
-                received_at: m.received_at,
-            };
-            match self.adapters.decode(&message, &self.limits) {
+            match decoded {
                 Ok(decoded) => {
                     let at_most_once = m.publish.qos == QoS::AtMostOnce;
                     // What tells this message's redelivery from the same bytes sent again.
@@ -194,7 +194,7 @@ impl Batcher {
                         Delivery::Once
                     } else {
                         Delivery::Mqtt {
-                            session: m.session.to_string(),
+                            session: &m.session,
                             packet_id: m.publish.pkid,
                             redelivered: m.publish.dup,
                         }

@@ -191,7 +191,7 @@ fn press(packet_id: u16, redelivered: bool) -> Event {
     )
     .expect("valid event");
     e.idempotency_key = e.idempotency_key.scoped(&Delivery::Mqtt {
-        session: "occ-a".into(),
+        session: "occ-a",
         packet_id,
         redelivered,
     });

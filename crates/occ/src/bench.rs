@@ -58,7 +58,33 @@ pub struct BenchArgs {
     pub mosquitto: Option<PathBuf>,
 }
 
-fn mosquitto_program(given: Option<&Path>) -> PathBuf {
+/// A configuration for a private Mosquitto on `port`: OCC's settings from
+/// `deploy/mosquitto.conf`, without persistence unless `first` (settings that take precedence:
+/// Mosquitto keeps the first value of a setting) asks for it, logging to `log_dest`.
+pub fn mosquitto_config(port: u16, first: &str, log_dest: &str) -> String {
+    let shipped = include_str!("../../../deploy/mosquitto.conf");
+    let mut config = first.to_owned();
+    if !config.is_empty() && !config.ends_with('\n') {
+        config.push('\n');
+    }
+    for line in shipped.lines().filter(|l| {
+        !matches!(
+            l.split_whitespace().next().unwrap_or(""),
+            "listener" | "persistence" | "persistence_location" | "autosave_interval" | "log_dest"
+        )
+    }) {
+        config.push_str(line);
+        config.push('\n');
+    }
+    config.push_str(&format!("listener {port} 127.0.0.1\nlog_dest {log_dest}\n"));
+    if !first.contains("persistence ") {
+        config.push_str("persistence false\n");
+    }
+    config
+}
+
+/// The Mosquitto program: `given`, or the system's.
+pub fn mosquitto_program(given: Option<&Path>) -> PathBuf {
     given.map(Path::to_path_buf).unwrap_or_else(|| {
         [
             "/usr/sbin/mosquitto",
@@ -295,24 +321,7 @@ struct Mosquitto {
 impl Mosquitto {
     async fn start(program: &Path) -> anyhow::Result<Mosquitto> {
         let port = free_port()?;
-        let shipped = include_str!("../../../deploy/mosquitto.conf");
-        let mut config: String = shipped
-            .lines()
-            .filter(|l| {
-                !matches!(
-                    l.split_whitespace().next().unwrap_or(""),
-                    "listener"
-                        | "persistence"
-                        | "persistence_location"
-                        | "autosave_interval"
-                        | "log_dest"
-                )
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
-        config.push_str(&format!(
-            "listener {port} 127.0.0.1\npersistence false\nlog_dest none\n"
-        ));
+        let config = mosquitto_config(port, "", "none");
         let path = std::env::temp_dir().join(format!("occ-bench-mosquitto-{port}.conf"));
         std::fs::write(&path, config)?;
         let child = Command::new(program)
