@@ -208,7 +208,21 @@ async fn dead_letters_are_replayed_from_the_command_line(pool: PgPool) {
 /// behind. (What it measures is reported from real runs, not asserted here.)
 #[sqlx::test(migrations = false)]
 async fn the_bench_runs_and_cleans_up_after_itself(pool: PgPool) {
-    let (ok, out, err) = occ(&pool, &["bench", "--messages", "400"]).await;
+    let (ok, out, err) = occ(
+        &pool,
+        &[
+            "bench",
+            "--messages",
+            "400",
+            "--incidents",
+            "2400",
+            "--operators",
+            "2",
+            "--pairs",
+            "50",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     for line in [
         "| broker alone",
@@ -216,6 +230,8 @@ async fn the_bench_runs_and_cleans_up_after_itself(pool: PgPool) {
         "| bare consumer",
         "| OCC drain: 400 queued messages",
         "| OCC peak RSS",
+        "| ListIncidents, first page of 50 of 2400 open incidents",
+        "| ClaimNext + DispatchUnits, 2 operators on one queue, 100 pairs",
     ] {
         assert!(out.contains(line), "{line} missing from:\n{out}");
     }

@@ -68,11 +68,11 @@ where
     T: Send + 'static,
     F: Fn(pb::IncidentChange) -> T + Send + Sync + 'static,
 {
-    // Subscribe before the snapshot: a change committed in between is then both in the feed
-    // and above the snapshot's sequence number, never in neither.
+    // Subscribe before the snapshot: a change committed in between is then in the feed, or in
+    // the snapshot, or both, never in neither; the stream skips what its snapshot shows.
     let stopping = feed.stopping();
     let mut feed = feed.subscribe();
-    let (seq, open) =
+    let (seen, open) =
         changes::snapshot(pool, queue.as_ref().map(|q| q.as_str()), SNAPSHOT_LIMIT + 1).await?;
     let (data_tx, data_rx) = mpsc::channel(BUFFER);
     let (end_tx, end_rx) = oneshot::channel::<Status>();
@@ -98,7 +98,6 @@ where
             }
         }
         let complete = pb::IncidentChange {
-            sequence: seq,
             kind: pb::ChangeKind::SnapshotComplete as i32,
             detail: if truncated {
                 format!("truncated: the {SNAPSHOT_LIMIT} most urgent open incidents only")
@@ -110,7 +109,6 @@ where
         if !sink.send(wrap(complete)).await {
             return;
         }
-        let mut sent = seq;
         loop {
             let next = tokio::select! {
                 () = sink.data.closed() => return,
@@ -119,11 +117,9 @@ where
             };
             match next {
                 Ok(change) => {
-                    // At or below what this stream has shown: in its snapshot or sent.
-                    if change.seq <= sent {
+                    if seen.sees(change.xid) {
                         continue;
                     }
-                    sent = change.seq;
                     if queue
                         .as_ref()
                         .is_some_and(|q| !change.queues.iter().any(|c| c == q.as_str()))

@@ -1,18 +1,24 @@
 //! The change log behind live streams: every change to an incident that a console shows,
-//! appended in the transaction that makes it, readable in commit order by any instance.
+//! appended in the transaction that makes it, readable by any instance.
 //!
-//! Writers call [`append`] as the last statement of their transaction. It takes a
-//! transaction-level advisory lock first, so sequence numbers are handed out in commit order:
-//! a reader that has seen sequence N has seen every change before it, and can resume from N
-//! after a lost notification or a reconnect. The lock is held only from the append to the
-//! commit; a transaction holding it waits for nothing else, so it cannot deadlock.
+//! Writers call [`append`] as the last statement of their transaction, after they have locked
+//! the incidents they change; nothing else is locked, so writers of different incidents never
+//! wait for each other. Each row carries its transaction's id. A reader ([`Position::read`])
+//! takes a snapshot and reads the rows of the transactions committed in it that it has not
+//! read yet: every transaction below the snapshot's `xmin` has ended, so nothing below it
+//! changes again, and those committed above it are remembered by id until `xmin` passes them.
+//!
+//! Order: changes to one incident are read in the order they committed (a writer appends only
+//! once it holds the incident's row lock, so its sequence number is above that of every change
+//! to the incident committed before, and a snapshot that shows a transaction shows every one
+//! that committed before it). Changes to different incidents committed at the same time may be
+//! read in either order.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use occ_domain::{Incident, IncidentId};
-use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -20,12 +26,6 @@ use uuid::Uuid;
 
 use crate::error::Result;
 use crate::incidents;
-
-/// The channel the change log's trigger notifies on.
-pub const CHANNEL: &str = "occ_incident_changes";
-
-/// `pg_advisory_xact_lock` key serialising appends ("occ_chg1").
-const APPEND_LOCK: i64 = 0x6f63_635f_6368_6731;
 
 /// What happened to an incident.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -112,14 +112,12 @@ impl Change {
     }
 }
 
-/// Appends changes; call it last in the transaction (see the module docs).
+/// Appends changes; call it last in the transaction, once the incidents are locked (see the
+/// module docs).
 pub async fn append(conn: &mut PgConnection, changes: &[Change], at: DateTime<Utc>) -> Result<()> {
     if changes.is_empty() {
         return Ok(());
     }
-    sqlx::query!("SELECT pg_advisory_xact_lock($1)", APPEND_LOCK)
-        .execute(&mut *conn)
-        .await?;
     let incidents: Vec<Uuid> = changes.iter().map(|c| c.incident.0).collect();
     // Postgres arrays of arrays must be rectangular: queues travel as comma-free joined text.
     let queues: Vec<String> = changes.iter().map(|c| c.queues.join(",")).collect();
@@ -150,6 +148,8 @@ pub async fn append(conn: &mut PgConnection, changes: &[Change], at: DateTime<Ut
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredChange {
     pub seq: i64,
+    /// The transaction that wrote it.
+    pub xid: u64,
     pub queues: Vec<String>,
     pub kind: ChangeKind,
     pub at: DateTime<Utc>,
@@ -158,65 +158,170 @@ pub struct StoredChange {
     pub incident: Incident,
 }
 
-/// The newest sequence number (0 for an empty log).
-pub async fn latest(conn: &mut PgConnection) -> Result<i64> {
-    Ok(
-        sqlx::query_scalar!(r#"SELECT COALESCE(max(seq), 0) AS "seq!" FROM incident_changes"#)
-            .fetch_one(conn)
-            .await?,
-    )
+/// A database snapshot: which transactions had committed when it was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    xmin: u64,
+    xmax: u64,
+    running: Vec<u64>,
 }
 
-/// Up to `limit` changes after `seq`, oldest first, for one queue or all. Also returns the
-/// last sequence number read (a filtered read may skip changes of other queues).
-pub async fn after(
-    conn: &mut PgConnection,
-    seq: i64,
-    queue: Option<&str>,
-    limit: i64,
-) -> Result<(Vec<StoredChange>, i64)> {
-    let rows = sqlx::query!(
-        r#"
-        SELECT seq, incident_id, queues, kind, at, actor, detail
-          FROM incident_changes
-         WHERE seq > $1
-         ORDER BY seq
-         LIMIT $2
-        "#,
-        seq,
-        limit,
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    let last = rows.last().map_or(seq, |r| r.seq);
-    let wanted: Vec<_> = rows
-        .into_iter()
-        .filter(|r| queue.is_none_or(|q| r.queues.iter().any(|x| x == q)))
-        .collect();
-    // An incident changed twice in this read is loaded once.
-    let ids: Vec<IncidentId> = wanted.iter().map(|r| IncidentId(r.incident_id)).collect();
-    let mut current: std::collections::HashMap<IncidentId, Incident> = incidents::load(conn, &ids)
-        .await?
-        .into_iter()
-        .map(|i| (i.id, i))
-        .collect();
-    let changes = wanted
-        .into_iter()
-        .filter_map(|r| {
-            let incident = current.get(&IncidentId(r.incident_id))?.clone();
-            Some(StoredChange {
-                seq: r.seq,
-                queues: r.queues,
-                kind: ChangeKind::parse(&r.kind)?,
-                at: r.at,
-                actor: r.actor,
-                detail: r.detail,
-                incident,
-            })
+impl Snapshot {
+    /// Parses PostgreSQL's text form, `xmin:xmax:xip,xip,…`.
+    fn parse(text: &str) -> Option<Snapshot> {
+        let mut parts = text.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let running = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(str::parse)
+                .collect::<std::result::Result<_, _>>()
+                .ok()?,
+        };
+        Some(Snapshot {
+            xmin,
+            xmax,
+            running,
         })
-        .collect();
-    current.clear();
-    Ok((changes, last))
+    }
+
+    /// Whether a change written by transaction `xid` is in the snapshot.
+    pub fn sees(&self, xid: u64) -> bool {
+        xid < self.xmin || (xid < self.xmax && !self.running.contains(&xid))
+    }
+}
+
+async fn current_snapshot(conn: &mut PgConnection) -> Result<Snapshot> {
+    let text = sqlx::query_scalar!(r#"SELECT pg_current_snapshot()::text AS "s!""#)
+        .fetch_one(&mut *conn)
+        .await?;
+    Snapshot::parse(&text).ok_or_else(|| {
+        crate::StoreError::Corrupt(format!("unreadable pg_current_snapshot() {text:?}"))
+    })
+}
+
+/// How far a reader has read the log: every change of a transaction below `below`, and of
+/// the transactions in `ahead` (which committed while an older one was still running).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Position {
+    below: u64,
+    ahead: std::collections::BTreeSet<u64>,
+}
+
+impl Position {
+    /// Transactions read ahead of the oldest running one, at most. Past that, a reader waits
+    /// for the oldest running transaction to end (and says so), rather than remember more.
+    pub const MAX_AHEAD: usize = 10_000;
+
+    /// The end of the log now: everything committed counts as read.
+    pub async fn now(conn: &mut PgConnection) -> Result<Position> {
+        let mut position = Position::default();
+        position.read_xids(conn).await?;
+        Ok(position)
+    }
+
+    /// Skips what was committed since the last read.
+    pub async fn skip(&mut self, conn: &mut PgConnection) -> Result<()> {
+        self.read_xids(conn).await
+    }
+
+    async fn read_xids(&mut self, conn: &mut PgConnection) -> Result<()> {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let snapshot = current_snapshot(&mut tx).await?;
+        let xids = sqlx::query_scalar!(
+            r#"
+            SELECT DISTINCT xid::text AS "xid!" FROM incident_changes
+             WHERE xid >= $1::text::xid8
+            "#,
+            snapshot.xmin.max(self.below).to_string(),
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.advance(&snapshot, xids.iter().filter_map(|x| x.parse().ok()));
+        Ok(())
+    }
+
+    /// Reads the changes committed since the last read, each incident's in commit order.
+    pub async fn read(&mut self, conn: &mut PgConnection) -> Result<Vec<StoredChange>> {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let snapshot = current_snapshot(&mut tx).await?;
+        // Holding back: read below the oldest running transaction only, until it ends.
+        let upto = if self.ahead.len() >= Self::MAX_AHEAD {
+            snapshot.xmin
+        } else {
+            u64::MAX
+        };
+        let ahead: Vec<String> = self.ahead.iter().map(u64::to_string).collect();
+        let rows = sqlx::query!(
+            r#"
+            SELECT seq, xid::text AS "xid!", incident_id, queues, kind, at, actor, detail
+              FROM incident_changes
+             WHERE xid >= $1::text::xid8
+               AND xid < $2::text::xid8
+               AND xid <> ALL ($3::text[]::xid8[])
+             ORDER BY seq
+            "#,
+            self.below.to_string(),
+            upto.min(i64::MAX as u64).to_string(),
+            &ahead,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let ids: Vec<IncidentId> = rows.iter().map(|r| IncidentId(r.incident_id)).collect();
+        let current: std::collections::HashMap<IncidentId, Incident> =
+            incidents::load(&mut tx, &ids)
+                .await?
+                .into_iter()
+                .map(|i| (i.id, i))
+                .collect();
+        tx.commit().await?;
+        let mut xids = Vec::with_capacity(rows.len());
+        let changes = rows
+            .into_iter()
+            .filter_map(|r| {
+                let xid: u64 = r.xid.parse().ok()?;
+                xids.push(xid);
+                let incident = current.get(&IncidentId(r.incident_id))?.clone();
+                Some(StoredChange {
+                    seq: r.seq,
+                    xid,
+                    queues: r.queues,
+                    kind: ChangeKind::parse(&r.kind)?,
+                    at: r.at,
+                    actor: r.actor,
+                    detail: r.detail,
+                    incident,
+                })
+            })
+            .collect();
+        let held_back = upto != u64::MAX;
+        self.advance(&snapshot, xids);
+        if held_back && self.ahead.len() >= Self::MAX_AHEAD {
+            tracing::warn!(
+                oldest_running_transaction = snapshot.xmin,
+                "a database transaction open for long holds back live incident streams until \
+                 it ends (see pg_stat_activity.backend_xid)"
+            );
+        }
+        Ok(changes)
+    }
+
+    /// Counts as read every transaction below the snapshot's xmin and those of `xids`.
+    fn advance(&mut self, snapshot: &Snapshot, xids: impl IntoIterator<Item = u64>) {
+        self.ahead.extend(xids);
+        self.below = self.below.max(snapshot.xmin);
+        let below = self.below;
+        self.ahead.retain(|x| *x >= below);
+    }
 }
 
 /// Deletes changes older than `before` (consoles that were away longer start from a fresh
@@ -230,18 +335,18 @@ pub async fn prune(conn: &mut PgConnection, before: DateTime<Utc>) -> Result<u64
     )
 }
 
-/// The open incidents of a queue (or of all) and the sequence number they are current at, read
-/// in one snapshot: every change after that number is not in them, every one before is.
+/// The open incidents of a queue (or of all), and the snapshot they were read in: a change is
+/// in them exactly when the snapshot [`sees`](Snapshot::sees) its transaction.
 pub async fn snapshot(
     pool: &PgPool,
     queue: Option<&str>,
     limit: i64,
-) -> Result<(i64, Vec<Incident>)> {
+) -> Result<(Snapshot, Vec<Incident>)> {
     let mut tx = pool.begin().await?;
     sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
-    let seq = latest(&mut tx).await?;
+    let seq = current_snapshot(&mut tx).await?;
     let ids: Vec<IncidentId> = sqlx::query_scalar!(
         r#"
         SELECT id FROM incidents
@@ -265,11 +370,11 @@ pub async fn snapshot(
 
 /// Every change of every instance, read once per instance and shared with all its watchers.
 ///
-/// A task follows the change log: it wakes on the log's NOTIFY (and every second regardless,
-/// since a notification can be lost while the listening connection reconnects), reads what
-/// was committed after the last change it read, and broadcasts it. A watcher subscribes
-/// first, then takes its [`snapshot`], then skips broadcast changes at or below the
-/// snapshot's sequence number: nothing is missed and nothing is shown twice.
+/// A task follows the change log: while someone watches it reads what was committed since its
+/// last read, every [`Feed::POLL`], and broadcasts it; while nobody watches it only keeps its
+/// position at the end of the log. A watcher subscribes first, then takes its [`snapshot`],
+/// then skips broadcast changes its snapshot already shows: nothing is missed and nothing is
+/// shown twice.
 #[derive(Debug, Clone)]
 pub struct Feed {
     tx: broadcast::Sender<Arc<StoredChange>>,
@@ -280,10 +385,14 @@ impl Feed {
     /// How many changes a watcher may lag behind before it is cut off.
     pub const CAPACITY: usize = 4096;
 
+    /// How often the log is read while someone watches: the most a change waits before
+    /// watchers on any instance see it.
+    pub const POLL: Duration = Duration::from_millis(100);
+
     /// Starts following the log from its current end.
     pub async fn start(pool: PgPool, shutdown: CancellationToken) -> Result<Feed> {
         let (tx, _) = broadcast::channel(Self::CAPACITY);
-        let from = latest(&mut *pool.acquire().await?).await?;
+        let from = Position::now(&mut *pool.acquire().await?).await?;
         tokio::spawn(follow(pool, tx.clone(), from, shutdown.clone()));
         Ok(Feed { tx, shutdown })
     }
@@ -301,63 +410,43 @@ impl Feed {
 async fn follow(
     pool: PgPool,
     tx: broadcast::Sender<Arc<StoredChange>>,
-    mut last: i64,
+    mut position: Position,
     shutdown: CancellationToken,
 ) {
-    const PAGE: i64 = 500;
-    let mut listener: Option<PgListener> = None;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Feed::POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut idle = 0u32;
     loop {
-        if listener.is_none() {
-            listener = match PgListener::connect_with(&pool).await {
-                Ok(mut l) => match l.listen(CHANNEL).await {
-                    Ok(()) => Some(l),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot listen for incident changes; polling");
-                        None
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for incident changes; polling");
-                    None
-                }
-            };
-        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
-            n = async {
-                match listener.as_mut() {
-                    Some(l) => l.try_recv().await,
-                    None => std::future::pending().await,
-                }
-            } => if n.is_err() { listener = None; },
+        }
+        let watched = tx.receiver_count() > 0;
+        // Unwatched, the position is kept at the end once a second: a watcher that subscribes
+        // later takes its snapshot later and skips what was skipped anyway.
+        idle = if watched { 0 } else { idle + 1 };
+        if !watched && idle % 10 != 1 {
+            continue;
         }
         let read = async {
             let mut conn = pool.acquire().await?;
-            // Read the end before looking for watchers: one that subscribes after this look
-            // takes its snapshot after this read, so skipping to here skips nothing it needs.
-            let end = latest(&mut conn).await?;
-            if tx.receiver_count() == 0 {
-                return Ok::<_, crate::StoreError>(end);
-            }
-            loop {
-                let (page, upto) = after(&mut conn, last, None, PAGE).await?;
-                let full = upto - last >= PAGE;
-                for change in page {
-                    let _ = tx.send(Arc::new(change));
+            if !watched {
+                // Skipped only if still nobody watches once the end is read: a watcher that
+                // subscribed before then may need what is skipped.
+                let mut end = position.clone();
+                end.skip(&mut conn).await?;
+                if tx.receiver_count() == 0 {
+                    position = end;
                 }
-                // Advanced page by page: a failure later re-reads nothing already sent.
-                last = upto;
-                if !full {
-                    return Ok(last);
-                }
+                return Ok(());
             }
+            for change in position.read(&mut conn).await? {
+                let _ = tx.send(Arc::new(change));
+            }
+            Ok::<_, crate::StoreError>(())
         };
-        match read.await {
-            Ok(seq) => last = seq,
-            Err(e) => tracing::warn!(error = %e, "cannot read incident changes; retrying"),
+        if let Err(e) = read.await {
+            tracing::warn!(error = %e, "cannot read incident changes; retrying");
         }
     }
 }

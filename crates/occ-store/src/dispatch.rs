@@ -86,23 +86,30 @@ fn refuse(incident: &Incident, command: IncidentCommand) -> Result<IncidentStatu
 struct Held {
     incident: Incident,
     claim: ClaimInfo,
+    /// The agency of the incident's queue.
+    agency: String,
     now: DateTime<Utc>,
 }
 
 /// Locks the incident of a claim, then the claim, and checks that `holder` holds it and its
 /// lease has not run out.
 async fn lock_claim(conn: &mut PgConnection, claim: Uuid, holder: &str) -> Result<Held> {
-    let incident = sqlx::query_scalar!("SELECT incident_id FROM claims WHERE id = $1", claim)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or(StoreError::NotFound { what: "claim" })?;
-    let incident = lock(conn, IncidentId(incident)).await?;
     let row = sqlx::query!(
-        "SELECT holder, claimed_at, lease_until, ended_at, end_reason FROM claims WHERE id = $1 FOR UPDATE",
+        r#"
+        SELECT c.incident_id, c.holder, c.claimed_at, c.lease_until, c.ended_at, c.end_reason,
+               q.agency
+          FROM incidents i
+          JOIN claims c ON c.incident_id = i.id
+          JOIN queues q ON q.name = i.queue
+         WHERE c.id = $1
+           FOR UPDATE OF i, c
+        "#,
         claim
     )
-    .fetch_one(&mut *conn)
-    .await?;
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(StoreError::NotFound { what: "claim" })?;
+    let incident = incidents::get(conn, IncidentId(row.incident_id)).await?;
     let now = now(conn).await?;
     if row.holder != holder {
         return Err(StoreError::Forbidden(format!(
@@ -130,6 +137,7 @@ async fn lock_claim(conn: &mut PgConnection, claim: Uuid, holder: &str) -> Resul
             claimed_at: row.claimed_at,
             lease_until: row.lease_until,
         },
+        agency: row.agency,
         now,
     })
 }
@@ -238,26 +246,51 @@ pub async fn claim_next(
     lease: TimeDelta,
 ) -> Result<Option<Incident>> {
     check_lease(lease)?;
+    let waiting = IncidentStatus::Queued;
+    let claimed = waiting.apply(IncidentCommand::Claim).map_err(|e| {
+        StoreError::Precondition(format!("a waiting incident cannot be claimed: {e}"))
+    })?;
+    let claim = Uuid::now_v7();
+    let lease_seconds = lease.as_seconds_f64();
     let mut attempts = 0;
-    let id = loop {
-        let next = sqlx::query_scalar!(
+    // One statement takes the incident, marks it claimed and records the claim; the time is
+    // read once the row is locked.
+    let (id, now) = loop {
+        let taken = sqlx::query!(
             r#"
-            SELECT id FROM incidents
-             WHERE queue = $1 AND status = 'QUEUED'
-             ORDER BY priority, created_at, id
-             LIMIT 1
-               FOR UPDATE SKIP LOCKED
+            WITH next AS (
+                SELECT id FROM incidents
+                 WHERE queue = $1 AND status = 'QUEUED' -- the incidents_waiting index
+                 ORDER BY priority, created_at, id
+                 LIMIT 1
+                   FOR UPDATE SKIP LOCKED
+            ), taken AS (
+                UPDATE incidents i
+                   SET status = $2, claim_deadline = NULL, updated_at = clock_timestamp()
+                  FROM next
+                 WHERE i.id = next.id
+                RETURNING i.id, i.updated_at
+            ), claimed AS (
+                INSERT INTO claims (id, incident_id, holder, claimed_at, lease_until)
+                SELECT $3, id, $4, updated_at, updated_at + make_interval(secs => $5)
+                  FROM taken
+            )
+            SELECT id, updated_at FROM taken
             "#,
-            queue
+            queue,
+            claimed.as_str(),
+            claim,
+            holder,
+            lease_seconds,
         )
         .fetch_optional(&mut *conn)
         .await?;
-        if let Some(id) = next {
-            break id;
+        if let Some(taken) = taken {
+            break (taken.id, taken.updated_at);
         }
         let waiting: bool = sqlx::query_scalar!(
             r#"SELECT EXISTS (SELECT 1 FROM incidents WHERE queue = $1 AND status = 'QUEUED') AS "w!""#,
-            queue
+            queue,
         )
         .fetch_one(&mut *conn)
         .await?;
@@ -268,37 +301,22 @@ pub async fn claim_next(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     let incident = incidents::get(conn, IncidentId(id)).await?;
-    refuse(&incident, IncidentCommand::Claim)?;
-    let now = now(conn).await?;
-    let lease_until = now + lease;
-    sqlx::query!(
-        "UPDATE incidents SET status = 'CLAIMED', claim_deadline = NULL, updated_at = $2 WHERE id = $1",
-        id,
-        now
-    )
-    .execute(&mut *conn)
-    .await?;
-    let claim = Uuid::now_v7();
-    sqlx::query!(
-        "INSERT INTO claims (id, incident_id, holder, claimed_at, lease_until) VALUES ($1, $2, $3, $4, $5)",
-        claim,
-        id,
-        holder,
-        now,
-        lease_until
-    )
-    .execute(&mut *conn)
-    .await?;
+    let lease_until = incident
+        .claim
+        .as_ref()
+        .map_or(now + lease, |c| c.lease_until);
     let entries = [AuditEntry {
-        before: Some(json!({"status": "QUEUED"})),
-        after: Some(json!({"status": "CLAIMED", "holder": holder, "lease_until": lease_until})),
+        before: Some(json!({"status": waiting.as_str()})),
+        after: Some(
+            json!({"status": claimed.as_str(), "holder": holder, "lease_until": lease_until}),
+        ),
         detail: format!("claim {claim}"),
         ..entry(incident.id, now, holder, "incident.claimed")
     }];
+    audit::append(conn, &entries).await?;
     let log = [Change::new(&incident, ChangeKind::Claimed, holder, "")];
-    record(conn, incident.id, &entries, &log, now)
-        .await
-        .map(Some)
+    changes::append(conn, &log, now).await?;
+    Ok(Some(incident))
 }
 
 /// Gives a claimed incident back to its queue.
@@ -335,6 +353,7 @@ pub async fn extend(
         incident,
         claim: mut info,
         now,
+        ..
     } = lock_claim(conn, claim, holder).await?;
     info.lease_until = now + lease;
     sqlx::query!(
@@ -367,7 +386,12 @@ pub async fn dispatch_units(
     holder: &str,
     unit_ids: &[UnitId],
 ) -> Result<(Incident, Vec<Unit>)> {
-    let Held { incident, now, .. } = lock_claim(conn, claim, holder).await?;
+    let Held {
+        incident,
+        agency,
+        now,
+        ..
+    } = lock_claim(conn, claim, holder).await?;
     let next = refuse(&incident, IncidentCommand::Dispatch)?;
     if unit_ids.is_empty() {
         return Err(StoreError::Invalid(occ_domain::FieldErrors::one(
@@ -375,12 +399,6 @@ pub async fn dispatch_units(
             "name at least one unit",
         )));
     }
-    let agency = sqlx::query_scalar!(
-        "SELECT agency FROM queues WHERE name = $1",
-        incident.queue.as_str()
-    )
-    .fetch_one(&mut *conn)
-    .await?;
     let mut wanted: Vec<UnitId> = unit_ids.to_vec();
     wanted.sort();
     wanted.dedup();
@@ -388,7 +406,7 @@ pub async fn dispatch_units(
     if found.len() != wanted.len() {
         return Err(StoreError::NotFound { what: "unit" });
     }
-    let mut dispatched = Vec::new();
+    let mut statuses = Vec::with_capacity(found.len());
     for unit in &found {
         if unit.agency != agency {
             return Err(StoreError::Precondition(format!(
@@ -396,38 +414,60 @@ pub async fn dispatch_units(
                 unit.call_sign, unit.agency, incident.queue
             )));
         }
-        let status = unit
-            .status
-            .apply(UnitCommand::Dispatch)
-            .map_err(|e| StoreError::Precondition(format!("unit {}: {e}", unit.call_sign)))?;
-        let detail = format!("dispatched to {}", incident.number);
-        dispatched.push(
-            units::set_status(conn, unit, status, Some(incident.id), holder, &detail, now).await?,
+        statuses.push(
+            unit.status
+                .apply(UnitCommand::Dispatch)
+                .map_err(|e| StoreError::Precondition(format!("unit {}: {e}", unit.call_sign)))?,
         );
     }
+    let detail = format!("dispatched to {}", incident.number);
+    let (dispatched, mut entries) = units::set_statuses(
+        conn,
+        &found,
+        &statuses,
+        Some(incident.id),
+        holder,
+        &detail,
+        now,
+    )
+    .await?;
     sqlx::query!(
-        "UPDATE incidents SET status = $2, updated_at = $3 WHERE id = $1",
+        r#"
+        WITH ended AS (
+            UPDATE claims SET ended_at = $3, end_reason = 'dispatched'
+             WHERE id = $4 AND ended_at IS NULL
+        )
+        UPDATE incidents SET status = $2, updated_at = $3 WHERE id = $1
+        "#,
         incident.id.0,
         next.as_str(),
-        now
+        now,
+        claim,
     )
     .execute(&mut *conn)
     .await?;
-    end_claim(conn, claim, "dispatched", now).await?;
     let call_signs: Vec<&str> = dispatched.iter().map(|u| u.call_sign.as_str()).collect();
-    let entries = [AuditEntry {
+    entries.push(AuditEntry {
         before: Some(json!({"status": incident.status.as_str()})),
         after: Some(json!({"status": next.as_str(), "units": call_signs})),
         detail: call_signs.join(", "),
         ..entry(incident.id, now, holder, "incident.dispatched")
-    }];
+    });
+    audit::append(conn, &entries).await?;
     let log = [Change::new(
         &incident,
         ChangeKind::Dispatched,
         holder,
         call_signs.join(", "),
     )];
-    let after = record(conn, incident.id, &entries, &log, now).await?;
+    changes::append(conn, &log, now).await?;
+    // As stored: dispatched, the claim ended.
+    let after = Incident {
+        status: next,
+        updated_at: now,
+        claim: None,
+        ..incident
+    };
     Ok((after, dispatched))
 }
 

@@ -278,35 +278,69 @@ pub async fn set_status(
     detail: &str,
     now: DateTime<Utc>,
 ) -> Result<Unit> {
+    let (mut after, entries) = set_statuses(
+        conn,
+        std::slice::from_ref(unit),
+        &[status],
+        incident,
+        actor,
+        detail,
+        now,
+    )
+    .await?;
+    crate::audit::append(conn, &entries).await?;
+    after.pop().ok_or(StoreError::NotFound { what: "unit" })
+}
+
+/// Stores new statuses of several units, all now working `incident` (or none), in one
+/// statement. Returns the units as they now are and their audit entries, for the caller to
+/// append with its own.
+pub async fn set_statuses(
+    conn: &mut PgConnection,
+    units: &[Unit],
+    statuses: &[UnitStatus],
+    incident: Option<IncidentId>,
+    actor: &str,
+    detail: &str,
+    now: DateTime<Utc>,
+) -> Result<(Vec<Unit>, Vec<AuditEntry>)> {
+    let ids: Vec<Uuid> = units.iter().map(|u| u.id.0).collect();
+    let names: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
     sqlx::query!(
-        "UPDATE units SET status = $2, incident_id = $3, updated_at = $4 WHERE id = $1",
-        unit.id.0,
-        status.as_str(),
+        r#"
+        UPDATE units
+           SET status = u.status, incident_id = $3, updated_at = $4
+          FROM UNNEST($1::uuid[], $2::text[]) AS u(id, status)
+         WHERE units.id = u.id
+        "#,
+        &ids,
+        &names as &[&str],
         incident.map(|i| i.0),
         now,
     )
     .execute(&mut *conn)
     .await?;
-    let after = Unit {
-        status,
-        incident,
-        updated_at: now,
-        ..unit.clone()
-    };
-    crate::audit::append(
-        conn,
-        &[AuditEntry {
+    let mut after = Vec::with_capacity(units.len());
+    let mut entries = Vec::with_capacity(units.len());
+    for (unit, status) in units.iter().zip(statuses) {
+        let changed = Unit {
+            status: *status,
+            incident,
+            updated_at: now,
+            ..unit.clone()
+        };
+        entries.push(AuditEntry {
             entity: Entity::Unit(unit.id.0),
             at: now,
             actor: actor.to_owned(),
             action: "unit.status_changed".into(),
             before: Some(unit.audit_state()),
-            after: Some(after.audit_state()),
+            after: Some(changed.audit_state()),
             detail: detail.to_owned(),
-        }],
-    )
-    .await?;
-    Ok(after)
+        });
+        after.push(changed);
+    }
+    Ok((after, entries))
 }
 
 /// Records where a unit is.

@@ -2,10 +2,11 @@
 //! however many transactions race, each expiry and each escalation happens exactly once.
 
 use chrono::Utc;
-use occ_domain::{Enriched, Event, EventInput, Limits, Priority, RuleSet, SourceId};
+use occ_domain::{Enriched, Event, EventInput, IncidentId, Limits, Priority, RuleSet, SourceId};
+use occ_store::changes::{self, Change, ChangeKind, Position};
 use occ_store::ingest::{Batch, commit_batch};
 use occ_store::{Transport, dispatch, incidents, rules, sweep};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 fn air(zone: usize, severity: &str) -> Event {
     let input = EventInput {
@@ -230,4 +231,98 @@ async fn a_priority_raised_by_events_brings_the_claim_deadline_forward(pool: PgP
         before.claim_deadline
     );
     assert_eq!(after.claim_within, Priority::P2.default_claim_within());
+}
+
+fn note(incident: IncidentId, detail: &str) -> Change {
+    Change {
+        incident,
+        queues: vec!["environment".into()],
+        kind: ChangeKind::NoteAdded,
+        actor: "operator:test".into(),
+        detail: detail.into(),
+    }
+}
+
+async fn read_details(position: &mut Position, conn: &mut PgConnection) -> Vec<String> {
+    position
+        .read(conn)
+        .await
+        .expect("read the change log")
+        .into_iter()
+        .map(|c| c.detail)
+        .collect()
+}
+
+/// Writers of the change log share no lock, so transactions commit in another order than they
+/// began: a reader still reads every change once, and one incident's changes in the order they
+/// committed.
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn the_change_log_reads_every_change_once_each_incident_in_commit_order(pool: PgPool) {
+    open_air_incidents(&pool, 2).await;
+    let ids: Vec<IncidentId> = sqlx::query_scalar("SELECT id FROM incidents ORDER BY zone")
+        .fetch_all(&pool)
+        .await
+        .expect("incidents")
+        .into_iter()
+        .map(IncidentId)
+        .collect();
+    let mut reader = pool.acquire().await.expect("connection");
+    let mut position = Position::now(&mut reader).await.expect("position");
+    let now = Utc::now();
+
+    // An older transaction has appended a change to incident 1 (its sequence number comes
+    // first); a newer one changes incident 0 and commits before it.
+    let mut older = pool.begin().await.expect("begin");
+    dispatch::lock(&mut older, ids[1]).await.expect("lock");
+    changes::append(&mut older, &[note(ids[1], "older")], now)
+        .await
+        .expect("append");
+    let mut newer = pool.begin().await.expect("begin");
+    dispatch::lock(&mut newer, ids[0]).await.expect("lock");
+    changes::append(&mut newer, &[note(ids[0], "newer")], now)
+        .await
+        .expect("append");
+    newer.commit().await.expect("commit");
+    assert_eq!(read_details(&mut position, &mut reader).await, ["newer"]);
+
+    // The older one commits later: its change is read then, once.
+    older.commit().await.expect("commit");
+    assert_eq!(read_details(&mut position, &mut reader).await, ["older"]);
+    assert!(read_details(&mut position, &mut reader).await.is_empty());
+
+    // One incident: the transaction that began first waits for the other's lock on it and
+    // commits second; its change is read second.
+    let mut first_begun = pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *first_begun)
+        .await
+        .expect("first takes its id");
+    let mut first_locked = pool.begin().await.expect("begin");
+    dispatch::lock(&mut first_locked, ids[0])
+        .await
+        .expect("lock");
+    let contested = ids[0];
+    let waiting = tokio::spawn(async move {
+        dispatch::lock(&mut first_begun, contested)
+            .await
+            .expect("lock");
+        changes::append(
+            &mut first_begun,
+            &[note(contested, "committed second")],
+            now,
+        )
+        .await
+        .expect("append");
+        first_begun.commit().await.expect("commit");
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    changes::append(&mut first_locked, &[note(ids[0], "committed first")], now)
+        .await
+        .expect("append");
+    first_locked.commit().await.expect("commit");
+    waiting.await.expect("the waiting writer");
+    assert_eq!(
+        read_details(&mut position, &mut reader).await,
+        ["committed first", "committed second"]
+    );
 }

@@ -15,7 +15,11 @@
 //!   after each commit;
 //! - **OCC drain**: the same backlog queued in OCC's session while OCC is stopped, then timed
 //!   from OCC's first commit to its last, and the stored events checked to be exactly those
-//!   the messages hold.
+//!   the messages hold;
+//! - **dispatch** (see [`dispatch`]): `ListIncidents` latency with many incidents stored, and
+//!   operators claiming and dispatching concurrently, beside empty `ClaimNext` calls.
+
+mod dispatch;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -52,10 +56,35 @@ pub struct BenchArgs {
     )]
     pub database_url: String,
 
+    /// What to measure; all by default.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Stage::Ingest, Stage::Dispatch])]
+    pub stages: Vec<Stage>,
+
+    /// Incidents stored for the dispatch stage (opened through `PublishEvents`).
+    #[arg(long, default_value_t = 100_000)]
+    pub incidents: usize,
+
+    /// Concurrent operators in the dispatch stage, each on its own connection.
+    #[arg(long, default_value_t = 8)]
+    pub operators: usize,
+
+    /// `ClaimNext` + `DispatchUnits` pairs each operator makes.
+    #[arg(long, default_value_t = 1500)]
+    pub pairs: usize,
+
     /// The Mosquitto program to start (on a free port, with OCC's settings); by default the
     /// system's.
     #[arg(long)]
     pub mosquitto: Option<PathBuf>,
+}
+
+/// A part of the bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    /// Broker alone, PostgreSQL alone, bare consumer, OCC drain.
+    Ingest,
+    /// Incidents listed, claimed and dispatched through the API.
+    Dispatch,
 }
 
 /// A configuration for a private Mosquitto on `port`: OCC's settings from
@@ -126,20 +155,38 @@ struct Row {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let adapters = default_adapters()?;
-    let messages = mix(&adapters, args.messages);
+    let ingest = args.stages.contains(&Stage::Ingest);
+    let messages = if ingest {
+        mix(&adapters, args.messages)
+    } else {
+        Vec::new()
+    };
     let events = decode(&adapters, &messages);
     let expected = distinct_events(&events);
     let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
-    eprintln!(
-        "occ bench: {} messages ({} bytes on average) that hold {expected} events",
-        messages.len(),
-        bytes / messages.len().max(1)
-    );
+    if ingest {
+        eprintln!(
+            "occ bench: {} messages ({} bytes on average) that hold {expected} events",
+            messages.len(),
+            bytes / messages.len().max(1)
+        );
+    }
 
     let broker = Mosquitto::start(&mosquitto_program(args.mosquitto.as_deref())).await?;
     let server = PgConnectOptions::from_str(&args.database_url)?;
     let databases = Databases::new(server.clone());
-    let result = measure(&broker, &databases, &messages, &events, expected).await;
+    let mut result = Ok(Vec::new());
+    if ingest {
+        result = measure(&broker, &databases, &messages, &events, expected).await;
+    }
+    if args.stages.contains(&Stage::Dispatch)
+        && let Ok(rows) = &mut result
+    {
+        match measure_dispatch(&args, &broker, &databases).await {
+            Ok(more) => rows.extend(more),
+            Err(e) => result = Err(e),
+        }
+    }
     databases.drop_all().await;
     drop(broker);
     let rows = result?;
@@ -216,6 +263,73 @@ async fn measure(
         baseline: format!("--mqtt-receive-maximum {}", RECEIVE_MAXIMUM),
     });
     Ok(rows)
+}
+
+async fn measure_dispatch(
+    args: &BenchArgs,
+    broker: &Mosquitto,
+    databases: &Databases,
+) -> anyhow::Result<Vec<Row>> {
+    eprintln!("dispatch …");
+    let db = databases.create("dispatch").await?;
+    let (mut occ, grpc) = start_occ(broker.port, &db, "occ-bench-dispatch").await?;
+    wait_serving(&grpc, &mut occ).await?;
+    let pid = occ.id().context("occ serve exited")?;
+    let pg_before = cpu_of_processes("postgres");
+    let occ_before = cpu_of_pid(pid);
+    let figures = dispatch::run(&grpc, args.incidents, args.operators, args.pairs).await;
+    let occ_cpu = cpu_of_pid(pid).saturating_sub(occ_before);
+    let pg_cpu = cpu_of_processes("postgres").saturating_sub(pg_before);
+    let peak = peak_rss_kib(pid);
+    terminate(&mut occ).await?;
+    let f = figures?;
+    Ok(vec![
+        Row {
+            what: format!(
+                "incidents opened through PublishEvents ({} stored)",
+                f.incidents
+            ),
+            result: format!("{} incidents/s", thousands(f.opened_per_s)),
+            baseline: "—".into(),
+        },
+        Row {
+            what: format!(
+                "ListIncidents, first page of 50 of {} open incidents",
+                f.incidents
+            ),
+            result: f.first_page.show(),
+            baseline: "—".into(),
+        },
+        Row {
+            what: format!(
+                "ListIncidents, one queue paged {} pages of 100 deep",
+                f.depth
+            ),
+            result: f.deep_pages.show(),
+            baseline: "—".into(),
+        },
+        Row {
+            what: format!(
+                "ClaimNext + DispatchUnits, {} operators on one queue, {} pairs",
+                f.operators, f.pairs
+            ),
+            result: format!("{} pairs/s ({})", thousands(f.pairs_per_s), f.pair.show()),
+            baseline: format!(
+                "the same operators' empty ClaimNext: {} calls/s",
+                thousands(f.empty_calls_per_s)
+            ),
+        },
+        Row {
+            what: "CPU of the dispatch stage (OCC, PostgreSQL); OCC peak RSS".into(),
+            result: format!(
+                "{:.1} s, {:.1} s; {} MiB",
+                occ_cpu.as_secs_f64(),
+                pg_cpu.as_secs_f64(),
+                peak / 1024
+            ),
+            baseline: "—".into(),
+        },
+    ])
 }
 
 /// OCC's receive maximum in the run (its default).

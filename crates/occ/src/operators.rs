@@ -29,7 +29,7 @@ const FLEET: [(&str, &str, usize); 6] = [
 ];
 
 /// A request made by a simulated console, named in the `x-occ-operator` header.
-fn ask<T>(desk: &str, message: T) -> tonic::Request<T> {
+pub(crate) fn ask<T>(desk: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Ok(name) = desk.parse() {
         request.metadata_mut().insert("x-occ-operator", name);
