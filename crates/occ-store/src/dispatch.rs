@@ -288,12 +288,20 @@ pub async fn claim_next(
         if let Some(taken) = taken {
             break (taken.id, taken.updated_at);
         }
-        let waiting: bool = sqlx::query_scalar!(
-            r#"SELECT EXISTS (SELECT 1 FROM incidents WHERE queue = $1 AND status = 'QUEUED') AS "w!""#,
+        // In queue order, like the claim, so that any plan walks the waiting incidents' index
+        // (a plan that scans the table would read every incident to find none).
+        let waiting = sqlx::query_scalar!(
+            r#"
+            SELECT id FROM incidents
+             WHERE queue = $1 AND status = 'QUEUED'
+             ORDER BY priority, created_at, id
+             LIMIT 1
+            "#,
             queue,
         )
-        .fetch_one(&mut *conn)
-        .await?;
+        .fetch_optional(&mut *conn)
+        .await?
+        .is_some();
         attempts += 1;
         if !waiting || attempts > 3 {
             return Ok(None);

@@ -424,6 +424,9 @@ pub async fn list(
         after.map(|c| c.id.0),
         limit,
     )
+    // Planned for its values each time: a plan for any filter would scan every incident in
+    // urgency order instead of the queue's index from the page's cursor on.
+    .persistent(false)
     .fetch_all(&mut *conn)
     .await?;
     let ids: Vec<IncidentId> = ids.into_iter().map(IncidentId).collect();

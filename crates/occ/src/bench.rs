@@ -277,7 +277,7 @@ async fn measure_dispatch(
     let pid = occ.id().context("occ serve exited")?;
     let pg_before = cpu_of_processes("postgres");
     let occ_before = cpu_of_pid(pid);
-    let figures = dispatch::run(&grpc, args.incidents, args.operators, args.pairs).await;
+    let figures = dispatch::run(&grpc, &db, args.incidents, args.operators, args.pairs).await;
     let occ_cpu = cpu_of_pid(pid).saturating_sub(occ_before);
     let pg_cpu = cpu_of_processes("postgres").saturating_sub(pg_before);
     let peak = peak_rss_kib(pid);
@@ -656,8 +656,10 @@ fn cpu_of_processes(name: &str) -> Duration {
             let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
                 continue;
             };
+            // With the time of exited children their parent collected: a database connection
+            // closed during the measure took its CPU with it, but the postmaster keeps it.
             if stat_comm(&stat) == Some(name) {
-                ticks += stat_ticks(&stat);
+                ticks += stat_ticks(&stat, true);
             }
         }
     }
@@ -666,7 +668,7 @@ fn cpu_of_processes(name: &str) -> Duration {
 
 fn cpu_of_pid(pid: u32) -> Duration {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| ticks_to_duration(stat_ticks(&s)))
+        .map(|s| ticks_to_duration(stat_ticks(&s, false)))
         .unwrap_or_default()
 }
 
@@ -675,7 +677,8 @@ fn stat_comm(stat: &str) -> Option<&str> {
 }
 
 /// utime + stime (fields 14 and 15), in clock ticks.
-fn stat_ticks(stat: &str) -> u64 {
+/// User and system time, and with `children` that of exited children waited for.
+fn stat_ticks(stat: &str, children: bool) -> u64 {
     let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
         return 0;
     };
@@ -687,7 +690,7 @@ fn stat_ticks(stat: &str) -> u64 {
             .and_then(|f| f.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    at(14) + at(15)
+    at(14) + at(15) + if children { at(16) + at(17) } else { 0 }
 }
 
 /// Linux reports process times in USER_HZ, 100 per second on every mainstream build.
