@@ -4,10 +4,10 @@
 //! audit entries and its change-log entry, so they commit together or not at all. Status
 //! changes are decided by the domain's state machines; this module persists them.
 //!
-//! Lock order, everywhere: the incident row, then its claim, then units (by id), then the
-//! change log's append lock, taken by the last statement before commit. Time comes from the
-//! database's clock, read once the rows are locked, so leases and deadlines mean the same on
-//! every instance and audit times follow the order in which changes commit.
+//! Lock order, everywhere: the incident row, then its claim, then units (by id); the change log
+//! is appended last, once the incident is locked (which orders one incident's changes). Time
+//! comes from the database's clock, read once the rows are locked, so leases and deadlines mean
+//! the same on every instance and audit times follow the order in which changes commit.
 
 use chrono::{DateTime, TimeDelta, Utc};
 use occ_domain::{
