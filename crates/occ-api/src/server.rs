@@ -70,6 +70,12 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
+    // The reporter starts with the server as a whole SERVING: until ingest has subscribed, a
+    // check answered before the task below runs would call OCC ready (and a deployment that
+    // stopped it then would leave a session without its subscription).
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
     let overall = health.clone();
     let stop = shutdown.clone();
     tokio::spawn(async move {

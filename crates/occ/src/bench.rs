@@ -435,8 +435,10 @@ struct Mosquitto {
 impl Mosquitto {
     async fn start(program: &Path) -> anyhow::Result<Mosquitto> {
         let port = free_port()?;
-        let config = mosquitto_config(port, "", "none");
         let path = std::env::temp_dir().join(format!("occ-bench-mosquitto-{port}.conf"));
+        // Its log, for a run that goes wrong: removed with the broker.
+        let log = path.with_extension("log");
+        let config = mosquitto_config(port, "", &format!("file {}", log.display()));
         std::fs::write(&path, config)?;
         let child = Command::new(program)
             .arg("-c")
@@ -460,6 +462,7 @@ impl Drop for Mosquitto {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
         let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(self.config.with_extension("log"));
     }
 }
 
