@@ -519,6 +519,39 @@ pub async fn event_count(pool: &PgPool) -> i64 {
         .expect("count events")
 }
 
+/// Event `i` of a stream: every other one is smoke in the same block (one incident), with the
+/// producer's id; the rest people on camera (no incident), sent without an id and with the
+/// same bytes every time, so each is a new event and only a redelivery is a duplicate.
+pub fn stream_event(i: usize) -> (String, Vec<u8>) {
+    let payload = if i.is_multiple_of(2) {
+        serde_json::json!({"id": format!("s{i}"), "type": "smoke.detected", "zone": "esil_residential_9"})
+    } else {
+        serde_json::json!({"type": "object.person", "zone": "esil_street_1", "confidence": 0.8})
+    };
+    (
+        format!("occ/v1/events/dev-{}", i % 17),
+        payload.to_string().into_bytes(),
+    )
+}
+
+pub async fn publish_stream(publisher: &mut Publisher, events: std::ops::Range<usize>) {
+    for i in events {
+        let (topic, payload) = stream_event(i);
+        publisher.publish(&topic, payload).await;
+    }
+}
+
+/// Waits until `n` events are stored, then a moment more, and checks that no more arrive
+/// (redeliveries of committed messages must not add any).
+pub async fn expect_exactly(pool: &PgPool, n: usize) {
+    eventually(Duration::from_secs(60), "all events", || async {
+        (event_count(pool).await >= n as i64).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(event_count(pool).await, n as i64);
+}
+
 /// A TCP proxy in front of PostgreSQL that a test can cut and restore, to take the database
 /// away from OCC without stopping the server other tests use.
 #[derive(Debug)]

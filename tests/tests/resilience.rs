@@ -7,46 +7,12 @@ use std::time::Duration;
 
 use occ_tests::{
     Broker, DbProxy, Occ, OccProcess, Publisher, database_server, database_url, event_count,
-    eventually, health, serve_args,
+    eventually, expect_exactly, health, publish_stream, serve_args, stream_event,
 };
-use serde_json::json;
 use sqlx::PgPool;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 const OCC: &str = env!("CARGO_BIN_EXE_occ-under-test");
-
-/// Event `i` of a stream: every other one is smoke in the same block (one incident), with the
-/// producer's id; the rest people on camera (no incident), sent without an id and with the
-/// same bytes every time, so each is a new event and only a redelivery is a duplicate.
-fn stream_event(i: usize) -> (String, Vec<u8>) {
-    let payload = if i.is_multiple_of(2) {
-        json!({"id": format!("s{i}"), "type": "smoke.detected", "zone": "esil_residential_9"})
-    } else {
-        json!({"type": "object.person", "zone": "esil_street_1", "confidence": 0.8})
-    };
-    (
-        format!("occ/v1/events/dev-{}", i % 17),
-        payload.to_string().into_bytes(),
-    )
-}
-
-async fn publish_stream(publisher: &mut Publisher, events: std::ops::Range<usize>) {
-    for i in events {
-        let (topic, payload) = stream_event(i);
-        publisher.publish(&topic, payload).await;
-    }
-}
-
-/// Waits until `n` events are stored, then a moment more, and checks that no more arrive
-/// (redeliveries of committed messages must not add any).
-async fn expect_exactly(pool: &PgPool, n: usize) {
-    eventually(Duration::from_secs(60), "all events", || async {
-        (event_count(pool).await >= n as i64).then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(event_count(pool).await, n as i64);
-}
 
 async fn fire_event_count(pool: &PgPool) -> Vec<i32> {
     sqlx::query_scalar("SELECT event_count FROM incidents ORDER BY created_at")

@@ -7,11 +7,14 @@
 //! ```
 //!
 //! Nothing is acked that is not committed, so a crash at any point means redelivery, never
-//! loss; redelivered messages are recognised by their events' idempotency keys.
+//! loss; redelivered messages are recognised by their events' idempotency keys. An instance
+//! runs this under each ingest slot it holds (see `slots`), so several instances share the
+//! stream and take over each other's sessions.
 #![forbid(unsafe_code)]
 
 mod mqtt;
 mod pipeline;
+mod slots;
 
 use std::sync::Arc;
 
@@ -28,6 +31,19 @@ use tokio_util::sync::CancellationToken;
 
 pub use mqtt::MqttConfig;
 pub use pipeline::{BatchConfig, IngestStats};
+pub use slots::{SlotConfig, Slots, slot_client_ids};
+
+/// What every ingest connection of an instance shares: how it batches, decodes and commits.
+#[derive(Debug, Clone)]
+pub struct IngestParts {
+    pub batch: BatchConfig,
+    pub limits: Limits,
+    pub adapters: Arc<Adapters>,
+    pub pool: PgPool,
+    pub rules: LiveRules,
+    pub registry: LiveRegistry,
+    pub activity: ActivityLog,
+}
 
 /// Whether ingest is taking messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,29 +72,26 @@ pub struct Ingest {
 impl Ingest {
     /// Connects and starts ingesting until `shutdown` is cancelled. Then the batch in hand is
     /// committed and acked, and the connection closed with the session kept on the broker.
-    #[allow(clippy::too_many_arguments)]
+    /// `stale` are filters the session may hold from an earlier configuration: unsubscribed
+    /// once the current ones are granted.
     pub fn start(
         mqtt: MqttConfig,
-        batch: BatchConfig,
-        limits: Limits,
-        adapters: Arc<Adapters>,
-        pool: PgPool,
-        rules: LiveRules,
-        registry: LiveRegistry,
-        activity: ActivityLog,
+        parts: &IngestParts,
+        stats: Arc<IngestStats>,
+        stale: Vec<String>,
         shutdown: CancellationToken,
     ) -> Ingest {
+        let parts = parts.clone();
         let window = usize::from(mqtt.receive_maximum).max(1);
         // Requests are acks, subscriptions and the final disconnect. Acks beyond this wait in
         // the batcher (see `Batcher::ack`), so the channel never has to hold a backlog's.
         let (client, eventloop) = AsyncClient::new(mqtt::options(&mqtt), 2 * window + 16);
-        let subscriptions: Vec<String> = adapters
-            .topic_filters()
-            .iter()
-            .map(|f| mqtt::subscription(&mqtt.share_group, f))
+        let subscriptions = Self::subscriptions(&mqtt, &parts.adapters);
+        let stale: Vec<String> = stale
+            .into_iter()
+            .filter(|f| !subscriptions.contains(f))
             .collect();
         let inbox = Arc::new(mqtt::Inbox::new(window));
-        let stats = Arc::new(IngestStats::default());
         let connection = Arc::new(mqtt::Connection::default());
         let poll_ended = CancellationToken::new();
         let (status_tx, status_rx) = watch::channel(IngestStatus {
@@ -87,15 +100,9 @@ impl Ingest {
         });
         let batcher_done = CancellationToken::new();
 
-        let session = mqtt::Session::new(mqtt.client_id.clone(), pool.clone());
+        let session = mqtt::Session::new(mqtt.client_id.clone(), parts.pool.clone());
         let batcher = pipeline::Batcher {
-            config: batch,
-            limits,
-            adapters,
-            pool,
-            rules,
-            registry,
-            activity,
+            parts,
             client: client.clone(),
             connection: connection.clone(),
             acks: std::sync::Mutex::new(std::collections::VecDeque::new()),
@@ -120,6 +127,7 @@ impl Ingest {
                 status_tx,
                 poll_stats,
                 session,
+                stale,
                 batcher_done,
             )
             .await;
@@ -143,9 +151,40 @@ impl Ingest {
         self.stats.clone()
     }
 
+    /// The filters this ingest subscribes to.
+    pub fn subscriptions(mqtt: &MqttConfig, adapters: &Adapters) -> Vec<String> {
+        adapters
+            .topic_filters()
+            .iter()
+            .map(|f| mqtt::subscription(&mqtt.share_group, f))
+            .collect()
+    }
+
     /// Waits until ingest has stopped after shutdown.
     pub async fn join(self) {
         let _ = self.batcher.await;
         let _ = self.poller.await;
+    }
+
+    /// Waits at most `grace` for ingest to stop after shutdown, then stops it at once. True
+    /// if it stopped by itself (the batch in hand committed and acknowledged).
+    pub async fn finish(mut self, grace: std::time::Duration) -> bool {
+        let joined = tokio::time::timeout(grace, async {
+            let _ = (&mut self.batcher).await;
+            let _ = (&mut self.poller).await;
+        })
+        .await
+        .is_ok();
+        if !joined {
+            self.abort();
+        }
+        joined
+    }
+
+    /// Stops at once: the connection is dropped with whatever was not acknowledged, which
+    /// the broker redelivers (a commit in flight is recognised then as a duplicate).
+    pub fn abort(&self) {
+        self.batcher.abort();
+        self.poller.abort();
     }
 }

@@ -1,6 +1,6 @@
-//! The MQTT side of ingest: one persistent MQTT 5 session (clean start off, session expiry
-//! set, QoS 1, manual acks) subscribed through a shared subscription, so several OCC
-//! instances split the stream between them.
+//! The MQTT side of ingest: one persistent MQTT 5 session per slot (clean start off, session
+//! expiry set, QoS 1, manual acks), subscribed plainly or, when several slots split the
+//! stream, through a shared subscription.
 //!
 //! The event loop is polled by its own task, which only hands messages over; it never waits
 //! on the database. Backpressure: OCC announces a receive maximum and acks only after commit,
@@ -34,8 +34,8 @@ pub struct MqttConfig {
     pub port: u16,
     pub username: Option<String>,
     pub password: Option<String>,
-    /// Must be unique per OCC instance and stable across its restarts: the broker keeps the
-    /// session (and the messages queued while OCC is down) under this id.
+    /// The slot's client id, read by one instance at a time: the broker keeps the session
+    /// (and the messages queued while nobody reads it) under this id.
     pub client_id: String,
     /// The shared subscription group; instances with the same group split the messages.
     /// Empty subscribes without sharing (every instance gets every message).
@@ -101,6 +101,8 @@ pub(crate) struct Session {
     client_id: String,
     name: Arc<str>,
     pool: PgPool,
+    /// OCC has seen this session begin (recorded in PostgreSQL, by this or another instance).
+    known: bool,
 }
 
 impl Session {
@@ -109,6 +111,7 @@ impl Session {
             name: client_id.as_str().into(),
             client_id,
             pool,
+            known: false,
         }
     }
 
@@ -128,6 +131,7 @@ impl Session {
             match occ_store::sessions::started(&self.pool, &self.client_id).await {
                 Ok(Some(began)) => {
                     self.named(began);
+                    self.known = true;
                     return true;
                 }
                 // Never seen begin: the broker's ConnAck will say it is new.
@@ -148,6 +152,7 @@ impl Session {
     /// does not wait on the database).
     fn began(&mut self) {
         let began = Utc::now();
+        self.known = true;
         self.named(began);
         let pool = self.pool.clone();
         let client_id = self.client_id.clone();
@@ -328,6 +333,7 @@ pub(crate) async fn poll(
     status: watch::Sender<IngestStatus>,
     stats: Arc<IngestStats>,
     mut session: Session,
+    mut stale: Vec<String>,
     stopping: CancellationToken,
 ) {
     if !session.load(&stopping).await {
@@ -337,7 +343,7 @@ pub(crate) async fn poll(
     const MAX_BACKOFF: Duration = Duration::from_secs(30);
     let mut backoff = MIN_BACKOFF;
     let mut resubscribe = Resubscribe::default();
-    let mut connected_before = false;
+    let mut unsubscribing = 0usize;
     let mut warned_overflow = false;
     loop {
         match eventloop.poll().await {
@@ -371,17 +377,21 @@ pub(crate) async fn poll(
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff = MIN_BACKOFF;
                 if !ack.session_present {
+                    if session.known {
+                        // OCC had this session (this instance or another, before a restart or
+                        // a takeover): what was queued in it is gone.
+                        metrics::counter!("occ_mqtt_sessions_lost_total").increment(1);
+                        tracing::warn!(
+                            client_id = %session.client_id,
+                            "the broker did not keep OCC's session: messages published while \
+                             OCC was disconnected may be lost (session expired, or the broker \
+                             restarted without persistence)"
+                        );
+                    }
                     session.began();
                 }
-                if connected_before && !ack.session_present {
-                    tracing::warn!(
-                        "the broker did not keep OCC's session: messages published while OCC \
-                         was disconnected may be lost (session expired or broker restarted \
-                         without persistence)"
-                    );
-                }
-                connected_before = true;
                 tracing::info!(
+                    client_id = %session.client_id,
                     session_present = ack.session_present,
                     "connected to MQTT broker"
                 );
@@ -399,10 +409,16 @@ pub(crate) async fn poll(
                     .map(|(s, code)| format!("{s}: {code:?}"))
                     .collect();
                 if refused.is_empty() && ack.return_codes.len() == subscriptions.len() {
-                    tracing::info!(subscriptions = ?subscriptions, "subscribed");
+                    tracing::info!(client_id = %session.client_id, subscriptions = ?subscriptions, "subscribed");
                     resubscribe.reset();
-                    status.send_modify(|s| s.subscribed = true);
-                    metrics::gauge!("occ_ingest_subscribed").set(1.0);
+                    // Filters the session holds from an earlier configuration would bring
+                    // messages twice (a plain subscription beside the shared one) or to a
+                    // group no longer read: dropped, once the new ones are in place.
+                    unsubscribing = unsubscribe(&client, &stale);
+                    if unsubscribing == 0 {
+                        status.send_modify(|s| s.subscribed = true);
+                        metrics::gauge!("occ_ingest_subscribed").set(1.0);
+                    }
                 } else {
                     // Granted at any QoS but 1 is refused too: at 0 the broker would drop what
                     // OCC has not acknowledged, and OCC's acks are QoS 1's. Until every filter
@@ -417,14 +433,24 @@ pub(crate) async fn poll(
                     );
                 }
             }
+            Ok(Event::Incoming(Packet::UnsubAck(_))) if unsubscribing > 0 => {
+                unsubscribing -= 1;
+                if unsubscribing == 0 {
+                    tracing::info!(client_id = %session.client_id, unsubscribed = ?stale, "earlier subscriptions dropped");
+                    stale.clear();
+                    status.send_modify(|s| s.subscribed = true);
+                    metrics::gauge!("occ_ingest_subscribed").set(1.0);
+                }
+            }
             Ok(Event::Incoming(Packet::Disconnect(d))) => {
                 if d.reason_code == DisconnectReasonCode::SessionTakenOver {
                     // Two instances under one client id take the session from each other in
                     // turn, and each one's messages land in the other's half of the time.
                     tracing::error!(
                         client_id = %session.client_id,
-                        "another client connected with OCC's client id and took its session: \
-                         every OCC instance needs its own --mqtt-client-id"
+                        "another client connected with this client id and took its session: \
+                         only OCC's own instances may use OCC's client ids, and two OCC \
+                         deployments on one broker need different --mqtt-client-id"
                     );
                 } else {
                     tracing::warn!(reason = ?d.reason_code, "the broker closed the connection");
@@ -433,6 +459,7 @@ pub(crate) async fn poll(
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
             Ok(_) => {}
             Err(e) => {
+                unsubscribing = 0;
                 connection.lost(&mut eventloop);
                 status.send_modify(|s| s.subscribed = false);
                 metrics::gauge!("occ_ingest_subscribed").set(0.0);
@@ -468,6 +495,20 @@ fn subscribe(client: &AsyncClient, subscriptions: &[String]) {
     if let Err(e) = client.try_subscribe_many(filters) {
         tracing::error!(error = %e, "cannot queue the subscription request");
     }
+}
+
+/// Queues an UNSUBSCRIBE for each of `filters`; returns how many. Never waits.
+fn unsubscribe(client: &AsyncClient, filters: &[String]) -> usize {
+    filters
+        .iter()
+        .filter(|f| match client.try_unsubscribe(f.as_str()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, filter = %f, "cannot queue the unsubscribe request");
+                false
+            }
+        })
+        .count()
 }
 
 /// Subscribing again after a refusal: one attempt planned at a time, with backoff.

@@ -11,24 +11,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use occ_adapters::{Adapters, Message};
-use occ_domain::{Delivery, Enriched, Limits};
-use occ_store::PgPool;
+use occ_adapters::Message;
+use occ_domain::{Delivery, Enriched};
 use occ_store::StoreError;
 use occ_store::Transport;
 use occ_store::dead_letters::DeadLetter;
 use occ_store::health::ActivityLog;
 use occ_store::ingest::{Batch, BatchOutcome, EventOutcome, commit_batch};
-use occ_store::registry::LiveRegistry;
-use occ_store::rules::LiveRules;
 use rumqttc::v5::AsyncClient;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Publish;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::IngestStatus;
 use crate::mqtt::{Acked, Connection, Inbound, Inbox};
+use crate::{IngestParts, IngestStatus};
 
 /// How batches are formed and committed.
 #[derive(Debug, Clone)]
@@ -53,13 +50,7 @@ pub struct IngestStats {
 }
 
 pub(crate) struct Batcher {
-    pub config: BatchConfig,
-    pub limits: Limits,
-    pub adapters: Arc<Adapters>,
-    pub pool: PgPool,
-    pub rules: LiveRules,
-    pub registry: LiveRegistry,
-    pub activity: ActivityLog,
+    pub parts: IngestParts,
     pub client: AsyncClient,
     pub connection: Arc<Connection>,
     /// Acks of committed messages not yet handed to the event loop, in arrival order.
@@ -135,10 +126,10 @@ impl Batcher {
                 // Acks still waiting for room in the request channel go out as it drains.
                 () = tokio::time::sleep(ACK_RETRY), if self.acks_waiting() => continue,
             };
-            let mut batch = Vec::with_capacity(self.config.size);
+            let mut batch = Vec::with_capacity(self.parts.batch.size);
             batch.push(first);
-            let deadline = tokio::time::Instant::now() + self.config.deadline;
-            while batch.len() < self.config.size {
+            let deadline = tokio::time::Instant::now() + self.parts.batch.deadline;
+            while batch.len() < self.parts.batch.size {
                 tokio::select! {
                     biased;
                     () = shutdown.cancelled() => break,
@@ -165,7 +156,7 @@ impl Batcher {
     }
 
     fn decode(&self, batch: &[Inbound]) -> Decoded {
-        let registry = self.registry.current();
+        let registry = self.parts.registry.current();
         let mut events = Vec::with_capacity(batch.len());
         let mut qos0 = Vec::with_capacity(batch.len());
         let mut dead_letters = Vec::new();
@@ -177,7 +168,10 @@ impl Batcher {
                 payload: &m.publish.payload,
                 received_at: m.received_at,
             };
-            let (adapter, decoded) = self.adapters.decode_named(&message, &self.limits);
+            let (adapter, decoded) = self
+                .parts
+                .adapters
+                .decode_named(&message, &self.parts.limits);
             let count = match by_adapter.iter_mut().find(|(a, _, _)| *a == adapter) {
                 Some(c) => c,
                 None => {
@@ -225,7 +219,7 @@ impl Batcher {
             Transport::Mqtt,
             &String::from_utf8_lossy(&m.publish.topic),
             &m.publish.payload,
-            self.limits.max_payload_bytes,
+            self.parts.limits.max_payload_bytes,
             reason,
             m.received_at,
         )
@@ -252,7 +246,7 @@ impl Batcher {
             None => return false,
         };
         self.ack(batch);
-        decoded.record(&outcome, &self.activity);
+        decoded.record(&outcome, &self.parts.activity);
         metrics::histogram!("occ_ingest_batch_messages").record(batch.len() as f64);
         metrics::histogram!("occ_ingest_commit_seconds").record(started.elapsed().as_secs_f64());
         if let Some(oldest) = batch.iter().map(|m| m.received_at).min() {
@@ -281,7 +275,7 @@ impl Batcher {
         let decoded = self.decode(single);
         let refused = match self.commit(&decoded, shutdown).await {
             Some(Ok(outcome)) => {
-                decoded.record(&outcome, &self.activity);
+                decoded.record(&outcome, &self.parts.activity);
                 None
             }
             Some(Err(e)) => Some(e),
@@ -325,20 +319,20 @@ impl Batcher {
         const MAX_BACKOFF: Duration = Duration::from_secs(10);
         let mut backoff = Duration::from_millis(100);
         loop {
-            let rules = self.rules.current();
+            let rules = self.parts.rules.current();
             let attempt = commit_batch(
-                &self.pool,
+                &self.parts.pool,
                 Batch::new(&decoded.events, Transport::Mqtt, &decoded.dead_letters),
                 &rules,
             );
             // Abandoning an attempt is safe: whether or not it committed, the retry is
             // recognised by the idempotency keys.
-            let result = tokio::time::timeout(self.config.commit_timeout, attempt)
+            let result = tokio::time::timeout(self.parts.batch.commit_timeout, attempt)
                 .await
                 .unwrap_or_else(|_| {
                     Err(StoreError::Retry(format!(
                         "commit took longer than {:?}",
-                        self.config.commit_timeout
+                        self.parts.batch.commit_timeout
                     )))
                 });
             match result {

@@ -24,6 +24,7 @@ pub mod queues;
 pub mod registry;
 pub mod rules;
 pub mod sessions;
+pub mod slots;
 pub mod sources;
 pub mod sweep;
 pub mod timeline;

@@ -170,9 +170,9 @@ pub struct BrokerArgs {
 /// MQTT ingest.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct IngestArgs {
-    /// The MQTT client id: unique per OCC instance and stable across its restarts and
-    /// redeployments (not a hostname), since the broker keeps the session, and the messages
-    /// queued while OCC is away, under it.
+    /// The MQTT client id: the same for every instance of one OCC and stable across restarts
+    /// and redeployments (never a hostname), since the broker keeps the sessions, and the
+    /// messages queued while OCC is away, under it and its slots' ids.
     #[arg(
         long = "mqtt-client-id",
         env = "OCC_MQTT_CLIENT_ID",
@@ -180,15 +180,37 @@ pub struct IngestArgs {
     )]
     pub client_id: String,
 
-    /// Shared subscription group, for several instances splitting the stream (each with its
-    /// own client id). Empty, the default: a plain subscription, the safe choice for one
-    /// instance (see the README on several instances).
+    /// Shared subscription group, for several instances splitting the stream. Empty, the
+    /// default: a plain subscription with one slot, and the client id (`occ`) as the group
+    /// with more (see the README on several instances).
     #[arg(
         long = "mqtt-share-group",
         env = "OCC_MQTT_SHARE_GROUP",
         default_value = ""
     )]
     pub share_group: String,
+
+    /// How many ingest slots OCC's instances share: client ids `occ`, `occ-2` … `occ-N`, each
+    /// held by one live instance at a time and taken over when it stops or dies. One (the
+    /// default) reads everything under `occ`, whatever the number of instances; more split
+    /// the stream through a shared subscription. Every instance of one OCC must be given the
+    /// same number.
+    #[arg(
+        long = "mqtt-slots",
+        env = "OCC_MQTT_SLOTS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=256)
+    )]
+    pub slots: u16,
+
+    /// How long an ingest slot stays with an instance that stopped renewing its lease (one
+    /// that died): its slots are taken over this long after, at most.
+    #[arg(
+        long = "mqtt-slot-lease",
+        env = "OCC_MQTT_SLOT_LEASE",
+        default_value = "8s"
+    )]
+    pub slot_lease: Span,
 
     #[arg(
         long = "mqtt-keep-alive",

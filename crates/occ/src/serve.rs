@@ -8,7 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use occ_api::{ApiState, GrpcConfig};
 use occ_domain::Limits;
-use occ_ingest::{BatchConfig, Ingest, IngestStats, IngestStatus, MqttConfig};
+use occ_ingest::{
+    BatchConfig, IngestParts, IngestStats, IngestStatus, MqttConfig, SlotConfig, Slots,
+    slot_client_ids,
+};
 use occ_store::health::{ActivityLog, Health};
 use occ_store::{DbConfig, PgPool};
 use tokio::net::TcpListener;
@@ -127,6 +130,17 @@ where
     }
 }
 
+/// How this instance appears in the ingest slot table: its host and process id.
+fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into());
+    format!("{host}/{}", std::process::id())
+}
+
 /// Starts OCC serving gRPC on `listener`. Returns once it is started; it runs until
 /// `shutdown` is cancelled.
 pub async fn start(
@@ -174,13 +188,20 @@ pub async fn start(
     for a in adapters.iter() {
         tracing::info!(adapter = a.name(), topics = ?a.topic_filters(), "reading producer format");
     }
+    let slots = slot_client_ids(&args.ingest.client_id, args.ingest.slots);
+    // Several slots split the stream through a shared subscription; one reads it plainly.
+    let share_group = match (args.ingest.share_group.as_str(), slots.len()) {
+        ("", 1) => String::new(),
+        ("", _) => args.ingest.client_id.clone(),
+        (group, _) => group.to_owned(),
+    };
     let mqtt = MqttConfig {
         host: args.broker.host.clone(),
         port: args.broker.port,
         username: args.broker.username.clone(),
         password: args.broker.password.clone(),
         client_id: args.ingest.client_id.clone(),
-        share_group: args.ingest.share_group.clone(),
+        share_group,
         keep_alive: args.ingest.keep_alive.0,
         session_expiry: args.ingest.session_expiry.0,
         receive_maximum: args.ingest.receive_maximum,
@@ -188,24 +209,39 @@ pub async fn start(
     };
     tracing::info!(
         broker = %format!("{}:{}", mqtt.host, mqtt.port),
-        client_id = %mqtt.client_id,
+        slots = ?slots,
         share_group = %mqtt.share_group,
         "starting MQTT ingest"
     );
+    // Leases are renewed on a connection of their own: a busy API or ingest cannot make an
+    // instance lose its slots.
+    let lease_pool = occ_store::pool(&DbConfig {
+        max_connections: 1,
+        ..db_config(&args.database)
+    })?;
     let ingest_stop = CancellationToken::new();
-    let ingest = Ingest::start(
+    let ingest = Slots::start(
         mqtt,
-        BatchConfig {
-            size: args.ingest.batch_size as usize,
-            deadline: args.ingest.batch_deadline.0,
-            commit_timeout: args.database.commit_timeout.0,
+        SlotConfig {
+            client_ids: slots,
+            lease: args.ingest.slot_lease.0,
+            instance_name: instance_name(),
+            grace: args.shutdown_grace.0,
         },
-        limits.clone(),
-        adapters.clone(),
-        ingest_pool,
-        rules.clone(),
-        registry.clone(),
-        activity.clone(),
+        IngestParts {
+            batch: BatchConfig {
+                size: args.ingest.batch_size as usize,
+                deadline: args.ingest.batch_deadline.0,
+                commit_timeout: args.database.commit_timeout.0,
+            },
+            limits: limits.clone(),
+            adapters: adapters.clone(),
+            pool: ingest_pool,
+            rules: rules.clone(),
+            registry: registry.clone(),
+            activity: activity.clone(),
+        },
+        lease_pool,
         ingest_stop.clone(),
     );
     let ingest_status = ingest.status();
@@ -308,7 +344,11 @@ pub async fn start(
         ingest_stop.cancel();
         grpc_stop.cancel();
         shutdown.cancel();
-        if tokio::time::timeout(grace, ingest.join()).await.is_err() {
+        // Each slot waits up to `grace` for its batch in hand; then the slots are given up.
+        if tokio::time::timeout(grace + Duration::from_secs(3), ingest.join())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 ?grace,
                 "ingest did not stop in time; unacknowledged messages will be redelivered"

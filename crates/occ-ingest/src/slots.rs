@@ -1,0 +1,397 @@
+//! Ingest slots: how several OCC instances share the broker's stream without stranding any of
+//! it.
+//!
+//! The broker keeps a session, and queues messages for it, under a client id. A session nobody
+//! resumes holds its messages until it expires (Mosquitto goes on handing an offline member of
+//! a shared subscription its share), so OCC never names a session after something that goes
+//! away, like a hostname. It reads under a fixed set of client ids, the slots (`occ`, `occ-2`,
+//! … `occ-N`), and each live instance holds some of them under a lease in PostgreSQL:
+//!
+//! - every instance renews its leases each second (`lease / 8` if shorter) and takes free slots up to its fair
+//!   share (`⌈slots / live instances⌉`), giving one up when it holds more, so a new instance
+//!   gets its share and the slots spread evenly;
+//! - an instance that stops gives its slots up at once (after committing the batch in hand);
+//!   one that dies leaves them until their lease runs out; either way another instance takes
+//!   them over and resumes their sessions, with everything queued there;
+//! - an instance that cannot renew its leases for half a lease stops reading under them, well
+//!   before another instance may take them, so two instances never read one session.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use occ_store::PgPool;
+use occ_store::slots::{self, Renewed, Taken};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{Ingest, IngestParts, IngestStats, IngestStatus, MqttConfig};
+
+/// How an instance takes part in sharing the slots.
+#[derive(Debug, Clone)]
+pub struct SlotConfig {
+    /// The slots' client ids, from [`slot_client_ids`].
+    pub client_ids: Vec<String>,
+    /// How long a slot stays with an instance that stopped renewing it.
+    pub lease: Duration,
+    /// How the instance appears in the slot table (host and process id).
+    pub instance_name: String,
+    /// How long a slot given up waits for its batch in hand to commit.
+    pub grace: Duration,
+}
+
+/// The client ids of `n` slots: `base`, then `base-2` … `base-n`, so a single instance keeps
+/// the client id it always had, and growing the set only adds ids.
+pub fn slot_client_ids(base: &str, n: u16) -> Vec<String> {
+    (1..=n.max(1))
+        .map(|k| {
+            if k == 1 {
+                base.to_owned()
+            } else {
+                format!("{base}-{k}")
+            }
+        })
+        .collect()
+}
+
+/// Ingest under the slots this instance holds.
+#[derive(Debug)]
+pub struct Slots {
+    status: watch::Receiver<IngestStatus>,
+    stats: Arc<IngestStats>,
+    task: JoinHandle<()>,
+}
+
+impl Slots {
+    /// Starts taking part in the slots until `shutdown`: then the slots held are stopped (each
+    /// batch in hand committed and acknowledged) and given up. `leases` is a pool of its own,
+    /// so neither the API's load nor ingest's can keep a lease from being renewed.
+    pub fn start(
+        mqtt: MqttConfig,
+        config: SlotConfig,
+        parts: IngestParts,
+        leases: PgPool,
+        shutdown: CancellationToken,
+    ) -> Slots {
+        let (status_tx, status) = watch::channel(IngestStatus {
+            subscribed: false,
+            database_ok: true,
+        });
+        let stats = Arc::new(IngestStats::default());
+        let me = Uuid::now_v7();
+        tracing::info!(instance = %me, name = %config.instance_name, slots = ?config.client_ids, "taking part in ingest slots");
+        let manager = Manager {
+            me,
+            mqtt,
+            config,
+            parts,
+            pool: leases,
+            stats: stats.clone(),
+            held: BTreeMap::new(),
+            statuses: Arc::new(Statuses {
+                status: status_tx,
+                state: Mutex::new(State::default()),
+            }),
+        };
+        let task = tokio::spawn(manager.run(shutdown));
+        Slots {
+            status,
+            stats,
+            task,
+        }
+    }
+
+    /// Follows whether ingest is taking messages: every slot held is subscribed (an instance
+    /// holding none, while others hold them all, is ready too) and commits succeed.
+    pub fn status(&self) -> watch::Receiver<IngestStatus> {
+        self.status.clone()
+    }
+
+    /// Counts of what ingest has committed, over all slots.
+    pub fn stats(&self) -> Arc<IngestStats> {
+        self.stats.clone()
+    }
+
+    /// Waits until every slot has stopped and been given up, after shutdown.
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// The status of each slot held, merged into the instance's.
+#[derive(Debug)]
+struct Statuses {
+    status: watch::Sender<IngestStatus>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The first round of taking slots is done.
+    settled: bool,
+    slots: BTreeMap<String, IngestStatus>,
+}
+
+impl Statuses {
+    fn update(&self, change: impl FnOnce(&mut State)) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        change(&mut state);
+        let merged = IngestStatus {
+            subscribed: state.settled && state.slots.values().all(|s| s.subscribed),
+            database_ok: state.slots.values().all(|s| s.database_ok),
+        };
+        drop(state);
+        self.status.send_if_modified(|s| {
+            let changed = *s != merged;
+            *s = merged;
+            changed
+        });
+    }
+}
+
+/// A slot this instance reads under.
+#[derive(Debug)]
+struct Held {
+    ingest: Ingest,
+    stop: CancellationToken,
+    follow: JoinHandle<()>,
+}
+
+struct Manager {
+    me: Uuid,
+    mqtt: MqttConfig,
+    config: SlotConfig,
+    parts: IngestParts,
+    pool: PgPool,
+    stats: Arc<IngestStats>,
+    held: BTreeMap<String, Held>,
+    statuses: Arc<Statuses>,
+}
+
+impl Manager {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let lease = self.config.lease;
+        // Renewals are cheap; frequent ones mean a freed slot is taken within a second.
+        let tick = (lease / 8).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let mut ensured = false;
+        // When the last successful renewal was sent: leases are good until then + lease.
+        let mut confirmed: Option<Instant> = None;
+        let mut failing = false;
+        loop {
+            let sent = Instant::now();
+            let renewed = tokio::time::timeout(lease / 4, async {
+                if !ensured {
+                    slots::ensure(&self.pool, &self.config.client_ids).await?;
+                    ensured = true;
+                }
+                slots::renew(&self.pool, self.me, &self.config.instance_name, lease).await
+            })
+            .await;
+            match renewed {
+                Ok(Ok(renewed)) => {
+                    if failing {
+                        tracing::info!("ingest slot leases renewed again");
+                        failing = false;
+                    }
+                    confirmed = Some(sent);
+                    self.round(renewed).await;
+                }
+                Ok(Err(e)) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "cannot renew ingest slot leases");
+                }
+                Err(_) if !failing => {
+                    failing = true;
+                    tracing::warn!(timeout = ?lease / 4, "renewing ingest slot leases timed out");
+                }
+                _ => {}
+            }
+            if !self.held.is_empty() && confirmed.is_none_or(|c| c.elapsed() > lease / 2) {
+                // Another instance may take these slots once their lease has run out; this
+                // one must be gone from their sessions by then.
+                tracing::error!(
+                    slots = ?self.held.keys().collect::<Vec<_>>(),
+                    "ingest slot leases not renewed for half a lease: no longer reading under \
+                     them, so that another instance can take them over"
+                );
+                for id in self.held.keys().cloned().collect::<Vec<_>>() {
+                    self.drop_slot(&id);
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(tick) => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
+        let ids: Vec<String> = self.held.keys().cloned().collect();
+        for h in self.held.values() {
+            h.stop.cancel();
+        }
+        for id in ids {
+            self.give_up(&id, false).await;
+        }
+        match tokio::time::timeout(Duration::from_secs(2), slots::leave(&self.pool, self.me)).await
+        {
+            Ok(Ok(())) => tracing::info!("ingest slots given up"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, ?lease, "cannot give ingest slots up; others take them when their lease runs out")
+            }
+            Err(_) => tracing::warn!(
+                ?lease,
+                "giving ingest slots up timed out; others take them when their lease runs out"
+            ),
+        }
+    }
+
+    /// After a renewal: stops slots taken by others, takes free ones up to a fair share, or
+    /// gives one up beyond it.
+    async fn round(&mut self, renewed: Renewed) {
+        let still: BTreeSet<&str> = renewed.held.iter().map(String::as_str).collect();
+        let lost: Vec<String> = self
+            .held
+            .keys()
+            .filter(|id| !still.contains(id.as_str()))
+            .cloned()
+            .collect();
+        for id in lost {
+            tracing::warn!(client_id = %id, "another instance took this ingest slot over; no longer reading under it");
+            self.drop_slot(&id);
+        }
+        let live = usize::try_from(renewed.live_instances.max(1)).unwrap_or(1);
+        let share = self.config.client_ids.len().div_ceil(live);
+        if self.held.len() < share {
+            let free: Vec<String> = self
+                .config
+                .client_ids
+                .iter()
+                .filter(|id| !self.held.contains_key(*id))
+                .cloned()
+                .collect();
+            match slots::take(
+                &self.pool,
+                self.me,
+                &self.config.instance_name,
+                &free,
+                share - self.held.len(),
+                self.config.lease,
+            )
+            .await
+            {
+                Ok(taken) => {
+                    for t in taken {
+                        self.start_slot(t);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot take ingest slots"),
+            }
+        } else if self.held.len() > share
+            && let Some(id) = self.held.keys().next_back().cloned()
+        {
+            tracing::info!(client_id = %id, live_instances = live, "giving an ingest slot up to share the slots evenly");
+            self.give_up(&id, true).await;
+        }
+        self.statuses.update(|s| s.settled = true);
+    }
+
+    fn start_slot(&mut self, taken: Taken) {
+        let Taken {
+            client_id,
+            subscriptions: recorded,
+        } = taken;
+        tracing::info!(client_id = %client_id, "took ingest slot");
+        let mqtt = MqttConfig {
+            client_id: client_id.clone(),
+            ..self.mqtt.clone()
+        };
+        let wanted = Ingest::subscriptions(&mqtt, &self.parts.adapters);
+        let stop = CancellationToken::new();
+        let ingest = Ingest::start(
+            mqtt,
+            &self.parts,
+            self.stats.clone(),
+            recorded.clone(),
+            stop.clone(),
+        );
+        let mut status = ingest.status();
+        let statuses = self.statuses.clone();
+        let pool = self.pool.clone();
+        let id = client_id.clone();
+        let follow = tokio::spawn(async move {
+            let same = |a: &[String], b: &[String]| {
+                a.iter().collect::<BTreeSet<_>>() == b.iter().collect::<BTreeSet<_>>()
+            };
+            let mut recorded = same(&recorded, &wanted);
+            loop {
+                let now = *status.borrow_and_update();
+                statuses.update(|s| {
+                    s.slots.insert(id.clone(), now);
+                });
+                // Subscribed, with earlier filters dropped: what the session holds now.
+                if now.subscribed && !recorded {
+                    match slots::subscribed(&pool, &id, &wanted).await {
+                        Ok(()) => recorded = true,
+                        Err(e) => {
+                            tracing::warn!(error = %e, client_id = %id, "cannot record the slot's subscriptions")
+                        }
+                    }
+                }
+                if status.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        self.held.insert(
+            client_id,
+            Held {
+                ingest,
+                stop,
+                follow,
+            },
+        );
+    }
+
+    /// Stops reading under a slot at once (no longer ours, or not renewed).
+    fn drop_slot(&mut self, id: &str) {
+        if let Some(h) = self.held.remove(id) {
+            h.ingest.abort();
+            h.follow.abort();
+            self.statuses.update(|s| {
+                s.slots.remove(id);
+            });
+        }
+    }
+
+    /// Stops a slot gracefully (its batch in hand committed and acknowledged, its session
+    /// left on the broker) and, when `release`, frees it for another instance at once.
+    async fn give_up(&mut self, id: &str, release: bool) {
+        let Some(h) = self.held.remove(id) else {
+            return;
+        };
+        h.stop.cancel();
+        if !h.ingest.finish(self.config.grace).await {
+            tracing::warn!(client_id = %id, grace = ?self.config.grace, "ingest slot did not stop in time; unacknowledged messages will be redelivered");
+        }
+        h.follow.abort();
+        self.statuses.update(|s| {
+            s.slots.remove(id);
+        });
+        if release && let Err(e) = slots::release(&self.pool, self.me, id).await {
+            tracing::warn!(error = %e, client_id = %id, "cannot give the ingest slot up; another instance takes it when its lease runs out");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_slot_keeps_the_client_id_and_more_only_add_ids() {
+        assert_eq!(slot_client_ids("occ", 1), ["occ"]);
+        assert_eq!(slot_client_ids("occ", 3), ["occ", "occ-2", "occ-3"]);
+        assert_eq!(slot_client_ids("occ", 0), ["occ"]);
+    }
+}

@@ -1,0 +1,184 @@
+//! Ingest slots: the MQTT client ids OCC's instances share out, each held by one live instance
+//! at a time under a lease on PostgreSQL's clock. A slot whose holder stopped is free at once;
+//! one whose holder died is free when its lease runs out; either way a live instance takes it
+//! and resumes the broker's session under it, with everything queued there.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::error::Result;
+
+/// A slot taken: its client id, and what OCC last recorded its session subscribed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    pub client_id: String,
+    pub subscriptions: Vec<String>,
+}
+
+/// One renewal: the slots still held, and how many instances are alive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewed {
+    pub held: Vec<String>,
+    pub live_instances: i64,
+}
+
+/// A slot as listed for operators.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slot {
+    pub client_id: String,
+    pub holder: Option<String>,
+    pub lease_left: Option<f64>,
+}
+
+fn seconds(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Makes sure the slots `client_ids` exist.
+pub async fn ensure(pool: &PgPool, client_ids: &[String]) -> Result<()> {
+    sqlx::query!(
+        "INSERT INTO ingest_slots (client_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+        client_ids
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Says that instance `me` is alive for `lease` more, renews the leases of the slots it
+/// holds, and counts the live instances. A slot missing from `held` was taken by another
+/// instance (after this one's lease ran out).
+pub async fn renew(pool: &PgPool, me: Uuid, name: &str, lease: Duration) -> Result<Renewed> {
+    let mut tx = pool.begin().await?;
+    let live_instances = sqlx::query_scalar!(
+        r#"WITH seen AS (
+               INSERT INTO ingest_instances (id, name, seen_until)
+               VALUES ($1, $2, now() + make_interval(secs => $3))
+               ON CONFLICT (id) DO UPDATE SET seen_until = EXCLUDED.seen_until
+           ), gone AS (
+               DELETE FROM ingest_instances WHERE seen_until < now() - interval '1 minute'
+           )
+           SELECT count(*) + 1 AS "live!" FROM ingest_instances
+            WHERE seen_until > now() AND id <> $1"#,
+        me,
+        name,
+        seconds(lease)
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let held = sqlx::query_scalar!(
+        "UPDATE ingest_slots SET lease_until = now() + make_interval(secs => $2)
+          WHERE holder = $1
+         RETURNING client_id",
+        me,
+        seconds(lease)
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Renewed {
+        held,
+        live_instances,
+    })
+}
+
+/// Takes up to `n` of the slots `among` that nobody holds (or whose holder's lease ran out),
+/// in client id order.
+pub async fn take(
+    pool: &PgPool,
+    me: Uuid,
+    name: &str,
+    among: &[String],
+    n: usize,
+    lease: Duration,
+) -> Result<Vec<Taken>> {
+    let rows = sqlx::query!(
+        "UPDATE ingest_slots s
+            SET holder = $1, holder_name = $2, lease_until = now() + make_interval(secs => $5)
+           FROM (SELECT client_id FROM ingest_slots
+                  WHERE client_id = ANY($3)
+                    AND (holder IS NULL OR lease_until < now() OR holder = $1)
+                  ORDER BY client_id
+                  LIMIT $4
+                  FOR UPDATE SKIP LOCKED) free
+          WHERE s.client_id = free.client_id
+         RETURNING s.client_id, s.subscriptions",
+        me,
+        name,
+        among,
+        i64::try_from(n).unwrap_or(i64::MAX),
+        seconds(lease)
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Taken {
+            client_id: r.client_id,
+            subscriptions: r.subscriptions,
+        })
+        .collect())
+}
+
+/// Gives a slot up, so another instance can take it at once.
+pub async fn release(pool: &PgPool, me: Uuid, client_id: &str) -> Result<()> {
+    sqlx::query!(
+        "UPDATE ingest_slots SET holder = NULL, holder_name = NULL, lease_until = NULL
+          WHERE client_id = $2 AND holder = $1",
+        me,
+        client_id
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Instance `me` stops: its slots are free and it no longer counts as alive.
+pub async fn leave(pool: &PgPool, me: Uuid) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query!(
+        "UPDATE ingest_slots SET holder = NULL, holder_name = NULL, lease_until = NULL
+          WHERE holder = $1",
+        me
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!("DELETE FROM ingest_instances WHERE id = $1", me)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Records what a slot's session is subscribed to.
+pub async fn subscribed(pool: &PgPool, client_id: &str, subscriptions: &[String]) -> Result<()> {
+    sqlx::query!(
+        "UPDATE ingest_slots SET subscriptions = $2 WHERE client_id = $1",
+        client_id,
+        subscriptions
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Every slot, with its holder and how long its lease has left.
+pub async fn list(pool: &PgPool) -> Result<Vec<Slot>> {
+    let rows = sqlx::query!(
+        r#"SELECT client_id, holder_name,
+                  extract(epoch FROM lease_until - now())::float8 AS lease_left
+             FROM ingest_slots ORDER BY client_id"#
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Slot {
+            client_id: r.client_id,
+            holder: r.holder_name,
+            lease_left: r.lease_left,
+        })
+        .collect())
+}
