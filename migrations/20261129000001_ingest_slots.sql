@@ -12,6 +12,9 @@ CREATE TABLE ingest_slots (
     -- What the slot's session is subscribed to, as far as OCC knows: filters it no longer
     -- wants (a plain subscription become shared, a share group renamed) are unsubscribed.
     subscriptions text[] NOT NULL DEFAULT '{}',
+    -- No longer configured (the number of slots was lowered): whoever takes it drains its
+    -- session, ends it on the broker and deletes the slot.
+    retiring      boolean NOT NULL DEFAULT false,
     CHECK ((holder IS NULL) = (lease_until IS NULL))
 );
 

@@ -234,3 +234,52 @@ async fn growing_to_several_slots_drops_the_plain_subscription(pool: PgPool) {
         assert!(occ.terminate().await.expect("SIGTERM").success());
     }
 }
+
+/// Lowering the number of slots from two to one while OCC is down and events queue for both
+/// sessions: the instance started with one slot retires the other: it drains the session
+/// (the half of the stream queued there is stored), ends it on the broker and deletes the
+/// slot. Events published afterwards all arrive: no session is left in the group to take a
+/// share nobody reads.
+#[sqlx::test(migrations = false)]
+async fn lowering_the_slots_drains_and_ends_the_sessions_left_over(pool: PgPool) {
+    const N: usize = 1000;
+    let broker = Broker::start().await.expect("broker");
+    let (_, a, b) = start_pair(&pool, &broker, "3s").await;
+    let mut publisher = Publisher::connect(broker.port).await;
+    occ_tests::publish_stream(&mut publisher, 0..N).await;
+    publisher.flush().await;
+    expect_exactly(&pool, N).await;
+    for occ in [a, b] {
+        assert!(occ.terminate().await.expect("SIGTERM").success());
+    }
+    // Both sessions stay in the group and queue their shares while nobody reads.
+    occ_tests::publish_stream(&mut publisher, N..2 * N).await;
+    publisher.flush().await;
+
+    let single = serve_args(&database_url(&pool), broker.port, "occ-pair", &[]);
+    let occ = OccProcess::start(OCC, &single).await.expect("one slot");
+    expect_exactly(&pool, 2 * N).await;
+    eventually(
+        Duration::from_secs(20),
+        "the second slot retired",
+        || async {
+            let slots: Vec<String> =
+                sqlx::query_scalar("SELECT client_id FROM ingest_slots ORDER BY client_id")
+                    .fetch_all(&pool)
+                    .await
+                    .expect("slots");
+            (slots == ["occ-pair"]).then_some(())
+        },
+    )
+    .await;
+    let sessions: Vec<String> = sqlx::query_scalar("SELECT client_id FROM mqtt_sessions")
+        .fetch_all(&pool)
+        .await
+        .expect("sessions");
+    assert_eq!(sessions, ["occ-pair"]);
+
+    occ_tests::publish_stream(&mut publisher, 2 * N..3 * N).await;
+    publisher.flush().await;
+    expect_exactly(&pool, 3 * N).await;
+    assert!(occ.terminate().await.expect("SIGTERM").success());
+}

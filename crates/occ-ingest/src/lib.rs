@@ -65,6 +65,7 @@ impl IngestStatus {
 pub struct Ingest {
     status: watch::Receiver<IngestStatus>,
     stats: Arc<IngestStats>,
+    progress: Arc<pipeline::Progress>,
     poller: JoinHandle<()>,
     batcher: JoinHandle<()>,
 }
@@ -72,12 +73,14 @@ pub struct Ingest {
 impl Ingest {
     /// Connects and starts ingesting until `shutdown` is cancelled. Then the batch in hand is
     /// committed and acked, and the connection closed with the session kept on the broker.
-    /// `stale` are filters the session may hold from an earlier configuration: unsubscribed
-    /// once the current ones are granted.
+    /// `subscriptions` are the filters to read (none for a retiring slot); `stale` those the
+    /// session may hold from an earlier configuration, unsubscribed once the others are
+    /// granted.
     pub fn start(
         mqtt: MqttConfig,
         parts: &IngestParts,
         stats: Arc<IngestStats>,
+        subscriptions: Vec<String>,
         stale: Vec<String>,
         shutdown: CancellationToken,
     ) -> Ingest {
@@ -86,7 +89,6 @@ impl Ingest {
         // Requests are acks, subscriptions and the final disconnect. Acks beyond this wait in
         // the batcher (see `Batcher::ack`), so the channel never has to hold a backlog's.
         let (client, eventloop) = AsyncClient::new(mqtt::options(&mqtt), 2 * window + 16);
-        let subscriptions = Self::subscriptions(&mqtt, &parts.adapters);
         let stale: Vec<String> = stale
             .into_iter()
             .filter(|f| !subscriptions.contains(f))
@@ -101,8 +103,10 @@ impl Ingest {
         let batcher_done = CancellationToken::new();
 
         let session = mqtt::Session::new(mqtt.client_id.clone(), parts.pool.clone());
+        let progress = Arc::new(pipeline::Progress::default());
         let batcher = pipeline::Batcher {
             parts,
+            progress: progress.clone(),
             client: client.clone(),
             connection: connection.clone(),
             acks: std::sync::Mutex::new(std::collections::VecDeque::new()),
@@ -117,6 +121,7 @@ impl Ingest {
             done.cancel();
         });
         let poll_stats = stats.clone();
+        let poll_progress = progress.clone();
         let poller = tokio::spawn(async move {
             mqtt::poll(
                 eventloop,
@@ -128,6 +133,7 @@ impl Ingest {
                 poll_stats,
                 session,
                 stale,
+                poll_progress,
                 batcher_done,
             )
             .await;
@@ -136,6 +142,7 @@ impl Ingest {
         Ingest {
             status: status_rx,
             stats,
+            progress,
             poller,
             batcher,
         }
@@ -151,7 +158,15 @@ impl Ingest {
         self.stats.clone()
     }
 
-    /// The filters this ingest subscribes to.
+    /// Messages received, and of them committed, on this ingest's connections.
+    pub fn progress(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        // Committed first: a message is received before it is committed.
+        let committed = self.progress.committed.load(Ordering::Acquire);
+        (self.progress.received.load(Ordering::Acquire), committed)
+    }
+
+    /// The filters ingest under `mqtt` subscribes to.
     pub fn subscriptions(mqtt: &MqttConfig, adapters: &Adapters) -> Vec<String> {
         adapters
             .topic_filters()

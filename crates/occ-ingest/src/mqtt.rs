@@ -334,6 +334,7 @@ pub(crate) async fn poll(
     stats: Arc<IngestStats>,
     mut session: Session,
     mut stale: Vec<String>,
+    progress: Arc<crate::pipeline::Progress>,
     stopping: CancellationToken,
 ) {
     if !session.load(&stopping).await {
@@ -348,6 +349,7 @@ pub(crate) async fn poll(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
+                progress.received.fetch_add(1, Ordering::AcqRel);
                 let waiting = inbox.push(Inbound {
                     publish,
                     session: session.name(),
@@ -397,7 +399,15 @@ pub(crate) async fn poll(
                 );
                 // A retry planned on an earlier connection is moot: this one subscribes now.
                 resubscribe.reset();
-                subscribe(&client, &subscriptions);
+                if subscriptions.is_empty() {
+                    // A retiring slot: nothing to subscribe to, only earlier filters to drop.
+                    unsubscribing = unsubscribe(&client, &stale);
+                    if unsubscribing == 0 {
+                        status.send_modify(|s| s.subscribed = true);
+                    }
+                } else {
+                    subscribe(&client, &subscriptions);
+                }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 let refused: Vec<String> = subscriptions
@@ -480,6 +490,33 @@ pub(crate) async fn poll(
     // The session (and its subscription) stays on the broker for the session expiry, so
     // nothing published meanwhile is lost.
     tracing::info!("MQTT ingest disconnected");
+}
+
+/// Ends the session under `config.client_id` on the broker: connects with clean start and
+/// no session expiry, which discards the session and what it holds, then disconnects. Only
+/// for a session drained and without subscriptions (a retiring slot).
+pub(crate) async fn end_session(config: &MqttConfig) -> Result<(), String> {
+    let mut options = options(config);
+    options
+        .set_clean_start(true)
+        .set_session_expiry_interval(None)
+        .set_manual_acks(false);
+    let (client, mut eventloop) = AsyncClient::new(options, 4);
+    let ended = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    client.disconnect().await.map_err(|e| e.to_string())?;
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), ended)
+        .await
+        .map_err(|_| "no answer from the broker within 10 s".to_owned())?
 }
 
 /// Queues a SUBSCRIBE for every filter. Never waits: only the poll task drains the request

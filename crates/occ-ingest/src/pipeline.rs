@@ -49,8 +49,16 @@ pub struct IngestStats {
     pub inbox_peak: AtomicU64,
 }
 
+/// What one connection's ingest has taken and committed, to tell when its session is drained.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    pub received: AtomicU64,
+    pub committed: AtomicU64,
+}
+
 pub(crate) struct Batcher {
     pub parts: IngestParts,
+    pub progress: Arc<Progress>,
     pub client: AsyncClient,
     pub connection: Arc<Connection>,
     /// Acks of committed messages not yet handed to the event loop, in arrival order.
@@ -389,6 +397,9 @@ impl Batcher {
             .messages
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.progress
+            .committed
+            .fetch_add(batch.len() as u64, Ordering::Release);
         self.send_acks();
     }
 

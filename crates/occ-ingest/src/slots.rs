@@ -15,6 +15,9 @@
 //!   them over and resumes their sessions, with everything queued there;
 //! - an instance that cannot renew its leases for half a lease stops reading under them, well
 //!   before another instance may take them, so two instances never read one session.
+//! - slots no longer configured (the number was lowered) are retiring: an instance takes one,
+//!   unsubscribes its session, stores what was queued there, and when nothing more comes ends
+//!   the session on the broker and deletes the slot.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -158,6 +161,10 @@ struct Held {
     ingest: Ingest,
     stop: CancellationToken,
     follow: JoinHandle<()>,
+    /// Being drained and ended rather than read.
+    retiring: bool,
+    /// For a retiring slot: messages received when last seen, and since when.
+    quiet: Option<(u64, Instant)>,
 }
 
 struct Manager {
@@ -183,8 +190,11 @@ impl Manager {
         loop {
             let sent = Instant::now();
             let renewed = tokio::time::timeout(lease / 4, async {
-                if !ensured {
+                if ensured {
+                    // A slot deleted as retiring while this instance still counts it.
                     slots::ensure(&self.pool, &self.config.client_ids).await?;
+                } else {
+                    slots::configure(&self.pool, &self.config.client_ids).await?;
                     ensured = true;
                 }
                 slots::renew(&self.pool, self.me, &self.config.instance_name, lease).await
@@ -247,7 +257,7 @@ impl Manager {
     }
 
     /// After a renewal: stops slots taken by others, takes free ones up to a fair share, or
-    /// gives one up beyond it.
+    /// gives one up beyond it; drains and ends retiring slots.
     async fn round(&mut self, renewed: Renewed) {
         let still: BTreeSet<&str> = renewed.held.iter().map(String::as_str).collect();
         let lost: Vec<String> = self
@@ -260,9 +270,27 @@ impl Manager {
             tracing::warn!(client_id = %id, "another instance took this ingest slot over; no longer reading under it");
             self.drop_slot(&id);
         }
+        // Slots read here that became retiring (another instance started with fewer slots).
+        for id in &renewed.held_retiring {
+            if self.held.get(id).is_some_and(|h| !h.retiring) {
+                tracing::info!(client_id = %id, "this ingest slot is retiring: draining its session");
+                self.give_up(id, false).await;
+                let wanted = self.wanted(id);
+                self.start_slot(
+                    Taken {
+                        client_id: id.clone(),
+                        subscriptions: wanted,
+                    },
+                    true,
+                );
+            }
+        }
+        self.retire_drained().await;
+
+        let reading = self.held.values().filter(|h| !h.retiring).count();
         let live = usize::try_from(renewed.live_instances.max(1)).unwrap_or(1);
         let share = self.config.client_ids.len().div_ceil(live);
-        if self.held.len() < share {
+        if reading < share {
             let free: Vec<String> = self
                 .config
                 .client_ids
@@ -270,48 +298,114 @@ impl Manager {
                 .filter(|id| !self.held.contains_key(*id))
                 .cloned()
                 .collect();
-            match slots::take(
-                &self.pool,
-                self.me,
-                &self.config.instance_name,
-                &free,
-                share - self.held.len(),
-                self.config.lease,
-            )
-            .await
-            {
-                Ok(taken) => {
-                    for t in taken {
-                        self.start_slot(t);
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot take ingest slots"),
-            }
-        } else if self.held.len() > share
-            && let Some(id) = self.held.keys().next_back().cloned()
+            self.take(&free, share - reading, false).await;
+        } else if reading > share
+            && let Some(id) = self
+                .held
+                .iter()
+                .rev()
+                .find(|(_, h)| !h.retiring)
+                .map(|(id, _)| id.clone())
         {
             tracing::info!(client_id = %id, live_instances = live, "giving an ingest slot up to share the slots evenly");
             self.give_up(&id, true).await;
         }
+        // One retiring slot at a time per instance.
+        if !renewed.free_retiring.is_empty() && !self.held.values().any(|h| h.retiring) {
+            self.take(&renewed.free_retiring, 1, true).await;
+        }
         self.statuses.update(|s| s.settled = true);
     }
 
-    fn start_slot(&mut self, taken: Taken) {
+    async fn take(&mut self, among: &[String], n: usize, retiring: bool) {
+        match slots::take(
+            &self.pool,
+            self.me,
+            &self.config.instance_name,
+            among,
+            n,
+            self.config.lease,
+            retiring,
+        )
+        .await
+        {
+            Ok(taken) => {
+                for t in taken {
+                    self.start_slot(t, retiring);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot take ingest slots"),
+        }
+    }
+
+    fn mqtt(&self, client_id: &str) -> MqttConfig {
+        MqttConfig {
+            client_id: client_id.to_owned(),
+            ..self.mqtt.clone()
+        }
+    }
+
+    /// What this instance subscribes to under `client_id`.
+    fn wanted(&self, client_id: &str) -> Vec<String> {
+        Ingest::subscriptions(&self.mqtt(client_id), &self.parts.adapters)
+    }
+
+    /// A retiring slot is drained when its subscriptions are gone, everything it received is
+    /// committed, and nothing more came for `DRAINED_AFTER`: then its session is ended on the
+    /// broker and the slot deleted.
+    async fn retire_drained(&mut self) {
+        const DRAINED_AFTER: Duration = Duration::from_secs(3);
+        let mut drained = Vec::new();
+        for (id, h) in self.held.iter_mut().filter(|(_, h)| h.retiring) {
+            let (received, committed) = h.ingest.progress();
+            let unsubscribed = h.ingest.status().borrow().subscribed;
+            match h.quiet {
+                Some((seen, since)) if seen == received => {
+                    if unsubscribed && received == committed && since.elapsed() >= DRAINED_AFTER {
+                        drained.push((id.clone(), received));
+                    }
+                }
+                _ => h.quiet = Some((received, Instant::now())),
+            }
+        }
+        for (id, messages) in drained {
+            self.give_up(&id, false).await;
+            if let Err(e) = crate::mqtt::end_session(&self.mqtt(&id)).await {
+                tracing::warn!(client_id = %id, error = %e, "cannot end the retiring slot's session; trying again");
+                continue;
+            }
+            match slots::retired(&self.pool, self.me, &id).await {
+                Ok(true) => {
+                    tracing::info!(client_id = %id, messages, "ingest slot retired: its session drained and ended")
+                }
+                Ok(false) => {
+                    tracing::warn!(client_id = %id, "the retiring slot was no longer held by this instance")
+                }
+                Err(e) => {
+                    tracing::warn!(client_id = %id, error = %e, "cannot delete the retired slot; it is drained again")
+                }
+            }
+        }
+    }
+
+    fn start_slot(&mut self, taken: Taken, retiring: bool) {
         let Taken {
             client_id,
             subscriptions: recorded,
         } = taken;
-        tracing::info!(client_id = %client_id, "took ingest slot");
-        let mqtt = MqttConfig {
-            client_id: client_id.clone(),
-            ..self.mqtt.clone()
+        tracing::info!(client_id = %client_id, retiring, "took ingest slot");
+        let mqtt = self.mqtt(&client_id);
+        let wanted = if retiring {
+            Vec::new()
+        } else {
+            self.wanted(&client_id)
         };
-        let wanted = Ingest::subscriptions(&mqtt, &self.parts.adapters);
         let stop = CancellationToken::new();
         let ingest = Ingest::start(
             mqtt,
             &self.parts,
             self.stats.clone(),
+            wanted.clone(),
             recorded.clone(),
             stop.clone(),
         );
@@ -349,6 +443,8 @@ impl Manager {
                 ingest,
                 stop,
                 follow,
+                retiring,
+                quiet: None,
             },
         );
     }

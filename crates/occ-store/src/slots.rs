@@ -21,6 +21,10 @@ pub struct Taken {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Renewed {
     pub held: Vec<String>,
+    /// Of `held`, those that are retiring.
+    pub held_retiring: Vec<String>,
+    /// Retiring slots nobody holds (or whose holder's lease ran out), and those held here.
+    pub free_retiring: Vec<String>,
     pub live_instances: i64,
 }
 
@@ -36,13 +40,32 @@ fn seconds(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-/// Makes sure the slots `client_ids` exist.
-pub async fn ensure(pool: &PgPool, client_ids: &[String]) -> Result<()> {
+/// An instance starts with `client_ids` as the slots: they exist and are not retiring, and
+/// every other slot is retiring (the number of slots was lowered).
+pub async fn configure(pool: &PgPool, client_ids: &[String]) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    ensure(&mut *tx, client_ids).await?;
+    sqlx::query!(
+        "UPDATE ingest_slots SET retiring = NOT (client_id = ANY($1))
+          WHERE retiring IS DISTINCT FROM NOT (client_id = ANY($1))",
+        client_ids
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Makes sure the slots `client_ids` exist (a retiring one stays retiring).
+pub async fn ensure(
+    db: impl sqlx::Executor<'_, Database = sqlx::Postgres>,
+    client_ids: &[String],
+) -> Result<()> {
     sqlx::query!(
         "INSERT INTO ingest_slots (client_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
         client_ids
     )
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(())
 }
@@ -68,24 +91,38 @@ pub async fn renew(pool: &PgPool, me: Uuid, name: &str, lease: Duration) -> Resu
     )
     .fetch_one(&mut *tx)
     .await?;
-    let held = sqlx::query_scalar!(
+    let held = sqlx::query!(
         "UPDATE ingest_slots SET lease_until = now() + make_interval(secs => $2)
           WHERE holder = $1
-         RETURNING client_id",
+         RETURNING client_id, retiring",
         me,
         seconds(lease)
     )
     .fetch_all(&mut *tx)
     .await?;
+    let free_retiring = sqlx::query_scalar!(
+        "SELECT client_id FROM ingest_slots
+          WHERE retiring AND (holder IS NULL OR lease_until < now() OR holder = $1)
+          ORDER BY client_id",
+        me
+    )
+    .fetch_all(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(Renewed {
-        held,
+        held_retiring: held
+            .iter()
+            .filter(|r| r.retiring)
+            .map(|r| r.client_id.clone())
+            .collect(),
+        held: held.into_iter().map(|r| r.client_id).collect(),
+        free_retiring,
         live_instances,
     })
 }
 
 /// Takes up to `n` of the slots `among` that nobody holds (or whose holder's lease ran out),
-/// in client id order.
+/// in client id order: slots to read under, or retiring ones to end, as `retiring` says.
 pub async fn take(
     pool: &PgPool,
     me: Uuid,
@@ -93,6 +130,7 @@ pub async fn take(
     among: &[String],
     n: usize,
     lease: Duration,
+    retiring: bool,
 ) -> Result<Vec<Taken>> {
     let rows = sqlx::query!(
         "UPDATE ingest_slots s
@@ -100,6 +138,7 @@ pub async fn take(
            FROM (SELECT client_id FROM ingest_slots
                   WHERE client_id = ANY($3)
                     AND (holder IS NULL OR lease_until < now() OR holder = $1)
+                    AND retiring = $6
                   ORDER BY client_id
                   LIMIT $4
                   FOR UPDATE SKIP LOCKED) free
@@ -109,7 +148,8 @@ pub async fn take(
         name,
         among,
         i64::try_from(n).unwrap_or(i64::MAX),
-        seconds(lease)
+        seconds(lease),
+        retiring
     )
     .fetch_all(pool)
     .await?;
@@ -133,6 +173,28 @@ pub async fn release(pool: &PgPool, me: Uuid, client_id: &str) -> Result<()> {
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// A retiring slot's session was drained and ended on the broker: the slot and its session's
+/// record are gone. False if it was not held by `me` any more.
+pub async fn retired(pool: &PgPool, me: Uuid, client_id: &str) -> Result<bool> {
+    let mut tx = pool.begin().await?;
+    let gone = sqlx::query!(
+        "DELETE FROM ingest_slots WHERE client_id = $1 AND holder = $2",
+        client_id,
+        me
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if gone {
+        sqlx::query!("DELETE FROM mqtt_sessions WHERE client_id = $1", client_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(gone)
 }
 
 /// Instance `me` stops: its slots are free and it no longer counts as alive.
