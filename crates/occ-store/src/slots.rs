@@ -34,6 +34,7 @@ pub struct Slot {
     pub client_id: String,
     pub holder: Option<String>,
     pub lease_left: Option<f64>,
+    pub retiring: bool,
 }
 
 fn seconds(d: Duration) -> f64 {
@@ -229,7 +230,7 @@ pub async fn subscribed(pool: &PgPool, client_id: &str, subscriptions: &[String]
 /// Every slot, with its holder and how long its lease has left.
 pub async fn list(pool: &PgPool) -> Result<Vec<Slot>> {
     let rows = sqlx::query!(
-        r#"SELECT client_id, holder_name,
+        r#"SELECT client_id, holder_name, retiring,
                   extract(epoch FROM lease_until - now())::float8 AS lease_left
              FROM ingest_slots ORDER BY client_id"#
     )
@@ -241,6 +242,7 @@ pub async fn list(pool: &PgPool) -> Result<Vec<Slot>> {
             client_id: r.client_id,
             holder: r.holder_name,
             lease_left: r.lease_left,
+            retiring: r.retiring,
         })
         .collect())
 }

@@ -64,6 +64,11 @@ enum Command {
     /// Measure ingest on this machine against baselines from the same run (starts its own
     /// broker, databases and OCC; prints one table).
     Bench(crate::bench::BenchArgs),
+    /// The ingest slots (MQTT client ids) OCC's instances share, and who holds each.
+    Slots {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
     /// What could not become events.
     DeadLetters {
         #[command(subcommand)]
@@ -249,6 +254,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 done.created,
                 done.updated
             );
+            Ok(())
+        }
+        Command::Slots { database } => {
+            let pool = tool_pool(&database, &shutdown).await?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{:<24} {:<32} lease left", "client id", "held by")?;
+            for slot in occ_store::slots::list(&pool).await? {
+                let lease = match slot.lease_left {
+                    Some(left) if left > 0.0 => format!("{left:.1} s"),
+                    Some(_) => "ran out (taken over soon)".to_owned(),
+                    None => "-".to_owned(),
+                };
+                let holder = slot.holder.as_deref().unwrap_or("nobody");
+                let client_id = if slot.retiring {
+                    format!("{} (retiring)", slot.client_id)
+                } else {
+                    slot.client_id
+                };
+                writeln!(out, "{client_id:<24} {holder:<32} {lease}")?;
+            }
             Ok(())
         }
         Command::DeadLetters {
