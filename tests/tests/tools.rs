@@ -204,7 +204,7 @@ async fn dead_letters_are_replayed_from_the_command_line(pool: PgPool) {
 }
 
 /// `occ bench` runs end to end on a small load: its own broker, databases and OCC, the drain
-/// checked to store exactly the events the messages hold, one table printed, nothing left
+/// and the live stage checked to store exactly the events the messages hold, one table printed, nothing left
 /// behind. (What it measures is reported from real runs, not asserted here.)
 #[sqlx::test(migrations = false)]
 async fn the_bench_runs_and_cleans_up_after_itself(pool: PgPool) {
@@ -220,6 +220,10 @@ async fn the_bench_runs_and_cleans_up_after_itself(pool: PgPool) {
             "2",
             "--pairs",
             "50",
+            "--live-rates",
+            "500",
+            "--live-seconds",
+            "2",
         ],
     )
     .await;
@@ -230,6 +234,8 @@ async fn the_bench_runs_and_cleans_up_after_itself(pool: PgPool) {
         "| bare consumer",
         "| OCC drain: 400 queued messages",
         "| OCC peak RSS",
+        "| bare consumer live at 500 msg/s",
+        "| OCC, exactly once, live at 500 msg/s",
         "| ListIncidents, first page of 50 of 2400 open incidents",
         "| ClaimNext + DispatchUnits, 2 operators on one queue, 100 pairs",
     ] {

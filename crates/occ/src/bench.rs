@@ -16,10 +16,14 @@
 //! - **OCC drain**: the same backlog queued in OCC's session while OCC is stopped, then timed
 //!   from OCC's first commit to its last, and the stored events checked to be exactly those
 //!   the messages hold;
+//! - **live** (see [`live`]): the simulator's messages published at fixed rates while the bare
+//!   consumer, then OCC, run; the time from publish to visible in PostgreSQL of one message in
+//!   fifty, and everything checked stored exactly once;
 //! - **dispatch** (see [`dispatch`]): `ListIncidents` latency with many incidents stored, and
 //!   operators claiming and dispatching concurrently, beside empty `ClaimNext` calls.
 
 mod dispatch;
+mod live;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -57,8 +61,17 @@ pub struct BenchArgs {
     pub database_url: String,
 
     /// What to measure; all by default.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Stage::Ingest, Stage::Dispatch])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Stage::Ingest, Stage::Live, Stage::Dispatch])]
     pub stages: Vec<Stage>,
+
+    /// Rates of the live stage, messages a second, each measured for OCC and the bare
+    /// consumer.
+    #[arg(long, value_delimiter = ',', default_values_t = [10_000u32])]
+    pub live_rates: Vec<u32>,
+
+    /// How long each rate of the live stage publishes, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub live_seconds: u32,
 
     /// Incidents stored for the dispatch stage (opened through `PublishEvents`).
     #[arg(long, default_value_t = 100_000)]
@@ -83,6 +96,9 @@ pub struct BenchArgs {
 pub enum Stage {
     /// Broker alone, PostgreSQL alone, bare consumer, OCC drain.
     Ingest,
+    /// Messages published at fixed rates while OCC (and the bare consumer) run: the time from
+    /// publish to visible in PostgreSQL.
+    Live,
     /// Incidents listed, claimed and dispatched through the API.
     Dispatch,
 }
@@ -179,6 +195,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if ingest {
         result = measure(&broker, &databases, &messages, &events, expected).await;
     }
+    if args.stages.contains(&Stage::Live)
+        && let Ok(rows) = &mut result
+    {
+        match measure_live(&args, &adapters, &broker, &databases).await {
+            Ok(more) => rows.extend(more),
+            Err(e) => result = Err(e),
+        }
+    }
     if args.stages.contains(&Stage::Dispatch)
         && let Ok(rows) = &mut result
     {
@@ -262,6 +286,49 @@ async fn measure(
         result: format!("{} MiB", drain.peak_rss_kib / 1024),
         baseline: format!("--mqtt-receive-maximum {}", RECEIVE_MAXIMUM),
     });
+    Ok(rows)
+}
+
+async fn measure_live(
+    args: &BenchArgs,
+    adapters: &Adapters,
+    broker: &Mosquitto,
+    databases: &Databases,
+) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for &rate in &args.live_rates {
+        let n = rate as usize * args.live_seconds as usize;
+        let (messages, probes) = live::with_probes(mix(adapters, n));
+        let expected = distinct_events(&decode(adapters, &messages));
+        eprintln!("live {rate} msg/s: bare consumer …");
+        let db = databases.create(&format!("live_bare_{rate}")).await?;
+        let bare = live::bare(broker.port, &db, &messages, probes, rate).await?;
+        eprintln!("live {rate} msg/s: OCC …");
+        let db = databases.create(&format!("live_occ_{rate}")).await?;
+        let occ = live::occ(broker.port, &db, &messages, probes, expected, rate).await?;
+        let what = |who: &str, published: f64| {
+            format!(
+                "{who} live at {} msg/s ({} reached) for {} s: publish → visible, {probes} probes",
+                thousands(f64::from(rate)),
+                thousands(published),
+                args.live_seconds
+            )
+        };
+        rows.push(Row {
+            what: what("bare consumer", bare.published_per_s),
+            result: bare.latency.show(),
+            baseline: "—".into(),
+        });
+        rows.push(Row {
+            what: what("OCC, exactly once,", occ.published_per_s),
+            result: occ.latency.show(),
+            baseline: format!(
+                "bare consumer p99 {} ({:.2}×)",
+                dispatch::millis(bare.latency.p99),
+                occ.latency.p99.as_secs_f64() / bare.latency.p99.as_secs_f64().max(1e-9)
+            ),
+        });
+    }
     Ok(rows)
 }
 
@@ -806,15 +873,42 @@ async fn copy_events(db: &PgConnectOptions, events: &[Event]) -> anyhow::Result<
 
 async fn bare_consumer(port: u16, db: &PgConnectOptions, messages: &[Msg]) -> anyhow::Result<f64> {
     let mut conn = db.connect().await?;
-    sqlx::raw_sql(
-        "CREATE TABLE messages (topic text NOT NULL, payload bytea NOT NULL, received_at timestamptz NOT NULL)",
-    )
-    .execute(&mut conn)
-    .await?;
+    bare_table(&mut conn).await?;
     let client_id = format!("occ-bench-bare-{}", std::process::id());
     make_session(&client_id, port, vec![Filter::new("#", QoS::AtLeastOnce)]).await?;
     publish_all(port, messages).await?;
+    let n = messages.len();
+    let (first, conn) = bare_consume(port, client_id, conn, n).await?;
+    let rate = n as f64
+        / first
+            .map_or(Duration::ZERO, |f| f.elapsed())
+            .as_secs_f64()
+            .max(1e-9);
+    conn.close().await?;
+    // The first batch's commit starts the clock, as for OCC: one batch fewer was timed.
+    Ok(rate * (n - 500.min(n)) as f64 / n as f64)
+}
 
+/// The bare consumer's table: each message's topic, bytes and when it was stored; a probe of
+/// the live stage also by its id.
+async fn bare_table(conn: &mut PgConnection) -> anyhow::Result<()> {
+    sqlx::raw_sql(
+        "CREATE TABLE messages (topic text NOT NULL, payload bytea NOT NULL, received_at timestamptz NOT NULL, probe text);
+         CREATE INDEX messages_probe ON messages (probe) WHERE probe IS NOT NULL",
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Consumes `n` messages from the session `client_id` into COPY batches of 500 (or what came
+/// in 50 ms), acking each batch after its commit. Returns when the first batch committed.
+async fn bare_consume(
+    port: u16,
+    client_id: String,
+    mut conn: PgConnection,
+    n: usize,
+) -> anyhow::Result<(Option<Instant>, PgConnection)> {
     let (client, mut eventloop) = AsyncClient::new(mqtt_options(&client_id, port, true), 70_000);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let poller = tokio::spawn(async move {
@@ -834,7 +928,6 @@ async fn bare_consumer(port: u16, db: &PgConnectOptions, messages: &[Msg]) -> an
             }
         }
     });
-    let n = messages.len();
     let mut stored = 0;
     let mut first: Option<Instant> = None;
     let mut text = Vec::new();
@@ -858,12 +951,13 @@ async fn bare_consumer(port: u16, db: &PgConnectOptions, messages: &[Msg]) -> an
             copy_field(&mut line, Some(&String::from_utf8_lossy(&p.topic)));
             copy_field(&mut line, Some(&format!("\\x{}", hex(&p.payload))));
             copy_field(&mut line, Some(&now));
+            copy_field(&mut line, live::probe_id(&p.topic, &p.payload));
             line.push('\n');
             text.extend_from_slice(line.as_bytes());
         }
         let mut tx = conn.begin().await?;
         let mut copy = tx
-            .copy_in_raw("COPY messages (topic, payload, received_at) FROM STDIN")
+            .copy_in_raw("COPY messages (topic, payload, received_at, probe) FROM STDIN")
             .await?;
         copy.send(text.as_slice()).await?;
         copy.finish().await?;
@@ -874,20 +968,13 @@ async fn bare_consumer(port: u16, db: &PgConnectOptions, messages: &[Msg]) -> an
         }
         stored += batch.len();
     }
-    let rate = n as f64
-        / first
-            .map_or(Duration::ZERO, |f| f.elapsed())
-            .as_secs_f64()
-            .max(1e-9);
     let _ = client.disconnect().await;
     let _ = poller.await;
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
         .fetch_one(&mut conn)
         .await?;
     ensure!(count as usize == n, "bare consumer stored {count} of {n}");
-    conn.close().await?;
-    // The first batch's commit starts the clock, as for OCC: one batch fewer was timed.
-    Ok(rate * (n - 500.min(n)) as f64 / n as f64)
+    Ok((first, conn))
 }
 
 fn hex(bytes: &[u8]) -> String {
