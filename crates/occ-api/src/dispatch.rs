@@ -1,6 +1,7 @@
 //! `DispatchService`: queues, claims, dispatch, transfers and queue watches.
 
 use chrono::TimeDelta;
+use occ_domain::claim::Lease;
 use occ_domain::{QueueName, UnitId};
 use occ_proto::v1::{self as pb, dispatch_service_server::DispatchService};
 use occ_store::{dispatch, queues, units};
@@ -37,22 +38,14 @@ pub(crate) fn parse_queue(field: &str, value: &str) -> ApiResult<QueueName> {
     QueueName::parse(field, value).map_err(|e| ApiError::InvalidArgument(e.into()))
 }
 
-fn lease(field: &str, d: Option<&prost_types::Duration>) -> ApiResult<TimeDelta> {
-    match d {
-        None => Ok(DEFAULT_LEASE),
+fn lease(field: &str, d: Option<&prost_types::Duration>) -> ApiResult<Lease> {
+    let duration = match d {
+        None => DEFAULT_LEASE,
         Some(d) => convert::whole_seconds(field, d)
             .map(TimeDelta::seconds)
-            .map_err(|e| ApiError::InvalidArgument(e.into())),
-    }
-}
-
-fn lease_error(e: occ_store::StoreError, field: &str) -> ApiError {
-    match e {
-        occ_store::StoreError::Invalid(errors) => {
-            ApiError::InvalidArgument(occ_domain::FieldErrors::one(field, errors.to_string()))
-        }
-        other => other.into(),
-    }
+            .map_err(|e| ApiError::InvalidArgument(e.into()))?,
+    };
+    Lease::new(duration).map_err(ApiError::InvalidArgument)
 }
 
 impl DispatchApi {
@@ -119,9 +112,7 @@ impl DispatchApi {
         if queues::agency(&mut tx, queue.as_str()).await?.is_none() {
             return Err(ApiError::NotFound("queue"));
         }
-        let claimed = dispatch::claim_next(&mut tx, queue.as_str(), &who.subject, lease)
-            .await
-            .map_err(|e| lease_error(e, "lease"))?;
+        let claimed = dispatch::claim_next(&mut tx, queue.as_str(), &who.subject, lease).await?;
         occ_store::commit(tx).await?;
         let outcome = if claimed.is_some() {
             "claimed"
@@ -164,9 +155,7 @@ impl DispatchApi {
         let claim = parse_uuid("claim_id", &req.claim_id)?;
         let lease = lease("lease", req.lease.as_ref())?;
         let mut tx = occ_store::begin(&self.state.pool).await?;
-        let (incident, info) = dispatch::extend(&mut tx, claim, &who.subject, lease)
-            .await
-            .map_err(|e| lease_error(e, "lease"))?;
+        let (incident, info) = dispatch::extend(&mut tx, claim, &who.subject, lease).await?;
         occ_store::commit(tx).await?;
         Ok(pb::ExtendClaimResponse {
             claim: Some(convert::claim(incident.id, &info)),

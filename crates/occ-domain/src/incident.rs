@@ -207,6 +207,11 @@ impl IncidentStatus {
         )
     }
 
+    /// Reaching this status frees the incident's units: no one works it any more.
+    pub fn releases_units(self) -> bool {
+        matches!(self, IncidentStatus::Resolved | IncidentStatus::Dismissed)
+    }
+
     /// The status after `command`, or why it does not apply.
     pub fn apply(self, command: IncidentCommand) -> Result<IncidentStatus, TransitionError> {
         use IncidentCommand as C;

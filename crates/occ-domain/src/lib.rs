@@ -5,6 +5,7 @@
 //! turn their input into these types at the edge and trust them inside.
 #![forbid(unsafe_code)]
 
+pub mod claim;
 pub mod correlation;
 pub mod event;
 pub mod glob;

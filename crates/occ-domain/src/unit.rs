@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::event::GeoPoint;
+use crate::incident::{IncidentCommand, IncidentStatus};
 
 /// Identifies a unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -139,6 +140,25 @@ impl fmt::Display for UnitCommand {
     }
 }
 
+/// Units lead, the incident follows: when a unit reports EN_ROUTE or ON_SCENE, its incident
+/// advances if it is behind.
+pub fn incident_follows(unit: UnitStatus, incident: IncidentStatus) -> Option<IncidentCommand> {
+    match (unit, incident) {
+        (UnitStatus::EnRoute, IncidentStatus::Dispatched) => Some(IncidentCommand::MarkEnRoute),
+        (UnitStatus::OnScene, IncidentStatus::Dispatched | IncidentStatus::EnRoute) => {
+            Some(IncidentCommand::MarkOnScene)
+        }
+        _ => None,
+    }
+}
+
+/// Whether a unit may report `command` while `others` other units work its incident: the last
+/// unit of an incident still being worked cannot clear, or the incident would be left with
+/// no one on it (dispatch another, or resolve or dismiss it).
+pub fn may_report(command: UnitCommand, others: usize) -> bool {
+    command != UnitCommand::Release || others > 0
+}
+
 /// Great-circle distance in metres (haversine, mean Earth radius).
 pub fn distance_m(a: GeoPoint, b: GeoPoint) -> f64 {
     const EARTH_RADIUS_M: f64 = 6_371_008.8;
@@ -152,6 +172,30 @@ pub fn distance_m(a: GeoPoint, b: GeoPoint) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn incidents_follow_their_first_unit() {
+        use IncidentStatus as I;
+        use UnitStatus as U;
+        assert_eq!(
+            incident_follows(U::EnRoute, I::Dispatched),
+            Some(IncidentCommand::MarkEnRoute)
+        );
+        assert_eq!(incident_follows(U::EnRoute, I::OnScene), None);
+        assert_eq!(
+            incident_follows(U::OnScene, I::EnRoute),
+            Some(IncidentCommand::MarkOnScene)
+        );
+        assert_eq!(incident_follows(U::OnScene, I::Resolved), None);
+        assert_eq!(incident_follows(U::Available, I::Dispatched), None);
+    }
+
+    #[test]
+    fn the_last_unit_on_an_incident_cannot_clear() {
+        assert!(!may_report(UnitCommand::Release, 0));
+        assert!(may_report(UnitCommand::Release, 1));
+        assert!(may_report(UnitCommand::MarkOnScene, 0));
+    }
     use UnitCommand as C;
     use UnitStatus as S;
 

@@ -9,7 +9,9 @@
 //! comes from the database's clock, read once the rows are locked, so leases and deadlines mean
 //! the same on every instance and audit times follow the order in which changes commit.
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, Utc};
+use occ_domain::claim::{Claim, ClaimEnd, ClaimRefusal, Lease, claim_deadline};
+use occ_domain::unit::{incident_follows, may_report};
 use occ_domain::{
     ClaimInfo, Incident, IncidentCommand, IncidentId, IncidentStatus, UnitCommand, UnitId,
     UnitStatus,
@@ -24,10 +26,6 @@ use crate::error::{Result, StoreError};
 use crate::incidents;
 use crate::timeline::StoredAudit;
 use crate::units::{self, Unit};
-
-/// The shortest and longest lease a claim may have.
-pub const MIN_LEASE: TimeDelta = TimeDelta::seconds(1);
-pub const MAX_LEASE: TimeDelta = TimeDelta::hours(1);
 
 /// The longest note, release or transfer reason.
 pub const MAX_NOTE_LEN: usize = 4000;
@@ -111,31 +109,41 @@ async fn lock_claim(conn: &mut PgConnection, claim: Uuid, holder: &str) -> Resul
     .ok_or(StoreError::NotFound { what: "claim" })?;
     let incident = incidents::get(conn, IncidentId(row.incident_id)).await?;
     let now = now(conn).await?;
-    if row.holder != holder {
-        return Err(StoreError::Forbidden(format!(
-            "the claim on {} is held by {}",
-            incident.number, row.holder
-        )));
-    }
-    if let (Some(ended), Some(reason)) = (row.ended_at, row.end_reason) {
-        return Err(StoreError::Precondition(format!(
-            "the claim on {} ended at {ended} ({reason}); the incident is {}",
-            incident.number, incident.status
-        )));
-    }
-    if row.lease_until <= now {
-        return Err(StoreError::Precondition(format!(
-            "the claim on {} expired at {}",
-            incident.number, row.lease_until
-        )));
-    }
+    let ended = match (row.ended_at, row.end_reason) {
+        (Some(at), Some(reason)) => Some((
+            at,
+            ClaimEnd::parse(&reason).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "claim {claim} ended for an unknown reason {reason}"
+                ))
+            })?,
+        )),
+        _ => None,
+    };
+    let stored = Claim {
+        id: claim,
+        holder: row.holder,
+        claimed_at: row.claimed_at,
+        lease_until: row.lease_until,
+        ended,
+    };
+    stored.check(holder, now).map_err(|refusal| {
+        let said = format!("the claim on {} is {refusal}", incident.number);
+        match refusal {
+            ClaimRefusal::HeldByAnother { .. } => StoreError::Forbidden(said),
+            ClaimRefusal::Ended { .. } => {
+                StoreError::Precondition(format!("{said}; the incident is {}", incident.status))
+            }
+            ClaimRefusal::Expired { .. } => StoreError::Precondition(said),
+        }
+    })?;
     Ok(Held {
         incident,
         claim: ClaimInfo {
             id: claim,
-            holder: row.holder,
-            claimed_at: row.claimed_at,
-            lease_until: row.lease_until,
+            holder: stored.holder,
+            claimed_at: stored.claimed_at,
+            lease_until: stored.lease_until,
         },
         agency: row.agency,
         now,
@@ -167,55 +175,40 @@ async fn require_claim_if_claimed(
 async fn end_claim(
     conn: &mut PgConnection,
     claim: Uuid,
-    reason: &str,
+    end: ClaimEnd,
     now: DateTime<Utc>,
 ) -> Result<()> {
     sqlx::query!(
         "UPDATE claims SET ended_at = $2, end_reason = $3 WHERE id = $1 AND ended_at IS NULL",
         claim,
         now,
-        reason
+        end.as_str()
     )
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Puts an incident back in a queue with a fresh claim deadline.
+/// Puts an incident back in a queue (`status`, as the domain decided) with a fresh claim
+/// deadline.
 async fn requeue(
     conn: &mut PgConnection,
-    id: IncidentId,
+    incident: &Incident,
     queue: &str,
+    status: IncidentStatus,
     now: DateTime<Utc>,
 ) -> Result<()> {
     sqlx::query!(
-        r#"
-        UPDATE incidents
-           SET status = 'QUEUED', queue = $2, updated_at = $3,
-               claim_deadline = $3::timestamptz + make_interval(secs => claim_within_seconds)
-         WHERE id = $1
-        "#,
-        id.0,
+        "UPDATE incidents SET status = $2, queue = $3, updated_at = $4, claim_deadline = $5
+          WHERE id = $1",
+        incident.id.0,
+        status.as_str(),
         queue,
-        now
+        now,
+        claim_deadline(now, incident.claim_within),
     )
     .execute(conn)
     .await?;
-    Ok(())
-}
-
-fn check_lease(lease: TimeDelta) -> Result<()> {
-    if lease < MIN_LEASE || lease > MAX_LEASE {
-        return Err(StoreError::Invalid(occ_domain::FieldErrors::one(
-            "lease",
-            format!(
-                "must be between {} and {} seconds, got {}",
-                MIN_LEASE.num_seconds(),
-                MAX_LEASE.num_seconds(),
-                lease.num_seconds()
-            ),
-        )));
-    }
     Ok(())
 }
 
@@ -243,15 +236,14 @@ pub async fn claim_next(
     conn: &mut PgConnection,
     queue: &str,
     holder: &str,
-    lease: TimeDelta,
+    lease: Lease,
 ) -> Result<Option<Incident>> {
-    check_lease(lease)?;
     let waiting = IncidentStatus::Queued;
     let claimed = waiting.apply(IncidentCommand::Claim).map_err(|e| {
         StoreError::Precondition(format!("a waiting incident cannot be claimed: {e}"))
     })?;
     let claim = Uuid::now_v7();
-    let lease_seconds = lease.as_seconds_f64();
+    let lease_seconds = lease.duration().as_seconds_f64();
     let mut attempts = 0;
     // One statement takes the incident, marks it claimed and records the claim; the time is
     // read once the row is locked.
@@ -271,6 +263,7 @@ pub async fn claim_next(
                  WHERE i.id = next.id
                 RETURNING i.id, i.updated_at
             ), claimed AS (
+                -- Lease::until, on the time the row was locked at.
                 INSERT INTO claims (id, incident_id, holder, claimed_at, lease_until)
                 SELECT $3, id, $4, updated_at, updated_at + make_interval(secs => $5)
                   FROM taken
@@ -312,7 +305,7 @@ pub async fn claim_next(
     let lease_until = incident
         .claim
         .as_ref()
-        .map_or(now + lease, |c| c.lease_until);
+        .map_or(lease.until(now), |c| c.lease_until);
     let entries = [AuditEntry {
         before: Some(json!({"status": waiting.as_str()})),
         after: Some(
@@ -336,12 +329,12 @@ pub async fn release(
 ) -> Result<Incident> {
     check_text("reason", reason, false)?;
     let Held { incident, now, .. } = lock_claim(conn, claim, holder).await?;
-    refuse(&incident, IncidentCommand::Release)?;
-    requeue(conn, incident.id, incident.queue.as_str(), now).await?;
-    end_claim(conn, claim, "released", now).await?;
+    let next = refuse(&incident, IncidentCommand::Release)?;
+    requeue(conn, &incident, incident.queue.as_str(), next, now).await?;
+    end_claim(conn, claim, ClaimEnd::Released, now).await?;
     let entries = [AuditEntry {
-        before: Some(json!({"status": "CLAIMED", "holder": holder})),
-        after: Some(json!({"status": "QUEUED"})),
+        before: Some(json!({"status": incident.status.as_str(), "holder": holder})),
+        after: Some(json!({"status": next.as_str()})),
         detail: reason.to_owned(),
         ..entry(incident.id, now, holder, "incident.released")
     }];
@@ -354,16 +347,16 @@ pub async fn extend(
     conn: &mut PgConnection,
     claim: Uuid,
     holder: &str,
-    lease: TimeDelta,
+    lease: Lease,
 ) -> Result<(Incident, ClaimInfo)> {
-    check_lease(lease)?;
     let Held {
         incident,
         claim: mut info,
         now,
         ..
     } = lock_claim(conn, claim, holder).await?;
-    info.lease_until = now + lease;
+    // lock_claim checked the claim may be used: renewed from now.
+    info.lease_until = lease.until(now);
     sqlx::query!(
         "UPDATE claims SET lease_until = $2 WHERE id = $1",
         claim,
@@ -442,7 +435,7 @@ pub async fn dispatch_units(
     sqlx::query!(
         r#"
         WITH ended AS (
-            UPDATE claims SET ended_at = $3, end_reason = 'dispatched'
+            UPDATE claims SET ended_at = $3, end_reason = $5
              WHERE id = $4 AND ended_at IS NULL
         )
         UPDATE incidents SET status = $2, updated_at = $3 WHERE id = $1
@@ -451,6 +444,7 @@ pub async fn dispatch_units(
         next.as_str(),
         now,
         claim,
+        ClaimEnd::Dispatched.as_str(),
     )
     .execute(&mut *conn)
     .await?;
@@ -500,7 +494,7 @@ pub async fn transfer(
         return Err(StoreError::NotFound { what: "queue" });
     }
     let incident = lock(conn, id).await?;
-    refuse(&incident, IncidentCommand::Transfer)?;
+    let next = refuse(&incident, IncidentCommand::Transfer)?;
     let now = require_claim_if_claimed(conn, &incident, claim, actor).await?;
     if incident.queue.as_str() == to_queue {
         return Err(StoreError::Precondition(format!(
@@ -509,12 +503,12 @@ pub async fn transfer(
         )));
     }
     if let Some(active) = &incident.claim {
-        end_claim(conn, active.id, "transferred", now).await?;
+        end_claim(conn, active.id, ClaimEnd::Transferred, now).await?;
     }
-    requeue(conn, incident.id, to_queue, now).await?;
+    requeue(conn, &incident, to_queue, next, now).await?;
     let entries = [AuditEntry {
         before: Some(json!({"queue": incident.queue.as_str(), "status": incident.status.as_str()})),
-        after: Some(json!({"queue": to_queue, "status": "QUEUED"})),
+        after: Some(json!({"queue": to_queue, "status": next.as_str()})),
         detail: reason.to_owned(),
         ..entry(incident.id, now, actor, "incident.transferred")
     }];
@@ -568,7 +562,7 @@ async fn apply_status(
     now: DateTime<Utc>,
 ) -> Result<Incident> {
     let next = refuse(incident, command)?;
-    if matches!(next, IncidentStatus::Resolved | IncidentStatus::Dismissed) {
+    if next.releases_units() {
         for unit in units::assigned_to(conn, incident.id).await? {
             let status = unit
                 .status
@@ -580,7 +574,7 @@ async fn apply_status(
     }
     if let Some(claim) = &incident.claim {
         // Only DISMISSED leaves CLAIMED here.
-        end_claim(conn, claim.id, "dismissed", now).await?;
+        end_claim(conn, claim.id, ClaimEnd::Dismissed, now).await?;
     }
     sqlx::query!(
         r#"
@@ -656,20 +650,6 @@ pub async fn add_note(
     Ok(stored)
 }
 
-/// When a unit reports EN_ROUTE or ON_SCENE, its incident follows if it is behind.
-pub(crate) fn incident_follows(
-    unit: UnitStatus,
-    incident: IncidentStatus,
-) -> Option<IncidentCommand> {
-    match (unit, incident) {
-        (UnitStatus::EnRoute, IncidentStatus::Dispatched) => Some(IncidentCommand::MarkEnRoute),
-        (UnitStatus::OnScene, IncidentStatus::Dispatched | IncidentStatus::EnRoute) => {
-            Some(IncidentCommand::MarkOnScene)
-        }
-        _ => None,
-    }
-}
-
 /// A crew's status report: EN_ROUTE, ON_SCENE, AVAILABLE (cleared) or OUT_OF_SERVICE. The
 /// incident it works advances with its first unit en route or on scene. The last unit of an
 /// incident still being worked cannot clear: the incident would be left with no one on it.
@@ -702,9 +682,9 @@ pub async fn unit_status(
         .status
         .apply(command)
         .map_err(|e| StoreError::Precondition(format!("unit {}: {e}", unit.call_sign)))?;
-    if let (Some(incident), UnitCommand::Release) = (&incident, command) {
+    if let Some(incident) = &incident {
         let others = units::assigned_to(conn, incident.id).await?.len() - 1;
-        if others == 0 {
+        if !may_report(command, others) {
             return Err(StoreError::Precondition(format!(
                 "unit {} is the last one on {} ({}): dispatch another, or resolve or dismiss the incident",
                 unit.call_sign, incident.number, incident.status
@@ -725,26 +705,4 @@ pub async fn unit_status(
         apply_status(conn, &incident, cmd, &note, actor, now).await?;
     }
     Ok(unit)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn incidents_follow_their_first_unit() {
-        use IncidentStatus as I;
-        use UnitStatus as U;
-        assert_eq!(
-            incident_follows(U::EnRoute, I::Dispatched),
-            Some(IncidentCommand::MarkEnRoute)
-        );
-        assert_eq!(incident_follows(U::EnRoute, I::OnScene), None);
-        assert_eq!(
-            incident_follows(U::OnScene, I::EnRoute),
-            Some(IncidentCommand::MarkOnScene)
-        );
-        assert_eq!(incident_follows(U::OnScene, I::Resolved), None);
-        assert_eq!(incident_follows(U::Available, I::Dispatched), None);
-    }
 }

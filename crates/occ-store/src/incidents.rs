@@ -209,8 +209,8 @@ pub async fn insert(
                                zone, correlation_key, correlating, rule_id, rule_name,
                                first_seen, last_seen, event_count, created_at, updated_at,
                                claim_within_seconds, claim_deadline)
-        VALUES ($1, $2, $3, $4, $5, 'QUEUED', $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                $17, $17, $18, $17::timestamptz + make_interval(secs => $18::int4))
+        VALUES ($1, $2, $3, $4, $5, $19, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                $17, $17, $18, $20)
         ON CONFLICT (correlation_key) WHERE correlating DO NOTHING
         RETURNING id
         "#,
@@ -232,6 +232,9 @@ pub async fn insert(
         new.event_count,
         new.now,
         i32::try_from(new.claim_within.num_seconds()).unwrap_or(i32::MAX),
+        // A new incident waits in its queue until claimed or escalated.
+        occ_domain::IncidentStatus::Queued.as_str(),
+        occ_domain::claim::claim_deadline(new.now, new.claim_within),
     )
     .fetch_optional(conn)
     .await?;

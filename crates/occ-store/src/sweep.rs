@@ -3,6 +3,7 @@
 //! `FOR UPDATE SKIP LOCKED` and changed in the same transaction, so each expiry and each
 //! escalation happens exactly once however many instances sweep.
 
+use occ_domain::claim::{ClaimEnd, claim_deadline, escalate};
 use occ_domain::{IncidentCommand, IncidentId};
 use serde_json::json;
 use sqlx::PgPool;
@@ -49,22 +50,19 @@ pub async fn expire_claims(pool: &PgPool, limit: i64) -> Result<usize> {
             .apply(IncidentCommand::Release)
             .map_err(|e| crate::StoreError::Corrupt(e.to_string()))?;
         sqlx::query!(
-            "UPDATE claims SET ended_at = $2, end_reason = 'expired' WHERE id = $1 AND ended_at IS NULL AND lease_until <= $2",
+            "UPDATE claims SET ended_at = $2, end_reason = $3 WHERE id = $1 AND ended_at IS NULL AND lease_until <= $2",
             row.claim_id,
-            now
+            now,
+            ClaimEnd::Expired.as_str()
         )
         .execute(&mut *tx)
         .await?;
         sqlx::query!(
-            r#"
-            UPDATE incidents
-               SET status = $2, updated_at = $3,
-                   claim_deadline = $3::timestamptz + make_interval(secs => claim_within_seconds)
-             WHERE id = $1
-            "#,
+            "UPDATE incidents SET status = $2, updated_at = $3, claim_deadline = $4 WHERE id = $1",
             row.id,
             next.as_str(),
-            now
+            now,
+            claim_deadline(now, incident.claim_within)
         )
         .execute(&mut *tx)
         .await?;
@@ -73,7 +71,7 @@ pub async fn expire_claims(pool: &PgPool, limit: i64) -> Result<usize> {
             at: now,
             actor: ACTOR.into(),
             action: "incident.claim_expired".into(),
-            before: Some(json!({"status": "CLAIMED", "holder": row.holder})),
+            before: Some(json!({"status": incident.status.as_str(), "holder": row.holder})),
             after: Some(json!({"status": next.as_str()})),
             detail: format!("the lease of {} ran out at {}", row.holder, row.lease_until),
         });
@@ -118,7 +116,11 @@ pub async fn escalate_overdue(pool: &PgPool, limit: i64) -> Result<usize> {
     let mut entries = Vec::new();
     let mut log = Vec::new();
     for incident in &current {
-        let raised = incident.priority.raised();
+        // Chosen by its deadline under the lock; the domain decides what escalation does.
+        let Some(escalation) = escalate(incident.priority, incident.claim_deadline, now) else {
+            continue;
+        };
+        let raised = escalation.priority;
         sqlx::query!(
             r#"
             UPDATE incidents
@@ -128,7 +130,7 @@ pub async fn escalate_overdue(pool: &PgPool, limit: i64) -> Result<usize> {
             "#,
             incident.id.0,
             raised.level(),
-            now
+            escalation.escalated_at
         )
         .execute(&mut *tx)
         .await?;
@@ -155,7 +157,7 @@ pub async fn escalate_overdue(pool: &PgPool, limit: i64) -> Result<usize> {
     audit::append(&mut tx, &entries).await?;
     changes::append(&mut tx, &log, now).await?;
     tx.commit().await?;
-    Ok(current.len())
+    Ok(entries.len())
 }
 
 /// How long the change log keeps changes (consoles away longer start from a snapshot).

@@ -8,6 +8,10 @@ use occ_store::ingest::{Batch, commit_batch};
 use occ_store::{Transport, dispatch, incidents, rules, sweep};
 use sqlx::{PgConnection, PgPool};
 
+fn lease(seconds: i64) -> occ_domain::claim::Lease {
+    occ_domain::claim::Lease::new(chrono::TimeDelta::seconds(seconds)).expect("a lease")
+}
+
 fn air(zone: usize, severity: &str) -> Event {
     let input = EventInput {
         id: Some(format!("{zone}-{severity}")),
@@ -126,15 +130,10 @@ async fn twenty_sweepers_expire_each_lapsed_claim_once(pool: PgPool) {
     open_air_incidents(&pool, 100).await;
     let mut tx = pool.begin().await.expect("tx");
     for _ in 0..100 {
-        dispatch::claim_next(
-            &mut tx,
-            "environment",
-            "operator:test",
-            chrono::TimeDelta::seconds(60),
-        )
-        .await
-        .expect("claim")
-        .expect("an incident");
+        dispatch::claim_next(&mut tx, "environment", "operator:test", lease(60))
+            .await
+            .expect("claim")
+            .expect("an incident");
     }
     tx.commit().await.expect("commit");
     sqlx::query("UPDATE claims SET lease_until = now() - interval '1 second'")
@@ -178,19 +177,14 @@ async fn twenty_sweepers_expire_each_lapsed_claim_once(pool: PgPool) {
 async fn an_extended_lease_is_not_expired(pool: PgPool) {
     open_air_incidents(&pool, 1).await;
     let mut tx = pool.begin().await.expect("tx");
-    let incident = dispatch::claim_next(
-        &mut tx,
-        "environment",
-        "operator:a",
-        chrono::TimeDelta::seconds(1),
-    )
-    .await
-    .expect("claim")
-    .expect("an incident");
+    let incident = dispatch::claim_next(&mut tx, "environment", "operator:a", lease(1))
+        .await
+        .expect("claim")
+        .expect("an incident");
     tx.commit().await.expect("commit");
     let claim = incident.claim.expect("claim").id;
     let mut tx = pool.begin().await.expect("tx");
-    dispatch::extend(&mut tx, claim, "operator:a", chrono::TimeDelta::seconds(60))
+    dispatch::extend(&mut tx, claim, "operator:a", lease(60))
         .await
         .expect("extend");
     tx.commit().await.expect("commit");
