@@ -84,6 +84,8 @@ pub struct Broker {
     pub port: u16,
     child: Child,
     config: std::path::PathBuf,
+    /// The snapshot's folder, if the broker persists.
+    data: Option<PathBuf>,
 }
 
 impl Broker {
@@ -102,6 +104,7 @@ impl Broker {
             port,
             child,
             config: path,
+            data: None,
         };
         broker.listening().await?;
         Ok(broker)
@@ -122,6 +125,27 @@ impl Broker {
                     binary.display()
                 )
             })
+    }
+
+    /// A broker that keeps its sessions and queued messages in a snapshot, written every
+    /// `autosave_interval` seconds and on SIGTERM, in a folder of its own.
+    pub async fn start_persistent(autosave_interval: u32) -> anyhow::Result<Broker> {
+        let dir =
+            std::env::temp_dir().join(format!("occ-broker-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir)?;
+        // Mosquitto started as root drops to its own user before it writes the snapshot.
+        let mut open = std::fs::metadata(&dir)?.permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut open, 0o777);
+        std::fs::set_permissions(&dir, open)?;
+        let mut broker = Self::start_with(|_| {
+            format!(
+                "persistence true\npersistence_location {}/\nautosave_interval {autosave_interval}\n",
+                dir.display()
+            )
+        })
+        .await?;
+        broker.data = Some(dir);
+        Ok(broker)
     }
 
     /// SIGKILLs the broker and starts it again on the same port. Without persistence (the
@@ -162,6 +186,9 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
+        if let Some(dir) = &self.data {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -486,12 +513,13 @@ impl Publisher {
             .expect("publish queued");
     }
 
-    /// Waits until the broker has acknowledged every message published so far.
-    pub async fn flush(&self) {
+    /// Waits at most `timeout` for the broker to acknowledge every message published so far;
+    /// false if it did not.
+    pub async fn try_flush(&self, timeout: Duration) -> bool {
         let want = self.published;
         let acked = self.acked.clone();
         let progress = self.progress.clone();
-        tokio::time::timeout(Duration::from_secs(30), async move {
+        tokio::time::timeout(timeout, async move {
             loop {
                 let notified = progress.notified();
                 if acked.load(Ordering::SeqCst) >= want {
@@ -501,7 +529,15 @@ impl Publisher {
             }
         })
         .await
-        .expect("broker acknowledged every publish within 30 s");
+        .is_ok()
+    }
+
+    /// Waits until the broker has acknowledged every message published so far.
+    pub async fn flush(&self) {
+        assert!(
+            self.try_flush(Duration::from_secs(30)).await,
+            "broker acknowledged every publish within 30 s"
+        );
     }
 }
 

@@ -368,20 +368,7 @@ async fn a_new_broker_session_is_never_confused_with_the_old_one(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn a_broker_restarted_mid_stream_loses_nothing(pool: PgPool) {
     const N: usize = 1000;
-    let dir = std::env::temp_dir().join(format!("occ-broker-{}", uuid::Uuid::now_v7().simple()));
-    std::fs::create_dir_all(&dir).expect("persistence dir");
-    // Mosquitto started as root drops to its own user before it writes the snapshot.
-    let mut open = std::fs::metadata(&dir).expect("dir").permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut open, 0o777);
-    std::fs::set_permissions(&dir, open).expect("chmod");
-    let mut broker = Broker::start_with(|_| {
-        format!(
-            "persistence true\npersistence_location {}/\n",
-            dir.display()
-        )
-    })
-    .await
-    .expect("broker");
+    let mut broker = Broker::start_persistent(30).await.expect("broker");
     let occ = Occ::start(serve_args(
         &database_url(&pool),
         broker.port,
@@ -402,5 +389,4 @@ async fn a_broker_restarted_mid_stream_loses_nothing(pool: PgPool) {
     expect_exactly(&pool, N).await;
     assert_eq!(fire_event_count(&pool).await, [N as i32 / 2]);
     occ.stop().await.expect("stop");
-    let _ = std::fs::remove_dir_all(dir);
 }
