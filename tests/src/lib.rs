@@ -403,10 +403,20 @@ impl OccProcess {
     /// Starts `program serve` with `args` on a free gRPC port and waits until it reports
     /// SERVING. `program` is the `occ` binary (`env!("CARGO_BIN_EXE_occ-under-test")` in a test).
     pub async fn start(program: &str, args: &[String]) -> anyhow::Result<OccProcess> {
+        Self::start_with_env(program, args, &[]).await
+    }
+
+    /// Like [`OccProcess::start`], with more environment variables.
+    pub async fn start_with_env(
+        program: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<OccProcess> {
         let port = free_port();
         let child = Command::new(program)
             .arg("serve")
             .args(args)
+            .envs(env.iter().copied())
             .args(["--grpc-listen", &format!("127.0.0.1:{port}")])
             .env(
                 "OCC_LOG",

@@ -23,6 +23,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Publish;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::mqtt::{Acked, Connection, Inbound, Inbox};
 use crate::{IngestParts, IngestStatus};
@@ -145,7 +146,8 @@ impl Batcher {
                     m = inbox.pop() => batch.push(m),
                 }
             }
-            if !self.process(&batch, &shutdown).await || shutdown.is_cancelled() {
+            let span = tracing::info_span!("ingest.batch", messages = batch.len());
+            if !self.process(&batch, &shutdown).instrument(span).await || shutdown.is_cancelled() {
                 break;
             }
         }

@@ -181,12 +181,16 @@ async fn tool_pool(
 /// Parses the command line and runs the command.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init(&cli.log)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?
-        .block_on(run(cli))
+        .block_on(async {
+            let telemetry = telemetry::init(&cli.log)?;
+            let result = run(cli).await;
+            telemetry.shutdown().await;
+            result
+        })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
