@@ -109,10 +109,11 @@ impl DispatchApi {
         let queue = parse_queue("queue", &req.queue)?;
         let lease = lease("lease", req.lease.as_ref())?;
         let mut tx = occ_store::begin(&self.state.pool).await?;
-        if queues::agency(&mut tx, queue.as_str()).await?.is_none() {
+        let claimed = dispatch::claim_next(&mut tx, queue.as_str(), &who.subject, lease).await?;
+        // Only an empty answer needs to know whether the queue exists: a claim proves it.
+        if claimed.is_none() && queues::agency(&mut tx, queue.as_str()).await?.is_none() {
             return Err(ApiError::NotFound("queue"));
         }
-        let claimed = dispatch::claim_next(&mut tx, queue.as_str(), &who.subject, lease).await?;
         occ_store::commit(tx).await?;
         let outcome = if claimed.is_some() {
             "claimed"
