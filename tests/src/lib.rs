@@ -557,6 +557,30 @@ impl Drop for Publisher {
     }
 }
 
+/// Reads `GET /metrics` from `addr` with a bare HTTP/1.1 request.
+pub async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics port");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: occ\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("response");
+    body
+}
+
+/// The value of one sample line (`name{labels} value`), if present.
+pub fn sample(metrics: &str, line_start: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// How many events the database holds.
 pub async fn event_count(pool: &PgPool) -> i64 {
     sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events")

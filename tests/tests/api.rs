@@ -6,7 +6,7 @@ use std::time::Duration;
 use occ_proto::v1 as pb;
 use occ_tests::{
     Broker, Occ, database_url, event_count, eventually, get_incident, incidents, ingest, rules,
-    serve_args,
+    sample, scrape, serve_args,
 };
 use sqlx::PgPool;
 use tonic::Code;
@@ -633,30 +633,6 @@ async fn malformed_and_oversize_requests_and_impossible_times_are_refused_by_grp
         assert_eq!(fields, ["occurred_at"]);
     }
     occ.stop().await.expect("stop");
-}
-
-/// Reads `GET /metrics` from `addr` with a bare HTTP/1.1 request.
-async fn scrape(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("metrics port");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: occ\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.expect("response");
-    body
-}
-
-/// The value of one sample line (`name{labels} value`), if present.
-fn sample(metrics: &str, line_start: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 /// Prometheus metrics on their own port: what ingest committed by adapter, dead letters,

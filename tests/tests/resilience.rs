@@ -308,11 +308,12 @@ async fn a_new_broker_session_is_never_confused_with_the_old_one(pool: PgPool) {
     const CLIENT: &str = "occ-sessions";
     let mut broker = Broker::start().await.expect("broker");
     let proxy = DbProxy::start(database_server()).await.expect("proxy");
+    let metrics = format!("127.0.0.1:{}", occ_tests::free_port());
     let args = serve_args(
         &proxy.url_for(&database_url(&pool)),
         broker.port,
         CLIENT,
-        &[],
+        &["--metrics-listen", &metrics],
     );
     let press = br#"{"type": "panic.pressed", "zone": "esil_transit_stop_1"}"#.to_vec();
 
@@ -346,6 +347,12 @@ async fn a_new_broker_session_is_never_confused_with_the_old_one(pool: PgPool) {
         (health(&occ.grpc).await == Some(ServingStatus::Serving)).then_some(())
     })
     .await;
+    // A sign of loss OCC cannot prevent (what the old session held is gone): said and counted.
+    let lost = occ_tests::sample(
+        &occ_tests::scrape(&metrics).await,
+        "occ_mqtt_sessions_lost_total",
+    );
+    assert_eq!(lost, Some(1.0), "the lost session is counted");
 
     // Pressed again; OCC receives it (packet id 1 of the new session) but cannot commit it,
     // and dies. The broker redelivers it to the restarted OCC, with DUP set.
