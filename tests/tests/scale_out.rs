@@ -73,6 +73,23 @@ async fn start_pair(
     (args, a, b)
 }
 
+/// Waits until only the first slot is left: the second was retired.
+async fn second_slot_retired(pool: &PgPool) {
+    eventually(
+        Duration::from_secs(20),
+        "the second slot retired",
+        || async {
+            let slots: Vec<String> =
+                sqlx::query_scalar("SELECT client_id FROM ingest_slots ORDER BY client_id")
+                    .fetch_all(pool)
+                    .await
+                    .expect("slots");
+            (slots == ["occ-pair"]).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Publishes `n` stream events at about 1,000 a second; the count published so far is kept
 /// in the returned counter.
 fn produce(broker: &Broker, n: usize) -> (Arc<AtomicUsize>, JoinHandle<()>) {
@@ -259,19 +276,7 @@ async fn lowering_the_slots_drains_and_ends_the_sessions_left_over(pool: PgPool)
     let single = serve_args(&database_url(&pool), broker.port, "occ-pair", &[]);
     let occ = OccProcess::start(OCC, &single).await.expect("one slot");
     expect_exactly(&pool, 2 * N).await;
-    eventually(
-        Duration::from_secs(20),
-        "the second slot retired",
-        || async {
-            let slots: Vec<String> =
-                sqlx::query_scalar("SELECT client_id FROM ingest_slots ORDER BY client_id")
-                    .fetch_all(&pool)
-                    .await
-                    .expect("slots");
-            (slots == ["occ-pair"]).then_some(())
-        },
-    )
-    .await;
+    second_slot_retired(&pool).await;
     let sessions: Vec<String> = sqlx::query_scalar("SELECT client_id FROM mqtt_sessions")
         .fetch_all(&pool)
         .await
@@ -282,4 +287,46 @@ async fn lowering_the_slots_drains_and_ends_the_sessions_left_over(pool: PgPool)
     publisher.flush().await;
     expect_exactly(&pool, 3 * N).await;
     assert!(occ.terminate().await.expect("SIGTERM").success());
+}
+
+/// A rolling change from two slots to one: an instance still on two slots holds both when one
+/// on a single slot starts. The old instance drains the slot that is now retiring and ends its
+/// session; then the old instance stops and the new one takes the remaining slot over. Events
+/// published all along (with producer ids: for the moment a slot holds its old and new
+/// subscriptions together, a message comes twice) are all stored.
+#[sqlx::test(migrations = false)]
+async fn lowering_the_slots_while_an_old_instance_runs_loses_nothing(pool: PgPool) {
+    const N: usize = 3000;
+    let broker = Broker::start().await.expect("broker");
+    let old = OccProcess::start(OCC, &pair_args(&pool, &broker, "3s"))
+        .await
+        .expect("an instance on two slots");
+    held_by(&pool, 1).await;
+    let port = broker.port;
+    let producer = tokio::spawn(async move {
+        let mut publisher = Publisher::connect(port).await;
+        for i in 0..N {
+            let payload = serde_json::json!({"id": format!("r{i}"), "type": "object.person"});
+            publisher
+                .publish(
+                    &format!("occ/v1/events/dev-{}", i % 17),
+                    payload.to_string(),
+                )
+                .await;
+            if i % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        publisher.flush().await;
+    });
+    stored_at_least(&pool, N / 5).await;
+    let single = serve_args(&database_url(&pool), broker.port, "occ-pair", &[]);
+    let new = OccProcess::start(OCC, &single)
+        .await
+        .expect("an instance on one slot");
+    second_slot_retired(&pool).await;
+    assert!(old.terminate().await.expect("SIGTERM").success());
+    producer.await.expect("producer");
+    expect_exactly(&pool, N).await;
+    assert!(new.terminate().await.expect("SIGTERM").success());
 }

@@ -190,14 +190,18 @@ impl Manager {
         loop {
             let sent = Instant::now();
             let renewed = tokio::time::timeout(lease / 4, async {
-                if ensured {
-                    // A slot deleted as retiring while this instance still counts it.
-                    slots::ensure(&self.pool, &self.config.client_ids).await?;
-                } else {
+                if !ensured {
                     slots::configure(&self.pool, &self.config.client_ids).await?;
                     ensured = true;
                 }
-                slots::renew(&self.pool, self.me, &self.config.instance_name, lease).await
+                slots::renew(
+                    &self.pool,
+                    self.me,
+                    &self.config.instance_name,
+                    lease,
+                    &self.config.client_ids,
+                )
+                .await
             })
             .await;
             match renewed {

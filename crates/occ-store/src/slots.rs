@@ -58,7 +58,7 @@ pub async fn configure(pool: &PgPool, client_ids: &[String]) -> Result<()> {
 }
 
 /// Makes sure the slots `client_ids` exist (a retiring one stays retiring).
-pub async fn ensure(
+async fn ensure(
     db: impl sqlx::Executor<'_, Database = sqlx::Postgres>,
     client_ids: &[String],
 ) -> Result<()> {
@@ -74,8 +74,22 @@ pub async fn ensure(
 /// Says that instance `me` is alive for `lease` more, renews the leases of the slots it
 /// holds, and counts the live instances. A slot missing from `held` was taken by another
 /// instance (after this one's lease ran out).
-pub async fn renew(pool: &PgPool, me: Uuid, name: &str, lease: Duration) -> Result<Renewed> {
+/// Slots outside `configured` are marked retiring on the way (the number of slots was lowered,
+/// or an instance still on a higher number brought one back).
+pub async fn renew(
+    pool: &PgPool,
+    me: Uuid,
+    name: &str,
+    lease: Duration,
+    configured: &[String],
+) -> Result<Renewed> {
     let mut tx = pool.begin().await?;
+    sqlx::query!(
+        "UPDATE ingest_slots SET retiring = true WHERE NOT retiring AND client_id <> ALL($1)",
+        configured
+    )
+    .execute(&mut *tx)
+    .await?;
     let live_instances = sqlx::query_scalar!(
         r#"WITH seen AS (
                INSERT INTO ingest_instances (id, name, seen_until)
