@@ -427,7 +427,7 @@ pub(crate) async fn poll(
                     unsubscribing = unsubscribe(&client, &stale);
                     if unsubscribing == 0 {
                         status.send_modify(|s| s.subscribed = true);
-                        metrics::gauge!("occ_ingest_subscribed").set(1.0);
+                        metrics::gauge!("occ_ingest_subscribed", "client_id" => session.client_id.clone()).set(1.0);
                     }
                 } else {
                     // Granted at any QoS but 1 is refused too: at 0 the broker would drop what
@@ -449,7 +449,7 @@ pub(crate) async fn poll(
                     tracing::info!(client_id = %session.client_id, unsubscribed = ?stale, "earlier subscriptions dropped");
                     stale.clear();
                     status.send_modify(|s| s.subscribed = true);
-                    metrics::gauge!("occ_ingest_subscribed").set(1.0);
+                    metrics::gauge!("occ_ingest_subscribed", "client_id" => session.client_id.clone()).set(1.0);
                 }
             }
             Ok(Event::Incoming(Packet::Disconnect(d))) => {
@@ -472,7 +472,8 @@ pub(crate) async fn poll(
                 unsubscribing = 0;
                 connection.lost(&mut eventloop);
                 status.send_modify(|s| s.subscribed = false);
-                metrics::gauge!("occ_ingest_subscribed").set(0.0);
+                metrics::gauge!("occ_ingest_subscribed", "client_id" => session.client_id.clone())
+                    .set(0.0);
                 metrics::counter!("occ_mqtt_connection_losses_total").increment(1);
                 if stopping.is_cancelled() {
                     break;
@@ -487,6 +488,7 @@ pub(crate) async fn poll(
         }
     }
     status.send_modify(|s| s.subscribed = false);
+    metrics::gauge!("occ_ingest_subscribed", "client_id" => session.client_id.clone()).set(0.0);
     // The session (and its subscription) stays on the broker for the session expiry, so
     // nothing published meanwhile is lost.
     tracing::info!("MQTT ingest disconnected");

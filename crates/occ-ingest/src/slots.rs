@@ -319,6 +319,7 @@ impl Manager {
             self.take(&renewed.free_retiring, 1, true).await;
         }
         self.statuses.update(|s| s.settled = true);
+        metrics::gauge!("occ_ingest_slots_held").set(self.held.len() as f64);
     }
 
     async fn take(&mut self, among: &[String], n: usize, retiring: bool) {
