@@ -123,17 +123,6 @@ impl fmt::Display for ClaimRefusal {
 }
 
 impl Claim {
-    /// A claim taken by `holder` at `now`.
-    pub fn begin(id: Uuid, holder: &str, now: DateTime<Utc>, lease: Lease) -> Claim {
-        Claim {
-            id,
-            holder: holder.to_owned(),
-            claimed_at: now,
-            lease_until: lease.until(now),
-            ended: None,
-        }
-    }
-
     /// Whether `holder` may act through this claim at `now`: it is theirs, it has not ended
     /// and its lease runs.
     pub fn check(&self, holder: &str, now: DateTime<Utc>) -> Result<(), ClaimRefusal> {
@@ -156,27 +145,6 @@ impl Claim {
     /// Whether the lease has run out at `now` on a claim not yet ended: the sweep ends it.
     pub fn has_expired(&self, now: DateTime<Utc>) -> bool {
         self.ended.is_none() && self.lease_until <= now
-    }
-
-    /// Renews the lease from `now`, for its holder only.
-    pub fn extend(
-        &mut self,
-        holder: &str,
-        now: DateTime<Utc>,
-        lease: Lease,
-    ) -> Result<DateTime<Utc>, ClaimRefusal> {
-        self.check(holder, now)?;
-        self.lease_until = lease.until(now);
-        Ok(self.lease_until)
-    }
-
-    /// Ends the claim at `now`; a claim ends once, the first end stands.
-    pub fn end(&mut self, now: DateTime<Utc>, end: ClaimEnd) -> bool {
-        if self.ended.is_some() {
-            return false;
-        }
-        self.ended = Some((now, end));
-        true
     }
 }
 
@@ -228,9 +196,20 @@ mod tests {
         assert!(refused.to_string().contains("lease"), "{refused}");
     }
 
+    /// A claim by `holder` taken at 0 with a lease of `lease` seconds.
+    fn claim(holder: &str, lease: i64) -> Claim {
+        Claim {
+            id: Uuid::nil(),
+            holder: holder.into(),
+            claimed_at: at(0),
+            lease_until: at(lease),
+            ended: None,
+        }
+    }
+
     #[test]
     fn only_its_holder_uses_a_running_claim() {
-        let claim = Claim::begin(Uuid::nil(), "op-1", at(0), lease(30));
+        let claim = claim("op-1", 30);
         assert_eq!(claim.check("op-1", at(29)), Ok(()));
         assert_eq!(
             claim.check("op-2", at(1)),
@@ -246,15 +225,11 @@ mod tests {
     }
 
     #[test]
-    fn an_extension_runs_from_now_and_an_ended_claim_stays_ended() {
-        let mut claim = Claim::begin(Uuid::nil(), "op-1", at(0), lease(30));
-        assert_eq!(claim.extend("op-1", at(20), lease(60)), Ok(at(80)));
-        assert!(claim.extend("op-2", at(21), lease(60)).is_err());
-        assert!(claim.end(at(25), ClaimEnd::Dispatched));
-        assert!(
-            !claim.end(at(26), ClaimEnd::Expired),
-            "the first end stands"
-        );
+    fn an_ended_claim_is_refused_and_never_expires() {
+        let claim = Claim {
+            ended: Some((at(25), ClaimEnd::Dispatched)),
+            ..claim("op-1", 30)
+        };
         assert_eq!(
             claim.check("op-1", at(27)),
             Err(ClaimRefusal::Ended {
@@ -262,7 +237,7 @@ mod tests {
                 end: ClaimEnd::Dispatched
             })
         );
-        assert!(!claim.has_expired(at(1000)), "an ended claim never expires");
+        assert!(!claim.has_expired(at(1000)));
     }
 
     #[test]

@@ -64,7 +64,6 @@ impl IngestStatus {
 #[derive(Debug)]
 pub struct Ingest {
     status: watch::Receiver<IngestStatus>,
-    stats: Arc<IngestStats>,
     progress: Arc<pipeline::Progress>,
     poller: JoinHandle<()>,
     batcher: JoinHandle<()>,
@@ -120,7 +119,7 @@ impl Ingest {
             batcher.run(batcher_inbox, shutdown).await;
             done.cancel();
         });
-        let poll_stats = stats.clone();
+        let poll_stats = stats;
         let poll_progress = progress.clone();
         let poller = tokio::spawn(async move {
             mqtt::poll(
@@ -141,7 +140,6 @@ impl Ingest {
         });
         Ingest {
             status: status_rx,
-            stats,
             progress,
             poller,
             batcher,
@@ -151,11 +149,6 @@ impl Ingest {
     /// Follows whether ingest is taking messages.
     pub fn status(&self) -> watch::Receiver<IngestStatus> {
         self.status.clone()
-    }
-
-    /// Counts of what ingest has committed.
-    pub fn stats(&self) -> Arc<IngestStats> {
-        self.stats.clone()
     }
 
     /// Messages received, and of them committed, on this ingest's connections.
@@ -173,12 +166,6 @@ impl Ingest {
             .iter()
             .map(|f| mqtt::subscription(&mqtt.share_group, f))
             .collect()
-    }
-
-    /// Waits until ingest has stopped after shutdown.
-    pub async fn join(self) {
-        let _ = self.batcher.await;
-        let _ = self.poller.await;
     }
 
     /// Waits at most `grace` for ingest to stop after shutdown, then stops it at once. True

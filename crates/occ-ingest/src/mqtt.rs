@@ -403,7 +403,7 @@ pub(crate) async fn poll(
                     // A retiring slot: nothing to subscribe to, only earlier filters to drop.
                     unsubscribing = unsubscribe(&client, &stale);
                     if unsubscribing == 0 {
-                        status.send_modify(|s| s.subscribed = true);
+                        reading(&status, &session.client_id, true);
                     }
                 } else {
                     subscribe(&client, &subscriptions);
@@ -426,14 +426,13 @@ pub(crate) async fn poll(
                     // group no longer read: dropped, once the new ones are in place.
                     unsubscribing = unsubscribe(&client, &stale);
                     if unsubscribing == 0 {
-                        status.send_modify(|s| s.subscribed = true);
-                        metrics::gauge!("occ_ingest_subscribed", "client_id" => session.client_id.clone()).set(1.0);
+                        reading(&status, &session.client_id, true);
                     }
                 } else {
                     // Granted at any QoS but 1 is refused too: at 0 the broker would drop what
                     // OCC has not acknowledged, and OCC's acks are QoS 1's. Until every filter
                     // is granted, health says NOT_SERVING.
-                    status.send_modify(|s| s.subscribed = false);
+                    reading(&status, &session.client_id, false);
                     let retry_in = resubscribe.schedule(&client, &subscriptions, &stopping);
                     tracing::error!(
                         refused = ?refused,
@@ -448,8 +447,7 @@ pub(crate) async fn poll(
                 if unsubscribing == 0 {
                     tracing::info!(client_id = %session.client_id, unsubscribed = ?stale, "earlier subscriptions dropped");
                     stale.clear();
-                    status.send_modify(|s| s.subscribed = true);
-                    metrics::gauge!("occ_ingest_subscribed", "client_id" => session.client_id.clone()).set(1.0);
+                    reading(&status, &session.client_id, true);
                 }
             }
             Ok(Event::Incoming(Packet::Disconnect(d))) => {
@@ -471,9 +469,7 @@ pub(crate) async fn poll(
             Err(e) => {
                 unsubscribing = 0;
                 connection.lost(&mut eventloop);
-                status.send_modify(|s| s.subscribed = false);
-                metrics::gauge!("occ_ingest_subscribed", "client_id" => session.client_id.clone())
-                    .set(0.0);
+                reading(&status, &session.client_id, false);
                 metrics::counter!("occ_mqtt_connection_losses_total").increment(1);
                 if stopping.is_cancelled() {
                     break;
@@ -487,11 +483,17 @@ pub(crate) async fn poll(
             }
         }
     }
-    status.send_modify(|s| s.subscribed = false);
-    metrics::gauge!("occ_ingest_subscribed", "client_id" => session.client_id.clone()).set(0.0);
+    reading(&status, &session.client_id, false);
     // The session (and its subscription) stays on the broker for the session expiry, so
     // nothing published meanwhile is lost.
     tracing::info!("MQTT ingest disconnected");
+}
+
+/// Whether the slot's session is subscribed as it should be: for health, and for the metrics.
+fn reading(status: &watch::Sender<IngestStatus>, client_id: &str, subscribed: bool) {
+    status.send_modify(|s| s.subscribed = subscribed);
+    metrics::gauge!("occ_ingest_subscribed", "client_id" => client_id.to_owned())
+        .set(if subscribed { 1.0 } else { 0.0 });
 }
 
 /// Ends the session under `config.client_id` on the broker: connects with clean start and

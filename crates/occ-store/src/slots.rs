@@ -44,29 +44,16 @@ fn seconds(d: Duration) -> f64 {
 /// An instance starts with `client_ids` as the slots: they exist and are not retiring, and
 /// every other slot is retiring (the number of slots was lowered).
 pub async fn configure(pool: &PgPool, client_ids: &[String]) -> Result<()> {
-    let mut tx = pool.begin().await?;
-    ensure(&mut *tx, client_ids).await?;
     sqlx::query!(
-        "UPDATE ingest_slots SET retiring = NOT (client_id = ANY($1))
-          WHERE retiring IS DISTINCT FROM NOT (client_id = ANY($1))",
+        "WITH made AS (
+             INSERT INTO ingest_slots (client_id) SELECT unnest($1::text[])
+             ON CONFLICT (client_id) DO UPDATE SET retiring = false
+         )
+         UPDATE ingest_slots SET retiring = true
+          WHERE NOT retiring AND client_id <> ALL($1)",
         client_ids
     )
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-/// Makes sure the slots `client_ids` exist (a retiring one stays retiring).
-async fn ensure(
-    db: impl sqlx::Executor<'_, Database = sqlx::Postgres>,
-    client_ids: &[String],
-) -> Result<()> {
-    sqlx::query!(
-        "INSERT INTO ingest_slots (client_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
-        client_ids
-    )
-    .execute(db)
+    .execute(pool)
     .await?;
     Ok(())
 }

@@ -568,6 +568,17 @@ fn mqtt_options(client_id: &str, port: u16, persistent: bool) -> MqttOptions {
 
 /// Publishes every message at QoS 1 and returns once the broker has acknowledged them all.
 async fn publish_all(port: u16, messages: &[Msg]) -> anyhow::Result<()> {
+    publish_each(port, messages, async |_, _| {}).await?;
+    Ok(())
+}
+
+/// Publishes every message at QoS 1, awaiting `before(i, message)` ahead of each (to pace
+/// them, or note when one goes out); returns how long handing them to the client took, once
+/// the broker has acknowledged them all.
+async fn publish_each<F>(port: u16, messages: &[Msg], mut before: F) -> anyhow::Result<Duration>
+where
+    F: AsyncFnMut(usize, &Msg),
+{
     let (client, mut eventloop) = AsyncClient::new(
         mqtt_options(
             &format!("occ-bench-pub-{}", std::process::id()),
@@ -588,18 +599,21 @@ async fn publish_all(port: u16, messages: &[Msg]) -> anyhow::Result<()> {
         }
         Ok(eventloop)
     });
-    for m in messages {
+    let started = Instant::now();
+    for (i, m) in messages.iter().enumerate() {
+        before(i, m).await;
         client
             .publish(m.topic.clone(), QoS::AtLeastOnce, false, m.payload.clone())
             .await?;
     }
+    let took = started.elapsed();
     let mut eventloop = acks.await??;
     client.disconnect().await?;
     while !matches!(
         eventloop.poll().await,
         Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)
     ) {}
-    Ok(())
+    Ok(took)
 }
 
 /// Connects a persistent session and subscribes, so that what is published next is queued

@@ -11,15 +11,14 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
-use rumqttc::v5::AsyncClient;
+use anyhow::{Context, ensure};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
+use rumqttc::v5::mqttbytes::v5::Filter;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection};
 
 use super::dispatch::Latencies;
-use super::{MqttEvent, Msg, bare_consume, bare_table, make_session, mqtt_options};
+use super::{Msg, bare_consume, bare_table, make_session, publish_each};
 
 /// One message in this many is a probe.
 pub(super) const PROBE_EVERY: usize = 50;
@@ -80,45 +79,21 @@ type Sent = Arc<Mutex<Vec<Option<Instant>>>>;
 /// Publishes `messages` at `rate` a second at QoS 1, noting when each probe was sent; returns
 /// the rate reached, once the broker has acknowledged everything.
 async fn publish_paced(port: u16, messages: &[Msg], rate: u32, sent: Sent) -> anyhow::Result<f64> {
-    let (client, mut eventloop) = AsyncClient::new(
-        mqtt_options(
-            &format!("occ-bench-live-pub-{}", std::process::id()),
-            port,
-            false,
-        ),
-        10_000,
-    );
-    let n = messages.len();
-    let acks = tokio::spawn(async move {
-        let mut acked = 0;
-        while acked < n {
-            match eventloop.poll().await {
-                Ok(MqttEvent::Incoming(Packet::PubAck(_))) => acked += 1,
-                Ok(_) => {}
-                Err(e) => bail!("publisher: {e}"),
-            }
-        }
-        Ok(())
-    });
     let start = tokio::time::Instant::now();
     let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
     let mut probe = 0;
-    for (i, m) in messages.iter().enumerate() {
+    let took = publish_each(port, messages, async |i, m: &Msg| {
         let due = start + interval * u32::try_from(i).unwrap_or(u32::MAX);
         if due > tokio::time::Instant::now() {
             tokio::time::sleep_until(due).await;
         }
-        client
-            .publish(m.topic.clone(), QoS::AtLeastOnce, false, m.payload.clone())
-            .await?;
         if m.topic == PROBE_TOPIC {
             sent.lock().unwrap_or_else(PoisonError::into_inner)[probe] = Some(Instant::now());
             probe += 1;
         }
-    }
-    let published = n as f64 / start.elapsed().as_secs_f64().max(1e-9);
-    acks.await??;
-    Ok(published)
+    })
+    .await?;
+    Ok(messages.len() as f64 / took.as_secs_f64().max(1e-9))
 }
 
 /// Where a consumer's probes become visible.
