@@ -140,6 +140,68 @@ async fn publish_events_answers_each_event_after_commit(pool: PgPool) {
     occ.stop().await.expect("stop");
 }
 
+/// A value PostgreSQL refuses (a trigger stands in for one) fails the call's transaction: OCC
+/// then stores the events one by one, as ingest does messages, so only that event is rejected
+/// and kept as a dead letter; the call's invalid event is a dead letter too, the rest stored.
+#[sqlx::test(migrations = false)]
+async fn an_event_the_database_refuses_is_rejected_alone(pool: PgPool) {
+    let (_broker, occ) = start(&pool, "occ-api-refused").await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.source_id = 'poison' THEN
+             RAISE EXCEPTION 'refused' USING ERRCODE = '22023';
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON events
+           FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
+    )
+    .execute(&pool)
+    .await
+    .expect("trigger");
+    let results = publish(
+        &occ.grpc,
+        vec![
+            event("det-1", "a", "smoke.detected", "esil_residential_1"),
+            event("poison", "b", "smoke.detected", "esil_residential_1"),
+            event("det-2", "c", "", "esil_residential_1"),
+            event("det-3", "d", "smoke.detected", "esil_residential_1"),
+        ],
+    )
+    .await;
+    use pb::PublishOutcome as O;
+    let outcomes: Vec<i32> = results.iter().map(|r| r.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [O::Accepted, O::Rejected, O::Rejected, O::Accepted].map(|o| o as i32)
+    );
+    assert_eq!(
+        results[1].violations[0].description,
+        "the database refused a value of this event"
+    );
+    assert_eq!(
+        results[3].incidents[0].id, results[0].incidents[0].id,
+        "the stored events still correlate"
+    );
+    let reasons: Vec<String> =
+        sqlx::query_scalar("SELECT reason FROM dead_letters ORDER BY received_at, reason")
+            .fetch_all(&pool)
+            .await
+            .expect("dead letters");
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.starts_with("could not be stored")),
+        "{reasons:?}"
+    );
+    let stored: Vec<String> = sqlx::query_scalar("SELECT source_id FROM events ORDER BY 1")
+        .fetch_all(&pool)
+        .await
+        .expect("events");
+    assert_eq!(stored, ["det-1", "det-3"]);
+    occ.stop().await.expect("stop");
+}
+
 fn noise_rule() -> pb::Rule {
     pb::Rule {
         name: "night-noise".into(),

@@ -485,6 +485,21 @@ async fn an_operator_takes_an_mqtt_event_all_the_way_to_closed(pool: PgPool) {
         .expect_err("an ambulance is not a fire unit");
     assert_eq!(wrong_agency.code(), Code::FailedPrecondition);
 
+    let unknown = dispatch(&occ.grpc)
+        .await
+        .dispatch_units(pb::DispatchUnitsRequest {
+            claim_id: claim.id.clone(),
+            unit_ids: vec!["E-1".into(), "E-99".into()],
+        })
+        .await
+        .expect_err("E-99 is no unit");
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+    assert!(
+        unknown.message().contains("unit_ids[1]") && unknown.message().contains("E-99"),
+        "names the field and the call sign: {}",
+        unknown.message()
+    );
+
     let dispatched = dispatch(&occ.grpc)
         .await
         .dispatch_units(pb::DispatchUnitsRequest {

@@ -1,10 +1,10 @@
 //! `DispatchService`: queues, claims, dispatch, transfers and queue watches.
 
 use chrono::TimeDelta;
+use occ_domain::QueueName;
 use occ_domain::claim::Lease;
-use occ_domain::{QueueName, UnitId};
 use occ_proto::v1::{self as pb, dispatch_service_server::DispatchService};
-use occ_store::{dispatch, queues, units};
+use occ_store::{dispatch, queues};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -108,13 +108,13 @@ impl DispatchApi {
     ) -> ApiResult<pb::ClaimNextResponse> {
         let queue = parse_queue("queue", &req.queue)?;
         let lease = lease("lease", req.lease.as_ref())?;
-        let mut tx = occ_store::begin(&self.state.pool).await?;
-        let claimed = dispatch::claim_next(&mut tx, queue.as_str(), &who.subject, lease).await?;
+        // The claim is one statement: no transaction around it.
+        let mut conn = occ_store::acquire(&self.state.pool).await?;
+        let claimed = dispatch::claim_next(&mut conn, queue.as_str(), &who.subject, lease).await?;
         // Only an empty answer needs to know whether the queue exists: a claim proves it.
-        if claimed.is_none() && queues::agency(&mut tx, queue.as_str()).await?.is_none() {
+        if claimed.is_none() && queues::agency(&mut conn, queue.as_str()).await?.is_none() {
             return Err(ApiError::NotFound("queue"));
         }
-        occ_store::commit(tx).await?;
         let outcome = if claimed.is_some() {
             "claimed"
         } else {
@@ -172,22 +172,10 @@ impl DispatchApi {
         if req.unit_ids.is_empty() {
             return Err(ApiError::invalid("unit_ids", "name at least one unit"));
         }
+        let references: Vec<&str> = req.unit_ids.iter().map(String::as_str).collect();
         let mut tx = occ_store::begin(&self.state.pool).await?;
-        let mut ids: Vec<UnitId> = Vec::with_capacity(req.unit_ids.len());
-        for (i, reference) in req.unit_ids.iter().enumerate() {
-            match units::resolve(&mut tx, reference).await {
-                Ok(id) => ids.push(id),
-                Err(occ_store::StoreError::NotFound { .. }) => {
-                    return Err(ApiError::invalid(
-                        format!("unit_ids[{i}]"),
-                        format!("no unit with id or call sign {reference:?}"),
-                    ));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
         let (incident, dispatched) =
-            dispatch::dispatch_units(&mut tx, claim, &who.subject, &ids).await?;
+            dispatch::dispatch_units(&mut tx, claim, &who.subject, &references).await?;
         occ_store::commit(tx).await?;
         Ok(pb::DispatchUnitsResponse {
             incident: Some(convert::incident(&incident)),

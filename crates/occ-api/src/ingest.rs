@@ -1,11 +1,13 @@
 //! `IngestService`: events from gateways that do not speak MQTT.
 
 use chrono::Utc;
-use occ_domain::{Delivery, Enriched, Event, FieldErrors};
+use occ_domain::{Delivery, Enriched, Event, FieldErrors, RuleSet};
 use occ_proto::v1::{self as pb, ingest_service_server::IngestService};
 use occ_store::Transport;
 use occ_store::dead_letters::DeadLetter;
-use occ_store::ingest::{Batch, EventOutcome, commit_batch};
+use occ_store::ingest::{
+    Batch, BatchOutcome, Commit, EventOutcome, Parts, commit_batch, commit_parts,
+};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
@@ -86,8 +88,8 @@ impl IngestApi {
         self.state.activity.record(
             events
                 .iter()
-                .zip(&stored)
-                .filter(|(_, s)| s.is_ok())
+                .zip(&stored.events)
+                .filter(|(_, s)| !matches!(s, EventOutcome::Refused { .. }))
                 .map(|(e, _)| (&e.event, false)),
         );
 
@@ -106,20 +108,20 @@ impl IngestApi {
                         .collect(),
                     ..Default::default()
                 },
-                Ok(i) => match &stored[i] {
-                    Err(reason) => pb::PublishResult {
+                Ok(i) => match &stored.events[i] {
+                    EventOutcome::Refused { .. } => pb::PublishResult {
                         outcome: pb::PublishOutcome::Rejected as i32,
                         violations: vec![pb::FieldViolation {
                             field: String::new(),
-                            description: reason.clone(),
+                            description: "the database refused a value of this event".into(),
                         }],
                         ..Default::default()
                     },
-                    Ok(EventOutcome::Accepted {
+                    EventOutcome::Accepted {
                         event_id,
                         incidents,
                         ..
-                    }) => pb::PublishResult {
+                    } => pb::PublishResult {
                         outcome: pb::PublishOutcome::Accepted as i32,
                         event_id: event_id.to_string(),
                         incidents: incidents
@@ -132,7 +134,7 @@ impl IngestApi {
                             .collect(),
                         violations: Vec::new(),
                     },
-                    Ok(EventOutcome::Duplicate { existing }) => pb::PublishResult {
+                    EventOutcome::Duplicate { existing } => pb::PublishResult {
                         outcome: pb::PublishOutcome::Duplicate as i32,
                         event_id: existing.map(|id| id.to_string()).unwrap_or_default(),
                         ..Default::default()
@@ -143,49 +145,62 @@ impl IngestApi {
         Ok(pb::PublishEventsResponse { results })
     }
 
-    /// Commits valid events and dead letters in one transaction. If PostgreSQL refuses a value
-    /// in it, commits them one by one instead, so only the refused events are rejected (and
-    /// kept as dead letters). Per event: its outcome, or why it could not be stored.
+    /// Commits valid events and dead letters in one transaction; if PostgreSQL refuses a
+    /// value in it, each event alone (see [`commit_parts`]): only the refused events are
+    /// rejected, and kept as dead letters.
     async fn commit(
         &self,
         events: &[Enriched],
         dead_letters: &[DeadLetter],
         received_at: chrono::DateTime<Utc>,
-    ) -> ApiResult<Vec<Result<EventOutcome, String>>> {
+    ) -> ApiResult<BatchOutcome> {
         let rules = self.state.rules.current();
         let pool = &self.state.pool;
-        fn batch<'a>(events: &'a [Enriched], dead_letters: &'a [DeadLetter]) -> Batch<'a> {
-            Batch::new(events, Transport::Grpc, dead_letters)
+        // Each event stands alone; the dead letters of invalid ones come last, together.
+        let mut parts: Vec<_> = (0..events.len()).map(|i| (i..i + 1, 0..0)).collect();
+        if !dead_letters.is_empty() {
+            parts.push((events.len()..events.len(), 0..dead_letters.len()));
         }
-        match commit_batch(pool, batch(events, dead_letters), &rules).await {
-            Ok(outcome) => return Ok(outcome.events.into_iter().map(Ok).collect()),
-            Err(e) if e.is_data_error() => {
-                tracing::warn!(error = %e, "batch refused; storing its events one by one");
-            }
-            Err(e) => return Err(e.into()),
-        }
-        commit_batch(pool, batch(&[], dead_letters), &rules).await?;
-        let mut stored = Vec::with_capacity(events.len());
-        for event in events {
-            match commit_batch(pool, batch(std::slice::from_ref(event), &[]), &rules).await {
-                Ok(mut outcome) => stored.push(Ok(outcome.events.remove(0))),
-                Err(e) if e.is_data_error() => {
-                    let reason = format!("could not be stored: {e}");
-                    let letter = DeadLetter::new(
-                        Transport::Grpc,
-                        DEAD_LETTER_TOPIC,
-                        &serde_json::to_vec(&event.event).unwrap_or_default(),
-                        self.state.limits.max_payload_bytes,
-                        reason,
-                        received_at,
-                    );
-                    commit_batch(pool, batch(&[], std::slice::from_ref(&letter)), &rules).await?;
-                    stored.push(Err("the database refused a value of this event".into()));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(stored)
+        let batch = Parts {
+            events,
+            dead_letters,
+            transport: Transport::Grpc,
+            parts: &parts,
+        };
+        let letter = |i: usize, reason: String| {
+            DeadLetter::new(
+                Transport::Grpc,
+                DEAD_LETTER_TOPIC,
+                &serde_json::to_vec(&events[i].event).unwrap_or_default(),
+                self.state.limits.max_payload_bytes,
+                reason,
+                received_at,
+            )
+        };
+        // `Once` never gives up on its own: no `None` comes back.
+        let committed = commit_parts(
+            batch,
+            &Once {
+                pool,
+                rules: &rules,
+            },
+            letter,
+        )
+        .await
+        .ok_or(ApiError::Unavailable)?;
+        Ok(committed?)
+    }
+}
+
+/// A call's commit: once, its error answered to the caller.
+struct Once<'a> {
+    pool: &'a occ_store::PgPool,
+    rules: &'a RuleSet,
+}
+
+impl Commit for Once<'_> {
+    async fn commit(&self, batch: Batch<'_>) -> Option<occ_store::Result<BatchOutcome>> {
+        Some(commit_batch(self.pool, batch, self.rules).await)
     }
 }
 

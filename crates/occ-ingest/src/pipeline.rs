@@ -7,6 +7,7 @@
 //! OCC's session. When PostgreSQL comes back, the batch commits and ingest resumes by itself.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -17,7 +18,9 @@ use occ_store::StoreError;
 use occ_store::Transport;
 use occ_store::dead_letters::DeadLetter;
 use occ_store::health::ActivityLog;
-use occ_store::ingest::{Batch, BatchOutcome, EventOutcome, commit_batch};
+use occ_store::ingest::{
+    Batch, BatchOutcome, Commit, EventOutcome, Parts, commit_batch, commit_parts,
+};
 use rumqttc::v5::AsyncClient;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Publish;
@@ -79,18 +82,11 @@ struct Decoded {
     /// Per event: whether its message came at QoS 0 (the producer did not wait for the broker).
     qos0: Vec<bool>,
     dead_letters: Vec<DeadLetter>,
+    /// Per message: the range of its events and the range of its dead letter.
+    parts: Vec<(Range<usize>, Range<usize>)>,
 }
 
 impl Decoded {
-    fn letter(dead_letter: DeadLetter) -> Self {
-        Self {
-            by_adapter: Vec::new(),
-            events: Vec::new(),
-            qos0: Vec::new(),
-            dead_letters: vec![dead_letter],
-        }
-    }
-
     /// Tells the activity log and the metrics what the committed batch heard from its
     /// sources; QoS 0 is counted once per event, on the delivery that stored it.
     fn record(&self, outcome: &BatchOutcome, log: &ActivityLog) {
@@ -105,6 +101,8 @@ impl Decoded {
             .increment(outcome.accepted() as u64);
         metrics::counter!("occ_ingest_events_total", "outcome" => "duplicate")
             .increment(outcome.duplicates() as u64);
+        metrics::counter!("occ_ingest_events_total", "outcome" => "refused")
+            .increment(outcome.refused() as u64);
         for i in &outcome.opened {
             metrics::counter!(
                 "occ_incidents_opened_total",
@@ -120,6 +118,18 @@ impl Decoded {
                 .zip(&outcome.events)
                 .map(|((e, q), o)| (&e.event, *q && matches!(o, EventOutcome::Accepted { .. }))),
         );
+    }
+}
+
+/// Ingest's commit: retried for as long as the database is the problem, until shutdown.
+struct Retried<'a> {
+    batcher: &'a Batcher,
+    shutdown: &'a CancellationToken,
+}
+
+impl Commit for Retried<'_> {
+    async fn commit(&self, batch: Batch<'_>) -> Option<Result<BatchOutcome, StoreError>> {
+        self.batcher.commit(batch, self.shutdown).await
     }
 }
 
@@ -171,7 +181,9 @@ impl Batcher {
         let mut qos0 = Vec::with_capacity(batch.len());
         let mut dead_letters = Vec::new();
         let mut by_adapter: Vec<(Option<&'static str>, u64, u64)> = Vec::new();
+        let mut parts = Vec::with_capacity(batch.len());
         for m in batch {
+            let (first_event, first_letter) = (events.len(), dead_letters.len());
             let topic = String::from_utf8_lossy(&m.publish.topic);
             let message = Message {
                 topic: &topic,
@@ -215,12 +227,14 @@ impl Batcher {
                     dead_letters.push(self.dead_letter(m, rejection.0));
                 }
             }
+            parts.push((first_event..events.len(), first_letter..dead_letters.len()));
         }
         Decoded {
             by_adapter,
             events,
             qos0,
             dead_letters,
+            parts,
         }
     }
 
@@ -240,20 +254,42 @@ impl Batcher {
     async fn process(&self, batch: &[Inbound], shutdown: &CancellationToken) -> bool {
         let started = Instant::now();
         let decoded = self.decode(batch);
-        let outcome = match self.commit(&decoded, shutdown).await {
-            Some(Ok(outcome)) => outcome,
-            Some(Err(e)) => {
-                // Something in this batch is a value PostgreSQL refuses. Store its messages one
-                // by one, so only the culprit ends in the dead letters and the rest flows on.
-                tracing::error!(error = %e, messages = batch.len(), "batch failed; storing its messages one by one");
-                for m in batch {
-                    if !self.process_alone(m, shutdown).await {
-                        return false;
+        let parts = Parts {
+            events: &decoded.events,
+            dead_letters: &decoded.dead_letters,
+            transport: Transport::Mqtt,
+            parts: &decoded.parts,
+        };
+        let mut backoff = Duration::from_secs(1);
+        let outcome = loop {
+            // A message whose values PostgreSQL refuses ends in the dead letters alone; the
+            // rest of the batch flows on.
+            let committed = commit_parts(
+                parts,
+                &Retried {
+                    batcher: self,
+                    shutdown,
+                },
+                |i, reason| self.dead_letter(&batch[i], reason),
+            )
+            .await;
+            match committed {
+                Some(Ok(outcome)) => break outcome,
+                // A dead letter is bytes and text; if even that cannot be stored, something is
+                // wrong with the database, not the message: pause (unhealthy) and retry rather
+                // than leave the messages unacknowledged, which would hold the broker's window
+                // for the rest of the connection.
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, retry_in = ?backoff, "cannot store a dead letter; ingest paused");
+                    self.status.send_modify(|s| s.database_ok = false);
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => return false,
                     }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
-                return true;
+                None => return false,
             }
-            None => return false,
         };
         self.ack(batch);
         decoded.record(&outcome, &self.parts.activity);
@@ -268,6 +304,7 @@ impl Batcher {
             messages = batch.len(),
             accepted = outcome.accepted(),
             duplicates = outcome.duplicates(),
+            refused = outcome.refused(),
             dead_letters = decoded.dead_letters.len(),
             incidents_opened = outcome.incidents_opened,
             incidents_joined = outcome.incidents_joined,
@@ -280,61 +317,19 @@ impl Batcher {
         true
     }
 
-    async fn process_alone(&self, m: &Inbound, shutdown: &CancellationToken) -> bool {
-        let single = std::slice::from_ref(m);
-        let decoded = self.decode(single);
-        let refused = match self.commit(&decoded, shutdown).await {
-            Some(Ok(outcome)) => {
-                decoded.record(&outcome, &self.parts.activity);
-                None
-            }
-            Some(Err(e)) => Some(e),
-            None => return false,
-        };
-        if let Some(e) = refused {
-            let letter = Decoded::letter(self.dead_letter(m, format!("could not be stored: {e}")));
-            // A dead letter is bytes and text; if even that cannot be stored, something is
-            // wrong with the database, not the message: pause (unhealthy) and retry rather
-            // than leave the message unacknowledged, which would hold a slot of the broker's
-            // window for the rest of the connection.
-            let mut backoff = Duration::from_secs(1);
-            loop {
-                match self.commit(&letter, shutdown).await {
-                    Some(Ok(_)) => break,
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, retry_in = ?backoff, "cannot store a dead letter; ingest paused");
-                        self.status.send_modify(|s| s.database_ok = false);
-                        tokio::select! {
-                            () = tokio::time::sleep(backoff) => {}
-                            () = shutdown.cancelled() => return false,
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                    }
-                    None => return false,
-                }
-            }
-        }
-        self.ack(single);
-        true
-    }
-
     /// Commits, retrying with backoff until it succeeds, for as long as the failure is about
     /// the database (unreachable, a lost race, anything not caused by the data). `None` when
     /// shutdown came first; `Some(Err)` when the data itself cannot be stored.
     async fn commit(
         &self,
-        decoded: &Decoded,
+        batch: Batch<'_>,
         shutdown: &CancellationToken,
     ) -> Option<Result<BatchOutcome, StoreError>> {
         const MAX_BACKOFF: Duration = Duration::from_secs(10);
         let mut backoff = Duration::from_millis(100);
         loop {
             let rules = self.parts.rules.current();
-            let attempt = commit_batch(
-                &self.parts.pool,
-                Batch::new(&decoded.events, Transport::Mqtt, &decoded.dead_letters),
-                &rules,
-            );
+            let attempt = commit_batch(&self.parts.pool, batch, &rules);
             // Abandoning an attempt is safe: whether or not it committed, the retry is
             // recognised by the idempotency keys.
             let result = tokio::time::timeout(self.parts.batch.commit_timeout, attempt)

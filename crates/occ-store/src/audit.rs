@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::changes::Change;
 use crate::error::Result;
 
 /// What an audit entry is about.
@@ -62,7 +63,19 @@ pub struct AuditEntry {
 }
 
 pub async fn append(conn: &mut PgConnection, entries: &[AuditEntry]) -> Result<()> {
-    if entries.is_empty() {
+    // No change-log entry: its time is not used.
+    append_with_changes(conn, entries, &[], DateTime::<Utc>::UNIX_EPOCH).await
+}
+
+/// Appends audit entries and change-log entries (at `changed_at`) in one statement. Like
+/// [`crate::changes::append`], call it last in the transaction, once the incidents are locked.
+pub async fn append_with_changes(
+    conn: &mut PgConnection,
+    entries: &[AuditEntry],
+    log: &[Change],
+    changed_at: DateTime<Utc>,
+) -> Result<()> {
+    if entries.is_empty() && log.is_empty() {
         return Ok(());
     }
     let mut types = Vec::with_capacity(entries.len());
@@ -75,19 +88,33 @@ pub async fn append(conn: &mut PgConnection, entries: &[AuditEntry]) -> Result<(
     let ats: Vec<DateTime<Utc>> = entries.iter().map(|e| e.at).collect();
     let actors: Vec<&str> = entries.iter().map(|e| e.actor.as_str()).collect();
     let actions: Vec<&str> = entries.iter().map(|e| e.action.as_str()).collect();
-    let befores: Vec<Option<serde_json::Value>> =
-        entries.iter().map(|e| e.before.clone()).collect();
-    let afters: Vec<Option<serde_json::Value>> = entries.iter().map(|e| e.after.clone()).collect();
+    let befores: Vec<Option<&serde_json::Value>> =
+        entries.iter().map(|e| e.before.as_ref()).collect();
+    let afters: Vec<Option<&serde_json::Value>> =
+        entries.iter().map(|e| e.after.as_ref()).collect();
     let details: Vec<&str> = entries.iter().map(|e| e.detail.as_str()).collect();
+    let incidents: Vec<Uuid> = log.iter().map(|c| c.incident.0).collect();
+    // Postgres arrays of arrays must be rectangular: queues travel as comma-free joined text.
+    let queues: Vec<String> = log.iter().map(|c| c.queues.join(",")).collect();
+    let kinds: Vec<&str> = log.iter().map(|c| c.kind.as_str()).collect();
+    let changed_by: Vec<&str> = log.iter().map(|c| c.actor.as_str()).collect();
+    let changes: Vec<&str> = log.iter().map(|c| c.detail.as_str()).collect();
     // WITH ORDINALITY keeps the entries' order in their identity values.
     sqlx::query!(
         r#"
-        INSERT INTO audit_log (entity_type, entity_id, at, actor, action, before, after, detail)
-        SELECT entity_type, entity_id, at, actor, action, before, after, detail
-          FROM UNNEST($1::text[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[],
-                      $6::jsonb[], $7::jsonb[], $8::text[])
-               WITH ORDINALITY AS u(entity_type, entity_id, at, actor, action, before, after,
-                                    detail, n)
+        WITH audited AS (
+            INSERT INTO audit_log (entity_type, entity_id, at, actor, action, before, after, detail)
+            SELECT entity_type, entity_id, at, actor, action, before, after, detail
+              FROM UNNEST($1::text[], $2::uuid[], $3::timestamptz[], $4::text[], $5::text[],
+                          $6::jsonb[], $7::jsonb[], $8::text[])
+                   WITH ORDINALITY AS u(entity_type, entity_id, at, actor, action, before, after,
+                                        detail, n)
+             ORDER BY n
+        )
+        INSERT INTO incident_changes (incident_id, queues, kind, at, actor, detail)
+        SELECT incident_id, string_to_array(queues, ','), kind, $14, actor, detail
+          FROM UNNEST($9::uuid[], $10::text[], $11::text[], $12::text[], $13::text[])
+               WITH ORDINALITY AS u(incident_id, queues, kind, actor, detail, n)
          ORDER BY n
         "#,
         &types as &[&str],
@@ -95,9 +122,15 @@ pub async fn append(conn: &mut PgConnection, entries: &[AuditEntry]) -> Result<(
         &ats,
         &actors as &[&str],
         &actions as &[&str],
-        &befores as &[Option<serde_json::Value>],
-        &afters as &[Option<serde_json::Value>],
+        &befores as &[Option<&serde_json::Value>],
+        &afters as &[Option<&serde_json::Value>],
         &details as &[&str],
+        &incidents,
+        &queues,
+        &kinds as &[&str],
+        &changed_by as &[&str],
+        &changes as &[&str],
+        changed_at,
     )
     .execute(conn)
     .await?;

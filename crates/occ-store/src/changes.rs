@@ -22,7 +22,6 @@ use occ_domain::{Incident, IncidentId};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::error::Result;
 use crate::incidents;
@@ -115,33 +114,7 @@ impl Change {
 /// Appends changes; call it last in the transaction, once the incidents are locked (see the
 /// module docs).
 pub async fn append(conn: &mut PgConnection, changes: &[Change], at: DateTime<Utc>) -> Result<()> {
-    if changes.is_empty() {
-        return Ok(());
-    }
-    let incidents: Vec<Uuid> = changes.iter().map(|c| c.incident.0).collect();
-    // Postgres arrays of arrays must be rectangular: queues travel as comma-free joined text.
-    let queues: Vec<String> = changes.iter().map(|c| c.queues.join(",")).collect();
-    let kinds: Vec<&str> = changes.iter().map(|c| c.kind.as_str()).collect();
-    let actors: Vec<&str> = changes.iter().map(|c| c.actor.as_str()).collect();
-    let details: Vec<&str> = changes.iter().map(|c| c.detail.as_str()).collect();
-    sqlx::query!(
-        r#"
-        INSERT INTO incident_changes (incident_id, queues, kind, at, actor, detail)
-        SELECT incident_id, string_to_array(queues, ','), kind, $6, actor, detail
-          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
-               WITH ORDINALITY AS u(incident_id, queues, kind, actor, detail, n)
-         ORDER BY n
-        "#,
-        &incidents,
-        &queues,
-        &kinds as &[&str],
-        &actors as &[&str],
-        &details as &[&str],
-        at,
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
+    crate::audit::append_with_changes(conn, &[], changes, at).await
 }
 
 /// A recorded change, with the incident as it is now.

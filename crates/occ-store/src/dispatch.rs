@@ -90,29 +90,40 @@ struct Held {
 }
 
 /// Locks the incident of a claim, then the claim, and checks that `holder` holds it and its
-/// lease has not run out.
+/// lease has not run out. One statement: the time is read once both rows are locked (above
+/// the subquery that locks them).
 async fn lock_claim(conn: &mut PgConnection, claim: Uuid, holder: &str) -> Result<Held> {
-    let row = sqlx::query!(
+    let r = sqlx::query!(
         r#"
-        SELECT c.incident_id, c.holder, c.claimed_at, c.lease_until, c.ended_at, c.end_reason,
-               q.agency
-          FROM incidents i
-          JOIN claims c ON c.incident_id = i.id
-          JOIN queues q ON q.name = i.queue
-         WHERE c.id = $1
-           FOR UPDATE OF i, c
+        SELECT l.id AS "id!", l.number AS "number!", l.category AS "category!",
+               l.queue AS "queue!", l.priority AS "priority!", l.status AS "status!",
+               l.title AS "title!", l.lat, l.lon, l.zone, l.correlation_key AS "correlation_key!",
+               l.correlating AS "correlating!", l.rule_id, l.rule_name AS "rule_name!",
+               l.first_seen AS "first_seen!", l.last_seen AS "last_seen!",
+               l.event_count AS "event_count!", l.created_at AS "created_at!",
+               l.updated_at AS "updated_at!", l.claim_within_seconds AS "claim_within_seconds!",
+               l.claim_deadline, l.escalated_at, l.acknowledged_at, l.acknowledged_by,
+               l.holder AS "holder!", l.claimed_at AS "claimed_at!",
+               l.lease_until AS "lease_until!", l.ended_at, l.end_reason,
+               l.agency AS "agency!", clock_timestamp() AS "now!"
+          FROM (SELECT i.*, c.holder, c.claimed_at, c.lease_until, c.ended_at, c.end_reason,
+                       q.agency
+                  FROM incidents i
+                  JOIN claims c ON c.incident_id = i.id
+                  JOIN queues q ON q.name = i.queue
+                 WHERE c.id = $1
+                   FOR UPDATE OF i, c) l
         "#,
         claim
     )
     .fetch_optional(&mut *conn)
     .await?
     .ok_or(StoreError::NotFound { what: "claim" })?;
-    let incident = incidents::get(conn, IncidentId(row.incident_id)).await?;
-    let now = now(conn).await?;
-    let ended = match (row.ended_at, row.end_reason) {
+    let now = r.now;
+    let ended = match (r.ended_at, r.end_reason.as_deref()) {
         (Some(at), Some(reason)) => Some((
             at,
-            ClaimEnd::parse(&reason).ok_or_else(|| {
+            ClaimEnd::parse(reason).ok_or_else(|| {
                 StoreError::Corrupt(format!(
                     "claim {claim} ended for an unknown reason {reason}"
                 ))
@@ -122,11 +133,21 @@ async fn lock_claim(conn: &mut PgConnection, claim: Uuid, holder: &str) -> Resul
     };
     let stored = Claim {
         id: claim,
-        holder: row.holder,
-        claimed_at: row.claimed_at,
-        lease_until: row.lease_until,
+        holder: r.holder.clone(),
+        claimed_at: r.claimed_at,
+        lease_until: r.lease_until,
         ended,
     };
+    let info = ClaimInfo {
+        id: claim,
+        holder: r.holder.clone(),
+        claimed_at: r.claimed_at,
+        lease_until: r.lease_until,
+    };
+    let agency = r.agency.clone();
+    // The incident's active claim is this one, unless it has ended.
+    let active = stored.ended.is_none().then_some(&info);
+    let incident = Incident::try_from(incidents::incident_row!(r, claim: active))?;
     stored.check(holder, now).map_err(|refusal| {
         let said = format!("the claim on {} is {refusal}", incident.number);
         match refusal {
@@ -139,13 +160,8 @@ async fn lock_claim(conn: &mut PgConnection, claim: Uuid, holder: &str) -> Resul
     })?;
     Ok(Held {
         incident,
-        claim: ClaimInfo {
-            id: claim,
-            holder: stored.holder,
-            claimed_at: stored.claimed_at,
-            lease_until: stored.lease_until,
-        },
-        agency: row.agency,
+        claim: info,
+        agency,
         now,
     })
 }
@@ -212,8 +228,8 @@ async fn requeue(
     Ok(())
 }
 
-/// Writes the audit entries and the change-log entries of a change, then reads the incident
-/// as it now is. The change log's lock comes last, held only until commit.
+/// Reads the incident as it now is, then writes the audit entries and the change-log entries
+/// of the change (in one statement: the change log comes last, held only until commit).
 async fn record(
     conn: &mut PgConnection,
     incident: IncidentId,
@@ -221,9 +237,8 @@ async fn record(
     log: &[Change],
     now: DateTime<Utc>,
 ) -> Result<Incident> {
-    audit::append(conn, entries).await?;
     let after = incidents::get(conn, incident).await?;
-    changes::append(conn, log, now).await?;
+    audit::append_with_changes(conn, entries, log, now).await?;
     Ok(after)
 }
 
@@ -232,6 +247,9 @@ async fn record(
 /// transaction has locked is skipped, not waited for. If every waiting incident was locked
 /// for a moment (a note, an acknowledgement, joining events), it looks again briefly rather
 /// than answer "empty" for a queue that is not.
+///
+/// The claim is one statement (the incident, its claim, the audit entry and the change-log
+/// entry), atomic with or without a transaction around it.
 pub async fn claim_next(
     conn: &mut PgConnection,
     queue: &str,
@@ -245,10 +263,10 @@ pub async fn claim_next(
     let claim = Uuid::now_v7();
     let lease_seconds = lease.duration().as_seconds_f64();
     let mut attempts = 0;
-    // One statement takes the incident, marks it claimed and records the claim; the time is
-    // read once the row is locked.
-    let (id, now) = loop {
-        let taken = sqlx::query!(
+    loop {
+        // The time is read once the row is locked; the lease is Lease::until on it.
+        let taken = sqlx::query_as!(
+            incidents::IncidentRow,
             r#"
             WITH next AS (
                 SELECT id FROM incidents
@@ -261,25 +279,52 @@ pub async fn claim_next(
                    SET status = $2, claim_deadline = NULL, updated_at = clock_timestamp()
                   FROM next
                  WHERE i.id = next.id
-                RETURNING i.id, i.updated_at
+                RETURNING i.*
             ), claimed AS (
-                -- Lease::until, on the time the row was locked at.
                 INSERT INTO claims (id, incident_id, holder, claimed_at, lease_until)
                 SELECT $3, id, $4, updated_at, updated_at + make_interval(secs => $5)
                   FROM taken
+                RETURNING id, incident_id, holder, claimed_at, lease_until
+            ), audited AS (
+                INSERT INTO audit_log (entity_type, entity_id, at, actor, action, before, after,
+                                       detail)
+                SELECT 'incident', incident_id, claimed_at, holder, 'incident.claimed',
+                       jsonb_build_object('status', $6::text),
+                       jsonb_build_object('status', $2::text, 'holder', holder,
+                                          'lease_until', lease_until),
+                       $7
+                  FROM claimed
+            ), logged AS (
+                INSERT INTO incident_changes (incident_id, queues, kind, at, actor, detail)
+                SELECT id, ARRAY[queue], $8, updated_at, $4, '' FROM taken
             )
-            SELECT id, updated_at FROM taken
+            SELECT t.id AS "id!", t.number AS "number!", t.category AS "category!",
+                   t.queue AS "queue!", t.priority AS "priority!", t.status AS "status!",
+                   t.title AS "title!", t.lat, t.lon, t.zone,
+                   t.correlation_key AS "correlation_key!", t.correlating AS "correlating!",
+                   t.rule_id, t.rule_name AS "rule_name!", t.first_seen AS "first_seen!",
+                   t.last_seen AS "last_seen!", t.event_count AS "event_count!",
+                   t.created_at AS "created_at!", t.updated_at AS "updated_at!",
+                   t.claim_within_seconds AS "claim_within_seconds!", t.claim_deadline,
+                   t.escalated_at, t.acknowledged_at, t.acknowledged_by,
+                   c.id AS "claim_id?", c.holder AS "claim_holder?",
+                   c.claimed_at AS "claimed_at?", c.lease_until AS "lease_until?"
+              FROM taken t
+              JOIN claimed c ON c.incident_id = t.id
             "#,
             queue,
             claimed.as_str(),
             claim,
             holder,
             lease_seconds,
+            waiting.as_str(),
+            format!("claim {claim}"),
+            ChangeKind::Claimed.as_str(),
         )
         .fetch_optional(&mut *conn)
         .await?;
         if let Some(taken) = taken {
-            break (taken.id, taken.updated_at);
+            return Ok(Some(Incident::try_from(taken)?));
         }
         // In queue order, like the claim, so that any plan walks the waiting incidents' index
         // (a plan that scans the table would read every incident to find none).
@@ -300,24 +345,7 @@ pub async fn claim_next(
             return Ok(None);
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    let incident = incidents::get(conn, IncidentId(id)).await?;
-    let lease_until = incident
-        .claim
-        .as_ref()
-        .map_or(lease.until(now), |c| c.lease_until);
-    let entries = [AuditEntry {
-        before: Some(json!({"status": waiting.as_str()})),
-        after: Some(
-            json!({"status": claimed.as_str(), "holder": holder, "lease_until": lease_until}),
-        ),
-        detail: format!("claim {claim}"),
-        ..entry(incident.id, now, holder, "incident.claimed")
-    }];
-    audit::append(conn, &entries).await?;
-    let log = [Change::new(&incident, ChangeKind::Claimed, holder, "")];
-    changes::append(conn, &log, now).await?;
-    Ok(Some(incident))
+    }
 }
 
 /// Gives a claimed incident back to its queue.
@@ -379,14 +407,20 @@ pub async fn extend(
     Ok((after, info))
 }
 
-/// Assigns available units of the incident's agency, sets the incident and the units
-/// DISPATCHED, and ends the claim.
+/// Assigns available units of the incident's agency, named by id or call sign, sets the
+/// incident and the units DISPATCHED, and ends the claim.
 pub async fn dispatch_units(
     conn: &mut PgConnection,
     claim: Uuid,
     holder: &str,
-    unit_ids: &[UnitId],
+    references: &[&str],
 ) -> Result<(Incident, Vec<Unit>)> {
+    if references.is_empty() {
+        return Err(StoreError::Invalid(occ_domain::FieldErrors::one(
+            "unit_ids",
+            "name at least one unit",
+        )));
+    }
     let Held {
         incident,
         agency,
@@ -394,19 +428,7 @@ pub async fn dispatch_units(
         ..
     } = lock_claim(conn, claim, holder).await?;
     let next = refuse(&incident, IncidentCommand::Dispatch)?;
-    if unit_ids.is_empty() {
-        return Err(StoreError::Invalid(occ_domain::FieldErrors::one(
-            "unit_ids",
-            "name at least one unit",
-        )));
-    }
-    let mut wanted: Vec<UnitId> = unit_ids.to_vec();
-    wanted.sort();
-    wanted.dedup();
-    let found = units::load(conn, &wanted, true).await?;
-    if found.len() != wanted.len() {
-        return Err(StoreError::NotFound { what: "unit" });
-    }
+    let found = units::lock_named(conn, references).await?;
     let mut statuses = Vec::with_capacity(found.len());
     for unit in &found {
         if unit.agency != agency {
@@ -455,14 +477,13 @@ pub async fn dispatch_units(
         detail: call_signs.join(", "),
         ..entry(incident.id, now, holder, "incident.dispatched")
     });
-    audit::append(conn, &entries).await?;
     let log = [Change::new(
         &incident,
         ChangeKind::Dispatched,
         holder,
         call_signs.join(", "),
     )];
-    changes::append(conn, &log, now).await?;
+    audit::append_with_changes(conn, &entries, &log, now).await?;
     // As stored: dispatched, the claim ended.
     let after = Incident {
         status: next,

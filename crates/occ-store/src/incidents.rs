@@ -11,36 +11,74 @@ use uuid::Uuid;
 
 use crate::error::{Result, StoreError};
 
-struct IncidentRow {
-    id: Uuid,
-    number: String,
-    category: String,
-    queue: String,
-    priority: i16,
-    status: String,
-    title: String,
-    lat: Option<f64>,
-    lon: Option<f64>,
-    zone: Option<String>,
-    correlation_key: String,
-    correlating: bool,
-    rule_id: Option<Uuid>,
-    rule_name: String,
-    first_seen: DateTime<Utc>,
-    last_seen: DateTime<Utc>,
-    event_count: i32,
-    created_at: DateTime<Utc>,
-    updated_at: DateTime<Utc>,
-    claim_within_seconds: i32,
-    claim_deadline: Option<DateTime<Utc>>,
-    escalated_at: Option<DateTime<Utc>>,
-    acknowledged_at: Option<DateTime<Utc>>,
-    acknowledged_by: Option<String>,
-    claim_id: Option<Uuid>,
-    claim_holder: Option<String>,
-    claimed_at: Option<DateTime<Utc>>,
-    lease_until: Option<DateTime<Utc>>,
+pub(crate) struct IncidentRow {
+    pub(crate) id: Uuid,
+    pub(crate) number: String,
+    pub(crate) category: String,
+    pub(crate) queue: String,
+    pub(crate) priority: i16,
+    pub(crate) status: String,
+    pub(crate) title: String,
+    pub(crate) lat: Option<f64>,
+    pub(crate) lon: Option<f64>,
+    pub(crate) zone: Option<String>,
+    pub(crate) correlation_key: String,
+    pub(crate) correlating: bool,
+    pub(crate) rule_id: Option<Uuid>,
+    pub(crate) rule_name: String,
+    pub(crate) first_seen: DateTime<Utc>,
+    pub(crate) last_seen: DateTime<Utc>,
+    pub(crate) event_count: i32,
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) updated_at: DateTime<Utc>,
+    pub(crate) claim_within_seconds: i32,
+    pub(crate) claim_deadline: Option<DateTime<Utc>>,
+    pub(crate) escalated_at: Option<DateTime<Utc>>,
+    pub(crate) acknowledged_at: Option<DateTime<Utc>>,
+    pub(crate) acknowledged_by: Option<String>,
+    pub(crate) claim_id: Option<Uuid>,
+    pub(crate) claim_holder: Option<String>,
+    pub(crate) claimed_at: Option<DateTime<Utc>>,
+    pub(crate) lease_until: Option<DateTime<Utc>>,
 }
+
+/// An [`IncidentRow`] from a query's record whose columns are named as in [`load`] (a
+/// statement that also locks, or returns more than the incident).
+macro_rules! incident_row {
+    ($r:ident, claim: $claim:expr) => {
+        $crate::incidents::IncidentRow {
+            id: $r.id,
+            number: $r.number,
+            category: $r.category,
+            queue: $r.queue,
+            priority: $r.priority,
+            status: $r.status,
+            title: $r.title,
+            lat: $r.lat,
+            lon: $r.lon,
+            zone: $r.zone,
+            correlation_key: $r.correlation_key,
+            correlating: $r.correlating,
+            rule_id: $r.rule_id,
+            rule_name: $r.rule_name,
+            first_seen: $r.first_seen,
+            last_seen: $r.last_seen,
+            event_count: $r.event_count,
+            created_at: $r.created_at,
+            updated_at: $r.updated_at,
+            claim_within_seconds: $r.claim_within_seconds,
+            claim_deadline: $r.claim_deadline,
+            escalated_at: $r.escalated_at,
+            acknowledged_at: $r.acknowledged_at,
+            acknowledged_by: $r.acknowledged_by,
+            claim_id: $claim.map(|c: &occ_domain::ClaimInfo| c.id),
+            claim_holder: $claim.map(|c: &occ_domain::ClaimInfo| c.holder.clone()),
+            claimed_at: $claim.map(|c: &occ_domain::ClaimInfo| c.claimed_at),
+            lease_until: $claim.map(|c: &occ_domain::ClaimInfo| c.lease_until),
+        }
+    };
+}
+pub(crate) use incident_row;
 
 impl TryFrom<IncidentRow> for Incident {
     type Error = StoreError;
@@ -255,13 +293,21 @@ pub struct Join {
     pub claim_within: Option<TimeDelta>,
 }
 
+/// An incident events joined, as it now is.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    pub number: IncidentNumber,
+    pub queue: String,
+    pub event_count: i32,
+}
+
 /// Adds events to an incident, widening its seen interval and raising (never lowering) its
-/// priority. Returns its number.
-pub async fn join(conn: &mut PgConnection, j: &Join, now: DateTime<Utc>) -> Result<IncidentNumber> {
+/// priority.
+pub async fn join(conn: &mut PgConnection, j: &Join, now: DateTime<Utc>) -> Result<Joined> {
     let within = j
         .claim_within
         .map(|d| i32::try_from(d.num_seconds()).unwrap_or(i32::MAX));
-    let number = sqlx::query_scalar!(
+    let joined = sqlx::query!(
         r#"
         UPDATE incidents
            SET event_count = event_count + $2,
@@ -277,7 +323,7 @@ pub async fn join(conn: &mut PgConnection, j: &Join, now: DateTime<Utc>) -> Resu
                                                 + make_interval(secs => COALESCE($8::int4, claim_within_seconds)))
                                 END
          WHERE id = $1
-        RETURNING number
+        RETURNING number, queue, event_count
         "#,
         j.id.0,
         j.added,
@@ -290,7 +336,11 @@ pub async fn join(conn: &mut PgConnection, j: &Join, now: DateTime<Utc>) -> Resu
     )
     .fetch_one(conn)
     .await?;
-    Ok(IncidentNumber::from_stored(number))
+    Ok(Joined {
+        number: IncidentNumber::from_stored(joined.number),
+        queue: joined.queue,
+        event_count: joined.event_count,
+    })
 }
 
 /// Stops an incident from absorbing new events (a newer incident takes over its key).

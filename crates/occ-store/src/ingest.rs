@@ -2,6 +2,7 @@
 //! and the audit entries, all in one transaction.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -13,7 +14,7 @@ use serde_json::json;
 use sqlx::{PgConnection, PgPool};
 
 use crate::audit::{self, AuditEntry, Entity};
-use crate::changes::{self, Change, ChangeKind};
+use crate::changes::{Change, ChangeKind};
 use crate::dead_letters::{self, DeadLetter};
 use crate::error::{Result, StoreError};
 use crate::events::{self, Transport};
@@ -82,6 +83,8 @@ pub enum EventOutcome {
     /// Nothing changed: already stored (a redelivery), overtaken by a newer revision, or a
     /// status its source already has. `existing` is the stored event's id, when there is one.
     Duplicate { existing: Option<EventId> },
+    /// PostgreSQL refused a value of it (or of its message): kept as a dead letter instead.
+    Refused { reason: String },
 }
 
 /// An incident a batch opened, for the log.
@@ -111,8 +114,95 @@ impl BatchOutcome {
     }
 
     pub fn duplicates(&self) -> usize {
-        self.events.len() - self.accepted()
+        self.events
+            .iter()
+            .filter(|e| matches!(e, EventOutcome::Duplicate { .. }))
+            .count()
     }
+
+    /// Events refused by the database, kept as dead letters.
+    pub fn refused(&self) -> usize {
+        self.events
+            .iter()
+            .filter(|e| matches!(e, EventOutcome::Refused { .. }))
+            .count()
+    }
+
+    fn absorb(&mut self, other: BatchOutcome) {
+        self.events.extend(other.events);
+        self.opened.extend(other.opened);
+        self.incidents_opened += other.incidents_opened;
+        self.incidents_joined += other.incidents_joined;
+    }
+}
+
+/// A batch whose parts stand or fall alone: each MQTT message (its events, or its dead
+/// letter), each event of a `PublishEvents` call.
+#[derive(Debug, Clone, Copy)]
+pub struct Parts<'a> {
+    pub events: &'a [Enriched],
+    pub dead_letters: &'a [DeadLetter],
+    pub transport: Transport,
+    /// Per part, in order: the range of its events and the range of its dead letters.
+    pub parts: &'a [(Range<usize>, Range<usize>)],
+}
+
+/// How a caller commits a batch: with its retry policy, answering `None` to give up (at
+/// shutdown).
+pub trait Commit {
+    fn commit(
+        &self,
+        batch: Batch<'_>,
+    ) -> impl std::future::Future<Output = Option<Result<BatchOutcome>>> + Send;
+}
+
+/// Commits a batch with `commit`. The one fallback for values PostgreSQL refuses, for MQTT and gRPC
+/// alike: if the batch is refused, its parts are committed one by one, and a part refused
+/// alone is replaced by the dead letter `letter` makes of it (from the part's index and the
+/// reason), its events answered [`EventOutcome::Refused`]. The rest flows on.
+///
+/// An error other than a refused value, or a part without events refused (a dead letter the
+/// database will not take), is returned: nothing the data can be blamed for.
+pub async fn commit_parts(
+    batch: Parts<'_>,
+    commit: &impl Commit,
+    letter: impl Fn(usize, String) -> DeadLetter,
+) -> Option<Result<BatchOutcome>> {
+    let whole = Batch::new(batch.events, batch.transport, batch.dead_letters);
+    match commit.commit(whole).await? {
+        Err(e) if e.is_data_error() => {
+            tracing::warn!(error = %e, parts = batch.parts.len(), "batch refused; storing its parts one by one");
+        }
+        done => return Some(done),
+    }
+    let mut outcome = BatchOutcome::default();
+    for (i, (events, dead_letters)) in batch.parts.iter().enumerate() {
+        let part = Batch::new(
+            &batch.events[events.clone()],
+            batch.transport,
+            &batch.dead_letters[dead_letters.clone()],
+        );
+        match commit.commit(part).await? {
+            Ok(done) => outcome.absorb(done),
+            Err(e) if e.is_data_error() && !events.is_empty() => {
+                let reason = format!("could not be stored: {e}");
+                let dead = [letter(i, reason.clone())];
+                if let Err(e) = commit
+                    .commit(Batch::new(&[], batch.transport, &dead))
+                    .await?
+                {
+                    return Some(Err(e));
+                }
+                outcome
+                    .events
+                    .extend(events.clone().map(|_| EventOutcome::Refused {
+                        reason: reason.clone(),
+                    }));
+            }
+            Err(e) => return Some(Err(e)),
+        }
+    }
+    Some(Ok(outcome))
 }
 
 /// Commits a batch in one transaction, retrying it when it loses a race with another
@@ -291,6 +381,8 @@ pub(crate) async fn apply(
     let mut entries = Vec::new();
     let mut opened = Vec::new();
     let mut joined = 0;
+    // The incidents the batch opened or joined: their queue, event count, and whether opened.
+    let mut touched: BTreeMap<IncidentId, (String, i32, bool)> = BTreeMap::new();
     for (key, hits) in &by_key {
         let current = incidents::lock_correlating(conn, key).await?;
         let window = hits
@@ -328,8 +420,10 @@ pub(crate) async fn apply(
                         correlating: seg.keeps_correlating,
                         claim_within: raised,
                     };
-                    let number = incidents::join(conn, &join, now).await?;
+                    let now_is = incidents::join(conn, &join, now).await?;
                     joined += 1;
+                    touched.insert(id, (now_is.queue, now_is.event_count, false));
+                    let number = now_is.number;
                     if seg.raised_priority() {
                         let (ei, hit) = &hits[*seg.events.last().unwrap_or(&0)];
                         entries.push(AuditEntry {
@@ -383,6 +477,7 @@ pub(crate) async fn apply(
                             "another transaction opened the incident for {key} first"
                         )));
                     };
+                    touched.insert(new.id, (new.queue.to_owned(), new.event_count, true));
                     opened.push(OpenedIncident {
                         number: number.clone(),
                         queue: new.queue.to_owned(),
@@ -430,7 +525,6 @@ pub(crate) async fn apply(
         }
     }
     incidents::link_events(conn, &links, now).await?;
-    audit::append(conn, &entries).await?;
     let hits: Vec<watchlist::Hit> = batch
         .events
         .iter()
@@ -452,36 +546,23 @@ pub(crate) async fn apply(
         let stored = made.iter().flatten().count();
         dead_letters::resolve(conn, replay.dead_letter, replay.actor, stored, now).await?;
     }
-    // Consoles hear of new incidents and of incidents that grew, once per incident per batch.
-    let mut touched: Vec<(IncidentId, bool)> = per_event
-        .iter()
-        .flatten()
-        .map(|l| (l.id, l.opened))
+    // Consoles hear of new incidents and of incidents that grew, once per incident per batch;
+    // with the audit entries, last (the incidents are locked).
+    let log: Vec<Change> = touched
+        .into_iter()
+        .map(|(id, (queue, event_count, opened))| Change {
+            incident: id,
+            queues: vec![queue],
+            kind: if opened {
+                ChangeKind::Opened
+            } else {
+                ChangeKind::Updated
+            },
+            actor: RULES_ACTOR.to_owned(),
+            detail: format!("{event_count} events"),
+        })
         .collect();
-    touched.sort_by_key(|(id, opened)| (*id, !opened));
-    touched.dedup_by_key(|(id, _)| *id);
-    if !touched.is_empty() {
-        let ids: Vec<IncidentId> = touched.iter().map(|(id, _)| *id).collect();
-        let current = incidents::load(conn, &ids).await?;
-        let log: Vec<Change> = current
-            .iter()
-            .zip(&touched)
-            .map(|(incident, (_, opened))| {
-                let kind = if *opened {
-                    ChangeKind::Opened
-                } else {
-                    ChangeKind::Updated
-                };
-                Change::new(
-                    incident,
-                    kind,
-                    RULES_ACTOR,
-                    format!("{} events", incident.event_count),
-                )
-            })
-            .collect();
-        changes::append(conn, &log, now).await?;
-    }
+    audit::append_with_changes(conn, &entries, &log, now).await?;
 
     let events = all
         .iter()

@@ -108,6 +108,55 @@ pub async fn load(conn: &mut PgConnection, ids: &[UnitId], lock: bool) -> Result
     rows.into_iter().map(Unit::try_from).collect()
 }
 
+/// Locks the units named by id (UUID) or call sign, in id order (so concurrent dispatches
+/// cannot deadlock), each once. A name that matches no unit is refused as `unit_ids[i]`.
+pub async fn lock_named(conn: &mut PgConnection, references: &[&str]) -> Result<Vec<Unit>> {
+    let ids: Vec<Uuid> = references
+        .iter()
+        .filter_map(|r| Uuid::parse_str(r).ok())
+        .collect();
+    let rows = sqlx::query_as!(
+        UnitRow,
+        r#"
+        SELECT id, call_sign, agency, home_station, status, incident_id, lat, lon,
+               location_at, updated_at
+          FROM units
+         -- Call signs resolved first: with an OR, plans scan units dispatched or all.
+         WHERE id = ANY(ARRAY(SELECT id FROM units WHERE call_sign = ANY($2)) || $1::uuid[])
+         ORDER BY id
+           FOR UPDATE
+        "#,
+        &ids,
+        references as &[&str],
+    )
+    .fetch_all(conn)
+    .await?;
+    let units: Vec<Unit> = rows
+        .into_iter()
+        .map(Unit::try_from)
+        .collect::<Result<_>>()?;
+    let unknown = references
+        .iter()
+        .enumerate()
+        .filter(|(_, reference)| {
+            !units.iter().any(|u| {
+                u.call_sign == **reference
+                    || Uuid::parse_str(reference).is_ok_and(|id| id == u.id.0)
+            })
+        })
+        .map(|(i, reference)| {
+            occ_domain::FieldError::new(
+                format!("unit_ids[{i}]"),
+                format!("no unit with id or call sign {reference:?}"),
+            )
+        })
+        .collect();
+    match occ_domain::FieldErrors::from_vec(unknown) {
+        Some(errors) => Err(StoreError::Invalid(errors)),
+        None => Ok(units),
+    }
+}
+
 /// Finds a unit by id (UUID) or call sign.
 pub async fn resolve(conn: &mut PgConnection, reference: &str) -> Result<UnitId> {
     let by_id = Uuid::parse_str(reference).ok();

@@ -81,7 +81,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     pub operators: usize,
 
-    /// `ClaimNext` + `DispatchUnits` pairs each operator makes.
+    /// `ClaimNext` + `DispatchUnits` pairs each operator makes (the first fifth warm up, untimed).
     #[arg(long, default_value_t = 1500)]
     pub pairs: usize,
 
