@@ -44,7 +44,7 @@ impl IngestApi {
                 ),
             ));
         }
-        let received_at = Utc::now();
+        let received_at = self.state.clock.now();
         let limits = &self.state.limits;
         // Per request event: its index among the valid events, or its errors.
         let mut parsed: Vec<Result<usize, FieldErrors>> = Vec::with_capacity(req.events.len());

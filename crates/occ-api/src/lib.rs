@@ -49,6 +49,8 @@ pub struct ApiState {
     pub feed: Feed,
     pub activity: ActivityLog,
     pub adapters: Arc<Adapters>,
+    /// What this instance reads the time from (see [`occ_domain::clock`]).
+    pub clock: occ_domain::SharedClock,
 }
 
 impl ApiState {

@@ -1,6 +1,5 @@
 //! `RuleService`: reading, changing and trying rules.
 
-use chrono::Utc;
 use occ_domain::{
     Candidate, Event, FieldError, FieldErrors, Rule, RuleId, RuleSet, plan_correlation,
 };
@@ -79,12 +78,13 @@ impl RuleApi {
             .ok_or_else(|| ApiError::invalid("rule", "is required"))?;
         let input = convert::rule_input(&rule).map_err(|e| input_errors("rule.", e))?;
         let mut tx = occ_store::begin(&self.state.pool).await?;
-        let (stored, created) = rules::put(&mut tx, input, &principal.subject, Utc::now())
-            .await
-            .map_err(|e| match e {
-                occ_store::StoreError::Invalid(errors) => rule_errors("rule.", errors),
-                other => other.into(),
-            })?;
+        let (stored, created) =
+            rules::put(&mut tx, input, &principal.subject, self.state.clock.now())
+                .await
+                .map_err(|e| match e {
+                    occ_store::StoreError::Invalid(errors) => rule_errors("rule.", errors),
+                    other => other.into(),
+                })?;
         occ_store::commit(tx).await?;
         self.state.rules.reload_now();
         tracing::info!(rule = %stored.name, created, actor = %principal.subject, "rule stored");
@@ -103,7 +103,13 @@ impl RuleApi {
             return Err(ApiError::invalid("name", "is required"));
         }
         let mut tx = occ_store::begin(&self.state.pool).await?;
-        let rule = rules::delete(&mut tx, &req.name, &principal.subject, Utc::now()).await?;
+        let rule = rules::delete(
+            &mut tx,
+            &req.name,
+            &principal.subject,
+            self.state.clock.now(),
+        )
+        .await?;
         occ_store::commit(tx).await?;
         self.state.rules.reload_now();
         tracing::info!(rule = %rule.name, actor = %principal.subject, "rule deleted");
@@ -116,7 +122,13 @@ impl RuleApi {
             .ok_or_else(|| ApiError::invalid("event", "is required"))?;
         let event = convert::event_input(&event)
             .and_then(|(source, input)| {
-                Event::parse(source, input, b"", Utc::now(), &self.state.limits)
+                Event::parse(
+                    source,
+                    input,
+                    b"",
+                    self.state.clock.now(),
+                    &self.state.limits,
+                )
             })
             .map_err(|e| input_errors("event.", e))?;
         // As ingest would see it: mapped, placed and checked against the watch lists. A
@@ -138,7 +150,7 @@ impl RuleApi {
                         enabled: true,
                         ..input
                     },
-                    Utc::now(),
+                    self.state.clock.now(),
                 )
                 .map_err(|e| rule_errors("rule.", e))?;
                 std::sync::Arc::new(RuleSet::new(vec![rule]))

@@ -1,6 +1,5 @@
 //! `UnitService`: responders, their status and position, and recommendations.
 
-use chrono::Utc;
 use occ_domain::{GeoPoint, distance_m};
 use occ_proto::v1::{self as pb, unit_service_server::UnitService};
 use occ_store::units::{self, UnitFilter, UnitSpec};
@@ -83,7 +82,8 @@ impl UnitApi {
             location: point("unit.location", unit.location.as_ref())?,
         };
         let mut tx = occ_store::begin(&self.state.pool).await?;
-        let (stored, created) = units::upsert(&mut tx, &spec, &who.subject, Utc::now()).await?;
+        let (stored, created) =
+            units::upsert(&mut tx, &spec, &who.subject, self.state.clock.now()).await?;
         occ_store::commit(tx).await?;
         Ok(pb::UpsertUnitResponse {
             unit: Some(convert::unit(&stored)),
@@ -154,7 +154,7 @@ impl UnitApi {
     ) -> ApiResult<pb::ReportUnitLocationResponse> {
         let at = point("location", req.location.as_ref())?
             .ok_or_else(|| ApiError::invalid("location", "is required"))?;
-        let now = Utc::now();
+        let now = self.state.clock.now();
         let when = match &req.time {
             None => now,
             Some(t) => convert::from_timestamp("time", t)

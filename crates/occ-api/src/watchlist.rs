@@ -1,6 +1,5 @@
 //! `WatchlistService`: the plates police want to know about, and where they were seen.
 
-use chrono::Utc;
 use occ_domain::watchlist::parse_plate;
 use occ_domain::{FieldErrors, WatchEntryInput};
 use occ_proto::v1::{self as pb, watchlist_service_server::WatchlistService};
@@ -166,7 +165,7 @@ impl WatchlistService for WatchlistApi {
         let mut page = watchlist::list(
             &mut conn,
             &filter,
-            Utc::now(),
+            self.state.clock.now(),
             after.as_ref().map(|a| (a[0].as_str(), a[1].as_str())),
             limit + 1,
         )

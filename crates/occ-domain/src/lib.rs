@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod claim;
+pub mod clock;
 pub mod correlation;
 pub mod event;
 pub mod glob;
@@ -47,6 +48,7 @@ pub(crate) fn check_transitions<S, C, E>(
     }
 }
 
+pub use clock::{Clock, SharedClock, SystemClock};
 pub use correlation::{Candidate, CorrelationPlan, OpenIncident, Segment, plan_correlation};
 pub use event::{
     Confidence, Delivery, District, Event, EventId, EventInput, EventType, Evidence, EvidenceKind,

@@ -43,6 +43,8 @@ pub struct IngestParts {
     pub rules: LiveRules,
     pub registry: LiveRegistry,
     pub activity: ActivityLog,
+    /// What ingest reads the time of receipt from (see [`occ_domain::clock`]).
+    pub clock: occ_domain::SharedClock,
 }
 
 /// Whether ingest is taking messages.
@@ -101,7 +103,12 @@ impl Ingest {
         });
         let batcher_done = CancellationToken::new();
 
-        let session = mqtt::Session::new(mqtt.client_id.clone(), parts.pool.clone());
+        let session = mqtt::Session::new(
+            mqtt.client_id.clone(),
+            parts.pool.clone(),
+            parts.clock.clone(),
+        );
+        let clock = parts.clock.clone();
         let progress = Arc::new(pipeline::Progress::default());
         let batcher = pipeline::Batcher {
             parts,
@@ -133,6 +140,7 @@ impl Ingest {
                 session,
                 stale,
                 poll_progress,
+                clock,
                 batcher_done,
             )
             .await;

@@ -101,16 +101,18 @@ pub(crate) struct Session {
     client_id: String,
     name: Arc<str>,
     pool: PgPool,
+    clock: occ_domain::SharedClock,
     /// OCC has seen this session begin (recorded in PostgreSQL, by this or another instance).
     known: bool,
 }
 
 impl Session {
-    pub(crate) fn new(client_id: String, pool: PgPool) -> Self {
+    pub(crate) fn new(client_id: String, pool: PgPool, clock: occ_domain::SharedClock) -> Self {
         Self {
             name: client_id.as_str().into(),
             client_id,
             pool,
+            clock,
             known: false,
         }
     }
@@ -151,7 +153,7 @@ impl Session {
     /// The broker began a new session: named now, recorded in the background (the poll task
     /// does not wait on the database).
     fn began(&mut self) {
-        let began = Utc::now();
+        let began = self.clock.now();
         self.known = true;
         self.named(began);
         let pool = self.pool.clone();
@@ -335,6 +337,7 @@ pub(crate) async fn poll(
     mut session: Session,
     mut stale: Vec<String>,
     progress: Arc<crate::pipeline::Progress>,
+    clock: occ_domain::SharedClock,
     stopping: CancellationToken,
 ) {
     if !session.load(&stopping).await {
@@ -354,7 +357,7 @@ pub(crate) async fn poll(
                     publish,
                     session: session.name(),
                     epoch: connection.current(),
-                    received_at: Utc::now(),
+                    received_at: clock.now(),
                 });
                 stats
                     .inbox_peak

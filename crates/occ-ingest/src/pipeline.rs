@@ -297,7 +297,7 @@ impl Batcher {
         metrics::histogram!("occ_ingest_commit_seconds").record(started.elapsed().as_secs_f64());
         if let Some(oldest) = batch.iter().map(|m| m.received_at).min() {
             // From receipt to commit: how far ingest runs behind the broker.
-            let lag = (chrono::Utc::now() - oldest).as_seconds_f64().max(0.0);
+            let lag = (self.parts.clock.now() - oldest).as_seconds_f64().max(0.0);
             metrics::histogram!("occ_ingest_lag_seconds").record(lag);
         }
         tracing::debug!(

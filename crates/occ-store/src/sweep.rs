@@ -195,7 +195,8 @@ pub async fn run(
             last_prune = Some(tokio::time::Instant::now());
             let pruned = async {
                 let mut conn = pool.acquire().await?;
-                changes::prune(&mut conn, chrono::Utc::now() - CHANGE_RETENTION).await
+                let now = crate::dispatch::now(&mut conn).await?;
+                changes::prune(&mut conn, now - CHANGE_RETENTION).await
             };
             if let Err(e) = pruned.await {
                 tracing::warn!(error = %e, "cannot prune the change log");

@@ -167,6 +167,7 @@ pub async fn start(
     })
     .await?;
     let activity = ActivityLog::default();
+    let clock = occ_domain::SystemClock::shared();
 
     // Ingest has connections of its own: API load cannot starve it (nor mark it unhealthy).
     let ingest_pool = occ_store::pool(&DbConfig {
@@ -240,6 +241,7 @@ pub async fn start(
             rules: rules.clone(),
             registry: registry.clone(),
             activity: activity.clone(),
+            clock: clock.clone(),
         },
         lease_pool,
         ingest_stop.clone(),
@@ -305,6 +307,7 @@ pub async fn start(
         feed,
         activity,
         adapters,
+        clock,
     };
     let grpc = tokio::spawn(occ_api::serve(
         listener,
