@@ -89,6 +89,11 @@ pub struct BenchArgs {
     /// system's.
     #[arg(long)]
     pub mosquitto: Option<PathBuf>,
+
+    /// The OCC program to measure (another build, for a comparison in one run's conditions);
+    /// by default this one.
+    #[arg(long)]
+    pub occ: Option<PathBuf>,
 }
 
 /// A part of the bench.
@@ -170,6 +175,14 @@ struct Row {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    if let Some(program) = &args.occ {
+        ensure!(
+            program.is_file(),
+            "--occ {}: no such program",
+            program.display()
+        );
+        let _ = OCC_PROGRAM.set(program.clone());
+    }
     let adapters = default_adapters()?;
     let ingest = args.stages.contains(&Stage::Ingest);
     let messages = if ingest {
@@ -410,6 +423,9 @@ fn print_table(args: &BenchArgs, rows: &[Row], took: Duration) {
         args.messages,
         Utc::now().format("%Y-%m-%d %H:%M UTC")
     );
+    if let Some(program) = &args.occ {
+        println!("OCC measured: {}", program.display());
+    }
     println!();
     println!("| measure | result | baseline (same run) |");
     println!("|---|---|---|");
@@ -1032,6 +1048,9 @@ async fn start_occ_metered(
     Ok((child, grpc, metrics))
 }
 
+/// `--occ`, when given.
+static OCC_PROGRAM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 async fn spawn_occ(
     port: u16,
     db: &PgConnectOptions,
@@ -1040,7 +1059,11 @@ async fn spawn_occ(
 ) -> anyhow::Result<(Child, String)> {
     let grpc = format!("127.0.0.1:{}", free_port()?);
     let url = db.to_url_lossy().to_string();
-    let child = Command::new(std::env::current_exe()?)
+    let program = match OCC_PROGRAM.get() {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?,
+    };
+    let child = Command::new(program)
         .args(["serve", "--database-url", &url])
         .args([
             "--mqtt-port",
