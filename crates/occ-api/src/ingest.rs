@@ -156,11 +156,12 @@ impl IngestApi {
     ) -> ApiResult<BatchOutcome> {
         let rules = self.state.rules.current();
         let pool = &self.state.pool;
-        // Each event stands alone; the dead letters of invalid ones come last, together.
-        let mut parts: Vec<_> = (0..events.len()).map(|i| (i..i + 1, 0..0)).collect();
-        if !dead_letters.is_empty() {
-            parts.push((events.len()..events.len(), 0..dead_letters.len()));
-        }
+        // Each event stands alone, then each dead letter of an invalid one.
+        let n = events.len();
+        let parts: Vec<_> = (0..n)
+            .map(|i| (i..i + 1, 0..0))
+            .chain((0..dead_letters.len()).map(|d| (n..n, d..d + 1)))
+            .collect();
         let batch = Parts {
             events,
             dead_letters,
@@ -168,10 +169,14 @@ impl IngestApi {
             parts: &parts,
         };
         let letter = |i: usize, reason: String| {
+            let payload = match events.get(i) {
+                Some(e) => serde_json::to_vec(&e.event).unwrap_or_default(),
+                None => dead_letters[i - n].payload.clone(),
+            };
             DeadLetter::new(
                 Transport::Grpc,
                 DEAD_LETTER_TOPIC,
-                &serde_json::to_vec(&events[i].event).unwrap_or_default(),
+                &payload,
                 self.state.limits.max_payload_bytes,
                 reason,
                 received_at,

@@ -40,13 +40,19 @@ impl DeadLetter {
             id: Uuid::now_v7(),
             received_at,
             transport,
-            topic: topic.to_owned(),
+            topic: storable(topic),
             payload: payload[..payload.len().min(keep)].to_vec(),
             payload_size: payload.len(),
             payload_sha256: Sha256::digest(payload).into(),
-            reason,
+            reason: storable(&reason),
         }
     }
+}
+
+/// PostgreSQL's text holds no NUL: a topic, or a parser's message quoting a field name, that
+/// has one keeps the rest, the NUL shown as U+FFFD.
+fn storable(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
 }
 
 /// Stores dead letters; one already stored (a redelivery of the same message) is skipped.
@@ -344,4 +350,26 @@ where
         out.push((letter.id, outcome));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parser's message quoting a field named with a NUL (`{"\u0000": 1}`) must still be
+    /// storable: PostgreSQL's text refuses NUL, and a dead letter that cannot be stored would
+    /// hold its message unacknowledged.
+    #[test]
+    fn a_dead_letter_holds_no_nul() {
+        let letter = DeadLetter::new(
+            Transport::Mqtt,
+            "occ/v1/events/a\0b",
+            b"{\"\\u0000\":1}",
+            1024,
+            "unknown field `\0`".into(),
+            Utc::now(),
+        );
+        assert!(!letter.topic.contains('\0') && !letter.reason.contains('\0'));
+        assert_eq!(letter.reason, "unknown field `\u{FFFD}`");
+    }
 }

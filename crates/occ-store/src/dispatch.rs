@@ -291,7 +291,9 @@ pub async fn claim_next(
                 SELECT 'incident', incident_id, claimed_at, holder, 'incident.claimed',
                        jsonb_build_object('status', $6::text),
                        jsonb_build_object('status', $2::text, 'holder', holder,
-                                          'lease_until', lease_until),
+                                          -- As chrono writes it elsewhere in the audit log.
+                                          'lease_until', to_char(lease_until AT TIME ZONE 'UTC',
+                                                                 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')),
                        $7
                   FROM claimed
             ), logged AS (

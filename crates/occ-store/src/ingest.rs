@@ -161,8 +161,8 @@ pub trait Commit {
 /// alone is replaced by the dead letter `letter` makes of it (from the part's index and the
 /// reason), its events answered [`EventOutcome::Refused`]. The rest flows on.
 ///
-/// An error other than a refused value, or a part without events refused (a dead letter the
-/// database will not take), is returned: nothing the data can be blamed for.
+/// An error other than a refused value, or a refused replacement dead letter, is returned:
+/// nothing the data can be blamed for.
 pub async fn commit_parts(
     batch: Parts<'_>,
     commit: &impl Commit,
@@ -184,7 +184,7 @@ pub async fn commit_parts(
         );
         match commit.commit(part).await? {
             Ok(done) => outcome.absorb(done),
-            Err(e) if e.is_data_error() && !events.is_empty() => {
+            Err(e) if e.is_data_error() => {
                 let reason = format!("could not be stored: {e}");
                 let dead = [letter(i, reason.clone())];
                 if let Err(e) = commit

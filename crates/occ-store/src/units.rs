@@ -131,30 +131,32 @@ pub async fn lock_named(conn: &mut PgConnection, references: &[&str]) -> Result<
     )
     .fetch_all(conn)
     .await?;
-    let units: Vec<Unit> = rows
+    let found: Vec<Unit> = rows
         .into_iter()
         .map(Unit::try_from)
         .collect::<Result<_>>()?;
-    let unknown = references
-        .iter()
-        .enumerate()
-        .filter(|(_, reference)| {
-            !units.iter().any(|u| {
-                u.call_sign == **reference
-                    || Uuid::parse_str(reference).is_ok_and(|id| id == u.id.0)
-            })
-        })
-        .map(|(i, reference)| {
-            occ_domain::FieldError::new(
+    // A reference names the unit with that id, else the one with that call sign: a call sign
+    // that reads as another unit's id does not bring that unit along.
+    let mut named: Vec<Unit> = Vec::with_capacity(references.len());
+    let mut unknown = Vec::new();
+    for (i, reference) in references.iter().enumerate() {
+        let by_id = Uuid::parse_str(reference)
+            .ok()
+            .and_then(|id| found.iter().find(|u| u.id.0 == id));
+        match by_id.or_else(|| found.iter().find(|u| u.call_sign == *reference)) {
+            Some(unit) => named.push(unit.clone()),
+            None => unknown.push(occ_domain::FieldError::new(
                 format!("unit_ids[{i}]"),
                 format!("no unit with id or call sign {reference:?}"),
-            )
-        })
-        .collect();
-    match occ_domain::FieldErrors::from_vec(unknown) {
-        Some(errors) => Err(StoreError::Invalid(errors)),
-        None => Ok(units),
+            )),
+        }
     }
+    if let Some(errors) = occ_domain::FieldErrors::from_vec(unknown) {
+        return Err(StoreError::Invalid(errors));
+    }
+    named.sort_by_key(|u| u.id);
+    named.dedup_by_key(|u| u.id);
+    Ok(named)
 }
 
 /// Finds a unit by id (UUID) or call sign.
