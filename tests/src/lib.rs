@@ -194,6 +194,25 @@ impl Drop for Broker {
 
 /// A URL for the database behind `pool` (a `#[sqlx::test]` database), on the server of
 /// DATABASE_URL.
+/// Makes PostgreSQL refuse events of the source `poison` (a trigger raising
+/// `invalid_parameter_value`), as it would a value no validation foresaw.
+pub async fn refuse_poison(pool: &PgPool) {
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_source() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.source_id = 'poison' THEN
+             RAISE EXCEPTION 'refused' USING ERRCODE = '22023';
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_source BEFORE INSERT ON events
+           FOR EACH ROW EXECUTE FUNCTION refuse_source();",
+    )
+    .execute(pool)
+    .await
+    .expect("trigger");
+}
+
 pub fn database_url(pool: &PgPool) -> String {
     let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set (see .cargo/config.toml)");
     let mut url = url::Url::parse(&base).expect("DATABASE_URL is a URL");

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use occ_proto::v1 as pb;
 use occ_tests::{
-    Broker, Occ, database_url, event_count, eventually, get_incident, incidents, ingest, rules,
-    sample, scrape, serve_args,
+    Broker, Occ, database_url, event_count, eventually, get_incident, incidents, ingest,
+    refuse_poison, rules, sample, scrape, serve_args,
 };
 use sqlx::PgPool;
 use tonic::Code;
@@ -146,20 +146,7 @@ async fn publish_events_answers_each_event_after_commit(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn an_event_the_database_refuses_is_rejected_alone(pool: PgPool) {
     let (_broker, occ) = start(&pool, "occ-api-refused").await;
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-           IF NEW.source_id = 'poison' THEN
-             RAISE EXCEPTION 'refused' USING ERRCODE = '22023';
-           END IF;
-           RETURN NEW;
-         END $$;
-         CREATE TRIGGER refuse_poison BEFORE INSERT ON events
-           FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
-    )
-    .execute(&pool)
-    .await
-    .expect("trigger");
+    refuse_poison(&pool).await;
     let results = publish(
         &occ.grpc,
         vec![

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use occ_proto::v1 as pb;
 use occ_tests::{
-    Broker, Occ, Publisher, database_url, event_count, eventually, incidents, serve_args,
+    Broker, Occ, Publisher, database_url, event_count, eventually, incidents, refuse_poison,
+    serve_args,
 };
 use serde_json::json;
 use sqlx::PgPool;
@@ -332,20 +333,7 @@ async fn a_message_the_database_refuses_is_isolated_and_the_rest_is_stored(pool:
     ))
     .await
     .expect("occ starts");
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-           IF NEW.source_id = 'poison' THEN
-             RAISE EXCEPTION 'refused' USING ERRCODE = '22023';
-           END IF;
-           RETURN NEW;
-         END $$;
-         CREATE TRIGGER refuse_poison BEFORE INSERT ON events
-           FOR EACH ROW EXECUTE FUNCTION refuse_poison();",
-    )
-    .execute(&pool)
-    .await
-    .expect("trigger");
+    refuse_poison(&pool).await;
 
     let mut publisher = Publisher::connect(broker.port).await;
     for i in 0..10 {
