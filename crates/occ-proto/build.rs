@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "zone",
         "watchlist",
         "dead_letter",
+        "key",
     ]
     .iter()
     .map(|name| root.join(format!("occ/v1/{name}.proto")))

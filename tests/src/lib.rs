@@ -59,6 +59,15 @@ pub fn free_port() -> u16 {
         .expect("an ephemeral port")
 }
 
+/// The next message of a server stream, within 10 s.
+pub async fn next_message<T>(stream: &mut tonic::Streaming<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a message within 10 s")
+        .expect("the stream goes on without an error")
+        .expect("the stream is not over")
+}
+
 /// Polls `check` until it returns `Some`, or fails after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
@@ -242,6 +251,9 @@ pub fn serve_args(db_url: &str, broker_port: u16, client_id: &str, extra: &[&str
         // Many OCCs run at once in the tests: metrics only where a test asks for them.
         "--metrics-listen",
         "",
+        // Tests of everything but access call as an unrestricted operator; tests/security.rs
+        // starts OCC with authentication.
+        "--insecure",
     ]
     .iter()
     .map(|s| (*s).to_owned())
@@ -268,7 +280,12 @@ pub struct Occ {
 impl Occ {
     /// Starts OCC with `args` (see [`serve_args`]) and waits until it takes events.
     pub async fn start(args: Vec<String>) -> anyhow::Result<Occ> {
-        let occ = Self::launch(args).await?;
+        Self::start_at("127.0.0.1:0", args).await
+    }
+
+    /// Starts OCC with its API listening at `bind` and waits until it takes events.
+    pub async fn start_at(bind: &str, args: Vec<String>) -> anyhow::Result<Occ> {
+        let occ = Self::launch_at(bind, args).await?;
         if let Some(running) = &occ.running {
             tokio::time::timeout(Duration::from_secs(20), running.ready())
                 .await
@@ -279,13 +296,23 @@ impl Occ {
 
     /// Starts OCC with `args` without waiting until it takes events.
     pub async fn launch(args: Vec<String>) -> anyhow::Result<Occ> {
+        Self::launch_at("127.0.0.1:0", args).await
+    }
+
+    /// Starts OCC with its API listening at `bind`, without waiting until it takes events.
+    pub async fn launch_at(bind: &str, args: Vec<String>) -> anyhow::Result<Occ> {
         init_logs();
         let cli = ServeCli::try_parse_from(std::iter::once("occ".to_owned()).chain(args))?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = TcpListener::bind(bind).await?;
         let shutdown = CancellationToken::new();
         let running = occ::serve::start(cli.args, listener, shutdown.clone()).await?;
+        let addr = if running.grpc_addr.ip().is_unspecified() {
+            std::net::SocketAddr::from(([127, 0, 0, 1], running.grpc_addr.port()))
+        } else {
+            running.grpc_addr
+        };
         Ok(Occ {
-            grpc: format!("http://{}", running.grpc_addr),
+            grpc: format!("http://{addr}"),
             shutdown,
             running: Some(running),
         })

@@ -434,6 +434,19 @@ pub fn audit(a: &StoredAudit) -> pb::AuditEntry {
     }
 }
 
+/// An audit entry as `reader` may see it: a claim's id is its holder's proof, so only the
+/// principal that made the entry sees it.
+pub fn audit_for(a: &StoredAudit, reader: &str) -> pb::AuditEntry {
+    let mut entry = audit(a);
+    if a.actor != reader
+        && a.action.starts_with("incident.claim")
+        && entry.detail.starts_with("claim ")
+    {
+        entry.detail = "claim".into();
+    }
+    entry
+}
+
 fn comparison(c: Comparison) -> i32 {
     (match c {
         Comparison::Gt => pb::Comparison::GreaterThan,

@@ -219,7 +219,7 @@ impl DeadLetterService for DeadLetterApi {
         &self,
         request: Request<pb::ReplayDeadLettersRequest>,
     ) -> Result<Response<pb::ReplayDeadLettersResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         Ok(Response::new(
             self.replay(&who, request.into_inner()).await?,
         ))

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::ApiState;
 use crate::convert;
 use crate::error::{ApiError, ApiResult};
-use crate::incidents::find;
+use crate::incidents::{find_visible, queue_in_scope};
 use crate::principal::Principal;
 use crate::watch::{self, WatchStream};
 
@@ -108,6 +108,7 @@ impl DispatchApi {
     ) -> ApiResult<pb::ClaimNextResponse> {
         let queue = parse_queue("queue", &req.queue)?;
         let lease = lease("lease", req.lease.as_ref())?;
+        queue_in_scope(who, &queue)?;
         // The claim is one statement: no transaction around it.
         let mut conn = occ_store::acquire(&self.state.pool).await?;
         let claimed = dispatch::claim_next(&mut conn, queue.as_str(), &who.subject, lease).await?;
@@ -176,6 +177,14 @@ impl DispatchApi {
         let mut tx = occ_store::begin(&self.state.pool).await?;
         let (incident, dispatched) =
             dispatch::dispatch_units(&mut tx, claim, &who.subject, &references).await?;
+        // Only units of the caller's agencies (the transaction rolls back otherwise).
+        if let Some(i) = dispatched.iter().position(|u| !who.works_agency(&u.agency)) {
+            crate::principal::out_of_scope(who, "unit");
+            return Err(ApiError::PermissionDenied(format!(
+                "unit_ids[{i}]: {} does not work units of agency {}",
+                who.subject, dispatched[i].agency
+            )));
+        }
         occ_store::commit(tx).await?;
         Ok(pb::DispatchUnitsResponse {
             incident: Some(convert::incident(&incident)),
@@ -195,7 +204,7 @@ impl DispatchApi {
             Some(parse_uuid("claim_id", &req.claim_id)?)
         };
         let mut tx = occ_store::begin(&self.state.pool).await?;
-        let incident = find(&mut tx, &req.incident_id)
+        let incident = find_visible(&mut tx, who, &req.incident_id)
             .await
             .map_err(|e| rename(e, "incident_id"))?;
         let moved = dispatch::transfer(
@@ -248,7 +257,7 @@ impl DispatchService for DispatchApi {
         &self,
         request: Request<pb::PutQueueRequest>,
     ) -> Result<Response<pb::PutQueueResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         Ok(Response::new(
             self.put_queue(&who, request.into_inner()).await?,
         ))
@@ -259,7 +268,7 @@ impl DispatchService for DispatchApi {
         &self,
         request: Request<pb::ClaimNextRequest>,
     ) -> Result<Response<pb::ClaimNextResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         Ok(Response::new(
             self.claim_next(&who, request.into_inner()).await?,
         ))
@@ -270,7 +279,7 @@ impl DispatchService for DispatchApi {
         &self,
         request: Request<pb::ReleaseClaimRequest>,
     ) -> Result<Response<pb::ReleaseClaimResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         Ok(Response::new(
             self.release(&who, request.into_inner()).await?,
         ))
@@ -281,7 +290,7 @@ impl DispatchService for DispatchApi {
         &self,
         request: Request<pb::ExtendClaimRequest>,
     ) -> Result<Response<pb::ExtendClaimResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         Ok(Response::new(
             self.extend(&who, request.into_inner()).await?,
         ))
@@ -292,7 +301,7 @@ impl DispatchService for DispatchApi {
         &self,
         request: Request<pb::DispatchUnitsRequest>,
     ) -> Result<Response<pb::DispatchUnitsResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         Ok(Response::new(
             self.dispatch_units(&who, request.into_inner()).await?,
         ))
@@ -303,7 +312,7 @@ impl DispatchService for DispatchApi {
         &self,
         request: Request<pb::TransferIncidentRequest>,
     ) -> Result<Response<pb::TransferIncidentResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         Ok(Response::new(
             self.transfer(&who, request.into_inner()).await?,
         ))
@@ -314,7 +323,9 @@ impl DispatchService for DispatchApi {
         &self,
         request: Request<pb::WatchQueueRequest>,
     ) -> Result<Response<Self::WatchQueueStream>, Status> {
+        let who = crate::principal::of(&request);
         let queue = parse_queue("queue", &request.get_ref().queue)?;
+        queue_in_scope(&who, &queue)?;
         let mut conn = occ_store::acquire(&self.state.pool)
             .await
             .map_err(ApiError::from)?;
@@ -326,7 +337,8 @@ impl DispatchService for DispatchApi {
             return Err(ApiError::NotFound("queue").into());
         }
         drop(conn);
-        let stream = watch::watch(&self.state.pool, &self.state.feed, Some(queue), |change| {
+        let queues = Some(vec![queue.as_str().to_owned()]);
+        let stream = watch::watch(&self.state.pool, &self.state.feed, queues, |change| {
             pb::WatchQueueResponse {
                 change: Some(change),
             }

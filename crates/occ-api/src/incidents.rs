@@ -37,20 +37,75 @@ pub(crate) async fn find(conn: &mut PgConnection, id: &str) -> ApiResult<Inciden
     }
 }
 
+/// The incident, if the caller may see it: one outside its scope is not found, exactly as
+/// one that does not exist.
+pub(crate) fn visible(who: &Principal, incident: Incident) -> ApiResult<Incident> {
+    if who.sees_queue(incident.queue.as_str()) {
+        Ok(incident)
+    } else {
+        crate::principal::out_of_scope(who, "incident");
+        Err(ApiError::NotFound("incident"))
+    }
+}
+
+/// Finds an incident the caller may see.
+pub(crate) async fn find_visible(
+    conn: &mut PgConnection,
+    who: &Principal,
+    id: &str,
+) -> ApiResult<Incident> {
+    visible(who, find(conn, id).await?)
+}
+
+/// A queue the caller works (or reads): refused, not hidden, since queues are no secret.
+pub(crate) fn queue_in_scope(who: &Principal, queue: &QueueName) -> ApiResult<()> {
+    if who.sees_queue(queue.as_str()) {
+        Ok(())
+    } else {
+        crate::principal::out_of_scope(who, "queue");
+        Err(ApiError::PermissionDenied(format!(
+            "{} is not granted queue {queue}",
+            who.subject
+        )))
+    }
+}
+
+/// The queues a caller asked for, within its scope: the one it named, or all it sees.
+pub(crate) fn scoped_queues(
+    who: &Principal,
+    queue: Option<&QueueName>,
+) -> ApiResult<Option<Vec<String>>> {
+    match queue {
+        Some(q) => {
+            queue_in_scope(who, q)?;
+            Ok(Some(vec![q.as_str().to_owned()]))
+        }
+        None => Ok(who.scope.queues()),
+    }
+}
+
 impl IncidentApi {
     pub fn new(state: ApiState) -> Self {
         Self { state }
     }
 
-    async fn get(&self, req: pb::GetIncidentRequest) -> ApiResult<pb::GetIncidentResponse> {
+    async fn get(
+        &self,
+        who: &Principal,
+        req: pb::GetIncidentRequest,
+    ) -> ApiResult<pb::GetIncidentResponse> {
         let mut conn = occ_store::acquire(&self.state.pool).await?;
-        let incident = find(&mut conn, &req.id).await?;
+        let incident = find_visible(&mut conn, who, &req.id).await?;
         Ok(pb::GetIncidentResponse {
             incident: Some(convert::incident(&incident)),
         })
     }
 
-    async fn list(&self, req: pb::ListIncidentsRequest) -> ApiResult<pb::ListIncidentsResponse> {
+    async fn list(
+        &self,
+        who: &Principal,
+        req: pb::ListIncidentsRequest,
+    ) -> ApiResult<pb::ListIncidentsResponse> {
         let queue = if req.queue.is_empty() {
             None
         } else {
@@ -74,6 +129,7 @@ impl IncidentApi {
 
         let mut conn = occ_store::acquire(&self.state.pool).await?;
         let filter = IncidentFilter {
+            within: scoped_queues(who, queue.as_ref())?,
             queue,
             statuses,
             min_priority,
@@ -93,11 +149,15 @@ impl IncidentApi {
         })
     }
 
-    async fn timeline(&self, req: pb::GetTimelineRequest) -> ApiResult<pb::GetTimelineResponse> {
+    async fn timeline(
+        &self,
+        who: &Principal,
+        req: pb::GetTimelineRequest,
+    ) -> ApiResult<pb::GetTimelineResponse> {
         let limit = paging::page_size(req.page_size, 100, 1000)?;
         let after = paging::parse_timeline_token(&req.page_token)?;
         let mut conn = occ_store::acquire(&self.state.pool).await?;
-        let incident = find(&mut conn, &req.id).await?;
+        let incident = find_visible(&mut conn, who, &req.id).await?;
         let mut page = timeline::page(&mut conn, incident.id, after, limit + 1).await?;
         let next_page_token = if page.len() as i64 > limit {
             page.truncate(usize::try_from(limit).unwrap_or(0));
@@ -112,7 +172,9 @@ impl IncidentApi {
             .map(|e| pb::TimelineEntry {
                 time: Some(convert::timestamp(e.at())),
                 entry: Some(match e {
-                    TimelineEntry::Audit(a) => pb::timeline_entry::Entry::Audit(convert::audit(a)),
+                    TimelineEntry::Audit(a) => {
+                        pb::timeline_entry::Entry::Audit(convert::audit_for(a, &who.subject))
+                    }
                     TimelineEntry::Event(ev) => {
                         pb::timeline_entry::Entry::Event(convert::stored_event(ev))
                     }
@@ -146,10 +208,13 @@ impl IncidentApi {
             Some(crate::dispatch::parse_uuid("claim_id", &req.claim_id)?)
         };
         let mut tx = occ_store::begin(&self.state.pool).await?;
-        let incident = find(&mut tx, &req.id).await?;
-        let updated =
+        let incident = find_visible(&mut tx, who, &req.id).await?;
+        // Checked again on the locked row: a transfer may have moved it in between.
+        let updated = visible(
+            who,
             dispatch::update_status(&mut tx, incident.id, to, &req.note, claim, &who.subject)
-                .await?;
+                .await?,
+        )?;
         occ_store::commit(tx).await?;
         Ok(pb::UpdateIncidentStatusResponse {
             incident: Some(convert::incident(&updated)),
@@ -162,8 +227,11 @@ impl IncidentApi {
         req: pb::AcknowledgeIncidentRequest,
     ) -> ApiResult<pb::AcknowledgeIncidentResponse> {
         let mut tx = occ_store::begin(&self.state.pool).await?;
-        let incident = find(&mut tx, &req.id).await?;
-        let updated = dispatch::acknowledge(&mut tx, incident.id, &who.subject).await?;
+        let incident = find_visible(&mut tx, who, &req.id).await?;
+        let updated = visible(
+            who,
+            dispatch::acknowledge(&mut tx, incident.id, &who.subject).await?,
+        )?;
         occ_store::commit(tx).await?;
         Ok(pb::AcknowledgeIncidentResponse {
             incident: Some(convert::incident(&updated)),
@@ -176,8 +244,10 @@ impl IncidentApi {
         req: pb::AddNoteRequest,
     ) -> ApiResult<pb::AddNoteResponse> {
         let mut tx = occ_store::begin(&self.state.pool).await?;
-        let incident = find(&mut tx, &req.id).await?;
+        let incident = find_visible(&mut tx, who, &req.id).await?;
         let note = dispatch::add_note(&mut tx, incident.id, &req.text, &who.subject).await?;
+        // The note's transaction holds the incident: a transfer committed since is seen here.
+        visible(who, occ_store::incidents::get(&mut tx, incident.id).await?)?;
         occ_store::commit(tx).await?;
         Ok(pb::AddNoteResponse {
             entry: Some(pb::TimelineEntry {
@@ -197,7 +267,7 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::UpdateIncidentStatusRequest>,
     ) -> Result<Response<pb::UpdateIncidentStatusResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         Ok(Response::new(
             self.update_status(&who, request.into_inner()).await?,
         ))
@@ -208,7 +278,7 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::AcknowledgeIncidentRequest>,
     ) -> Result<Response<pb::AcknowledgeIncidentResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         Ok(Response::new(
             self.acknowledge(&who, request.into_inner()).await?,
         ))
@@ -219,7 +289,7 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::AddNoteRequest>,
     ) -> Result<Response<pb::AddNoteResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         Ok(Response::new(
             IncidentApi::add_note(self, &who, request.into_inner()).await?,
         ))
@@ -230,11 +300,13 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::WatchIncidentsRequest>,
     ) -> Result<Response<Self::WatchIncidentsStream>, Status> {
+        let who = crate::principal::of(&request);
         let queue = &request.get_ref().queue;
         let queue = if queue.is_empty() {
             None
         } else {
             let queue = crate::dispatch::parse_queue("queue", queue)?;
+            queue_in_scope(&who, &queue)?;
             let mut conn = occ_store::acquire(&self.state.pool)
                 .await
                 .map_err(ApiError::from)?;
@@ -247,7 +319,8 @@ impl IncidentService for IncidentApi {
             }
             Some(queue)
         };
-        let stream = watch::watch(&self.state.pool, &self.state.feed, queue, |change| {
+        let queues = scoped_queues(&who, queue.as_ref())?;
+        let stream = watch::watch(&self.state.pool, &self.state.feed, queues, |change| {
             pb::WatchIncidentsResponse {
                 change: Some(change),
             }
@@ -261,7 +334,8 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::GetIncidentRequest>,
     ) -> Result<Response<pb::GetIncidentResponse>, Status> {
-        Ok(Response::new(self.get(request.into_inner()).await?))
+        let who = crate::principal::of(&request);
+        Ok(Response::new(self.get(&who, request.into_inner()).await?))
     }
 
     #[tracing::instrument(skip_all)]
@@ -269,7 +343,8 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::ListIncidentsRequest>,
     ) -> Result<Response<pb::ListIncidentsResponse>, Status> {
-        Ok(Response::new(self.list(request.into_inner()).await?))
+        let who = crate::principal::of(&request);
+        Ok(Response::new(self.list(&who, request.into_inner()).await?))
     }
 
     #[tracing::instrument(skip_all, fields(id = %request.get_ref().id))]
@@ -277,6 +352,9 @@ impl IncidentService for IncidentApi {
         &self,
         request: Request<pb::GetTimelineRequest>,
     ) -> Result<Response<pb::GetTimelineResponse>, Status> {
-        Ok(Response::new(self.timeline(request.into_inner()).await?))
+        let who = crate::principal::of(&request);
+        Ok(Response::new(
+            self.timeline(&who, request.into_inner()).await?,
+        ))
     }
 }

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::ApiState;
 use crate::convert;
 use crate::error::{ApiError, ApiResult};
+use crate::principal::Principal;
 
 /// The most events one `PublishEvents` call may carry.
 pub const MAX_EVENTS_PER_CALL: usize = 1000;
@@ -31,7 +32,11 @@ impl IngestApi {
         Self { state }
     }
 
-    async fn publish(&self, req: pb::PublishEventsRequest) -> ApiResult<pb::PublishEventsResponse> {
+    async fn publish(
+        &self,
+        who: &Principal,
+        req: pb::PublishEventsRequest,
+    ) -> ApiResult<pb::PublishEventsResponse> {
         if req.events.is_empty() {
             return Err(ApiError::invalid("events", "must not be empty"));
         }
@@ -43,6 +48,19 @@ impl IngestApi {
                     req.events.len()
                 ),
             ));
+        }
+        // A gateway bound to sources speaks for those only: a call naming another is refused
+        // whole, before anything is stored.
+        if let Some(i) = req
+            .events
+            .iter()
+            .position(|e| !who.may_publish(&e.source_id))
+        {
+            crate::principal::out_of_scope(who, "source");
+            return Err(ApiError::PermissionDenied(format!(
+                "events[{i}].source_id: {} may not publish for source {:?}",
+                who.subject, req.events[i].source_id
+            )));
         }
         let received_at = self.state.clock.now();
         let limits = &self.state.limits;
@@ -216,6 +234,9 @@ impl IngestService for IngestApi {
         &self,
         request: Request<pb::PublishEventsRequest>,
     ) -> Result<Response<pb::PublishEventsResponse>, Status> {
-        Ok(Response::new(self.publish(request.into_inner()).await?))
+        let who = crate::principal::of(&request);
+        Ok(Response::new(
+            self.publish(&who, request.into_inner()).await?,
+        ))
     }
 }

@@ -3,8 +3,9 @@
 //! with `grpc.health.v1.Health` and server reflection.
 //!
 //! Handlers parse requests into domain types ([`convert`]), call the store, and return errors
-//! through the one mapping in [`error`]. Every request carries a [`principal::Principal`],
-//! attached by a layer in front of all services.
+//! through the one mapping in [`error`]. One layer in front of all services authenticates the
+//! caller and checks the method against [`policy`]; handlers check the data against the
+//! caller's [`principal::Principal`] scope.
 #![forbid(unsafe_code)]
 
 pub mod convert;
@@ -14,8 +15,10 @@ pub mod edge;
 pub mod error;
 pub mod incidents;
 pub mod ingest;
+pub mod keys;
 pub mod metrics;
 pub mod paging;
+pub mod policy;
 pub mod principal;
 pub mod rules;
 mod server;
@@ -35,6 +38,7 @@ use occ_store::health::ActivityLog;
 use occ_store::registry::LiveRegistry;
 use occ_store::rules::LiveRules;
 
+pub use principal::{AuthConfig, Authenticator, Reflection};
 pub use server::{GrpcConfig, serve};
 
 /// What every handler needs: the database, the rules and registry in force, the input
@@ -51,6 +55,8 @@ pub struct ApiState {
     pub adapters: Arc<Adapters>,
     /// What this instance reads the time from (see [`occ_domain::clock`]).
     pub clock: occ_domain::SharedClock,
+    /// Who callers are.
+    pub auth: Arc<Authenticator>,
 }
 
 impl ApiState {

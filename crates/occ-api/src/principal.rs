@@ -1,96 +1,346 @@
-//! Who is calling. Every request carries a [`Principal`] in its extensions, put there by one
-//! layer in front of all services; handlers read it for authorization and audit entries.
+//! Who is calling, and whether it may call this method: one layer in front of every service.
 //!
-//! Authentication is not configured yet. Until it is, a console names its operator in the
-//! `x-occ-operator` request header (`operator:<name>` in audit entries) and every caller has
-//! full access; without the header the caller is `anonymous`. The name is taken as given: it
-//! keeps two consoles' claims apart and the audit log readable, it is not a security boundary.
-//! When authentication lands, only this layer changes: handlers already take the principal
-//! from the request.
+//! The layer authenticates the caller (an API key as `authorization: Bearer occ_…`), looks the
+//! method up in [`crate::policy`], and either answers `UNAUTHENTICATED` / `PERMISSION_DENIED`
+//! itself or passes the request on with the caller's [`Principal`] in its extensions. Handlers
+//! then decide only about data (an incident outside the caller's scope is `NOT_FOUND`).
+//!
+//! Keys are cached for a short time ([`AuthConfig::cache_for`]), so a revoked or expired key
+//! is refused on every instance within that time, without a database round trip per call.
+//!
+//! Without authentication (`occ serve --insecure`), every caller has every right; a console
+//! may then name its operator in the `x-occ-operator` header (`operator:<name>` in audit
+//! entries and claims). That name is not a credential.
 
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use tonic::Request;
+pub use occ_domain::access::Principal;
+use occ_domain::access::{Roles, Scope};
+use occ_store::PgPool;
+use occ_store::keys::{self, KeyInfo};
+use tonic::{Request, Status};
 
-/// The header a console names its operator in, until authentication is configured.
+use crate::policy::{self, Access};
+
+/// The header a console names its operator in when OCC runs without authentication.
 pub const OPERATOR_HEADER: &str = "x-occ-operator";
 
-/// An authenticated caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    /// How audit entries name the caller: `anonymous`, `dispatcher:alice`, `gateway:esil-01`.
-    pub subject: String,
+/// Most keys (valid or not) remembered at once; past it the cache starts afresh.
+const CACHE_ENTRIES: usize = 10_000;
+
+/// The principal of a request. A request the layer did not pass has none, and may do nothing.
+pub fn of<T>(request: &Request<T>) -> Principal {
+    request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .unwrap_or_else(nobody)
 }
 
-impl Principal {
-    pub fn anonymous() -> Self {
+fn nobody() -> Principal {
+    Principal {
+        subject: "unauthenticated".into(),
+        roles: Roles::NONE,
+        scope: Scope::default(),
+        sources: Vec::new(),
+        may_update_status: false,
+    }
+}
+
+/// The operator a console names without authentication, if the name is acceptable: 1 to 64
+/// characters of `[A-Za-z0-9._@-]`.
+pub fn operator(name: &str) -> Option<Principal> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
+    ok.then(|| Principal::unrestricted(format!("operator:{name}")))
+}
+
+/// Who may reach server reflection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reflection {
+    /// Anyone (it describes the API, not its data).
+    Public,
+    /// Any authenticated caller.
+    Authenticated,
+    /// Nobody.
+    Off,
+}
+
+/// How callers are authenticated.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// No authentication: every caller may do everything.
+    pub insecure: bool,
+    pub reflection: Reflection,
+    /// How long a key's validity (and the queues' agencies) are remembered.
+    pub cache_for: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
         Self {
-            subject: "anonymous".into(),
+            insecure: false,
+            reflection: Reflection::Authenticated,
+            cache_for: Duration::from_secs(2),
         }
     }
+}
 
-    /// The operator a console names, if the name is acceptable: 1 to 64 characters of
-    /// `[A-Za-z0-9._@-]`.
-    pub fn operator(name: &str) -> Option<Self> {
-        let ok = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
-        ok.then(|| Self {
-            subject: format!("operator:{name}"),
+/// Why a caller was turned away.
+#[derive(Debug)]
+enum Refusal {
+    Unauthenticated(&'static str),
+    Unavailable,
+}
+
+#[derive(Debug)]
+struct Cached<T> {
+    at: Instant,
+    value: T,
+}
+
+/// Authenticates callers; shared by every connection.
+#[derive(Debug)]
+pub struct Authenticator {
+    pool: PgPool,
+    config: AuthConfig,
+    keys: Mutex<HashMap<[u8; 32], Cached<Option<Principal>>>>,
+    queues: Mutex<Option<Cached<QueueAgencies>>>,
+}
+
+/// Where each queue belongs: `queue → agency`.
+type QueueAgencies = Arc<BTreeMap<String, String>>;
+
+impl Authenticator {
+    pub fn new(pool: PgPool, config: AuthConfig) -> Arc<Self> {
+        Arc::new(Self {
+            pool,
+            config,
+            keys: Mutex::new(HashMap::new()),
+            queues: Mutex::new(None),
         })
     }
 
-    /// The principal of a request (anonymous when none was attached).
-    pub fn of<T>(request: &Request<T>) -> Principal {
-        request
-            .extensions()
-            .get::<Principal>()
-            .cloned()
-            .unwrap_or_else(Principal::anonymous)
+    pub fn config(&self) -> &AuthConfig {
+        &self.config
+    }
+
+    async fn authenticate(&self, headers: &http::HeaderMap) -> Result<Principal, Refusal> {
+        if self.config.insecure {
+            return Ok(headers
+                .get(OPERATOR_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(operator)
+                .unwrap_or_else(|| Principal::unrestricted("anonymous")));
+        }
+        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+            return Err(Refusal::Unauthenticated(
+                "no credentials: send `authorization: Bearer <key>`",
+            ));
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .ok_or(Refusal::Unauthenticated(
+                "the authorization header must be `Bearer <key>`",
+            ))?;
+        if !token.starts_with(keys::KEY_PREFIX) {
+            return Err(Refusal::Unauthenticated("not an OCC key"));
+        }
+        self.key(token)
+            .await?
+            .ok_or(Refusal::Unauthenticated("unknown, expired or revoked key"))
+    }
+
+    /// The principal of a key, from the cache while it is fresh.
+    async fn key(&self, secret: &str) -> Result<Option<Principal>, Refusal> {
+        let digest = keys::digest(secret);
+        if let Some(hit) = self.keys.lock().expect("key cache").get(&digest)
+            && hit.at.elapsed() < self.config.cache_for
+        {
+            return Ok(hit.value.clone());
+        }
+        let mut conn = occ_store::acquire(&self.pool)
+            .await
+            .map_err(|_| Refusal::Unavailable)?;
+        let info = keys::authenticate(&mut conn, secret).await.map_err(|e| {
+            tracing::warn!(error = %e, "cannot check an API key");
+            Refusal::Unavailable
+        })?;
+        let principal = match info {
+            None => None,
+            Some(info) => Some(self.principal(&mut conn, &info).await?),
+        };
+        let mut cache = self.keys.lock().expect("key cache");
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(
+            digest,
+            Cached {
+                at: Instant::now(),
+                value: principal.clone(),
+            },
+        );
+        Ok(principal)
+    }
+
+    async fn principal(
+        &self,
+        conn: &mut occ_store::PgConnection,
+        key: &KeyInfo,
+    ) -> Result<Principal, Refusal> {
+        let queues = self.queue_agencies(conn).await?;
+        Ok(Principal {
+            subject: key.subject(),
+            roles: key.roles,
+            scope: Scope::resolve(&key.queues, &key.agencies, &queues),
+            sources: key.source_globs(),
+            may_update_status: key.may_update_status,
+        })
+    }
+
+    async fn queue_agencies(
+        &self,
+        conn: &mut occ_store::PgConnection,
+    ) -> Result<QueueAgencies, Refusal> {
+        if let Some(hit) = self.queues.lock().expect("queue cache").as_ref()
+            && hit.at.elapsed() < self.config.cache_for
+        {
+            return Ok(hit.value.clone());
+        }
+        let map = Arc::new(
+            keys::queue_agencies(conn)
+                .await
+                .map_err(|_| Refusal::Unavailable)?,
+        );
+        *self.queues.lock().expect("queue cache") = Some(Cached {
+            at: Instant::now(),
+            value: map.clone(),
+        });
+        Ok(map)
     }
 }
 
-/// Attaches the caller's principal to every request.
-#[derive(Debug, Clone, Default)]
-pub struct PrincipalLayer;
+/// Authenticates and authorizes every request.
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    auth: Arc<Authenticator>,
+}
 
-impl<S> tower::Layer<S> for PrincipalLayer {
-    type Service = PrincipalService<S>;
+impl AuthLayer {
+    pub fn new(auth: Arc<Authenticator>) -> Self {
+        Self { auth }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        PrincipalService { inner }
+        AuthService {
+            inner,
+            auth: self.auth.clone(),
+        }
     }
 }
 
 #[derive(Debug, Clone)]
-pub struct PrincipalService<S> {
+pub struct AuthService<S> {
     inner: S,
+    auth: Arc<Authenticator>,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for PrincipalService<S>
+type Answer<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+impl<S, B, R> tower::Service<http::Request<B>> for AuthService<S>
 where
-    S: tower::Service<http::Request<B>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    B: Send + 'static,
+    R: Default + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<R>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = Answer<Self::Response, Self::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let principal = req
-            .headers()
-            .get(OPERATOR_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(Principal::operator)
-            .unwrap_or_else(Principal::anonymous);
-        req.extensions_mut().insert(principal);
-        self.inner.call(req)
+        // The service polled ready is the one that takes the call; a fresh clone waits for
+        // the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let auth = self.auth.clone();
+        Box::pin(async move {
+            let method = req.uri().path().to_owned();
+            let access = policy::access(&method, auth.config.reflection);
+            if access == Access::Public {
+                return inner.call(req).await;
+            }
+            let principal = match auth.authenticate(req.headers()).await {
+                Ok(p) => p,
+                Err(Refusal::Unavailable) => {
+                    return Ok(Status::unavailable(
+                        "credentials cannot be checked: the database is unavailable; retry shortly",
+                    )
+                    .into_http());
+                }
+                Err(Refusal::Unauthenticated(why)) => {
+                    return Ok(deny(&method, "-", Status::unauthenticated(why)));
+                }
+            };
+            if !access.allows(&principal) {
+                let status = Status::permission_denied(format!(
+                    "{} may not call {method} (roles: {})",
+                    principal.subject,
+                    if principal.roles.is_empty() {
+                        "none".into()
+                    } else {
+                        principal.roles.to_string()
+                    }
+                ));
+                return Ok(deny(&method, &principal.subject, status));
+            }
+            req.extensions_mut().insert(principal);
+            inner.call(req).await
+        })
     }
+}
+
+/// A refused call: logged, counted, answered.
+fn deny<R: Default>(method: &str, subject: &str, status: Status) -> http::Response<R> {
+    tracing::warn!(method, subject, code = ?status.code(), reason = status.message(), "call refused");
+    metrics::counter!(
+        "occ_grpc_denied_total",
+        "method" => method.to_owned(),
+        "code" => format!("{:?}", status.code())
+    )
+    .increment(1);
+    status.into_http()
+}
+
+/// Refuses access to data outside the caller's scope, logged and counted like a refused call.
+/// `NOT_FOUND` for an incident (never a hint that it exists), `PERMISSION_DENIED` otherwise.
+pub(crate) fn out_of_scope(who: &Principal, what: &str) {
+    tracing::warn!(subject = %who.subject, what, "out of the caller's scope");
+    metrics::counter!("occ_scope_denied_total", "what" => what.to_owned()).increment(1);
 }
 
 #[cfg(test)]
@@ -100,11 +350,18 @@ mod tests {
     #[test]
     fn operator_names_are_checked() {
         assert_eq!(
-            Principal::operator("alice.k").map(|p| p.subject).as_deref(),
+            operator("alice.k").map(|p| p.subject).as_deref(),
             Some("operator:alice.k")
         );
-        assert_eq!(Principal::operator(""), None);
-        assert_eq!(Principal::operator("alice\nbob"), None);
-        assert_eq!(Principal::operator(&"x".repeat(65)), None);
+        assert_eq!(operator(""), None);
+        assert_eq!(operator("alice\nbob"), None);
+        assert_eq!(operator(&"x".repeat(65)), None);
+    }
+
+    #[test]
+    fn a_request_the_layer_did_not_pass_may_do_nothing() {
+        let p = of(&Request::new(()));
+        assert!(p.roles.is_empty());
+        assert!(!p.sees_queue("police"));
     }
 }

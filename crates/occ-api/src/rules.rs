@@ -210,7 +210,7 @@ impl RuleService for RuleApi {
         &self,
         request: Request<pb::PutRuleRequest>,
     ) -> Result<Response<pb::PutRuleResponse>, Status> {
-        let principal = Principal::of(&request);
+        let principal = crate::principal::of(&request);
         Ok(Response::new(
             self.put(&principal, request.into_inner()).await?,
         ))
@@ -221,7 +221,7 @@ impl RuleService for RuleApi {
         &self,
         request: Request<pb::DeleteRuleRequest>,
     ) -> Result<Response<pb::DeleteRuleResponse>, Status> {
-        let principal = Principal::of(&request);
+        let principal = crate::principal::of(&request);
         Ok(Response::new(
             self.delete(&principal, request.into_inner()).await?,
         ))

@@ -1,4 +1,4 @@
-//! The gRPC server: every service behind the principal layer, health and reflection, HTTP/2
+//! The gRPC server: every service behind the authentication and authorization layer, health and reflection, HTTP/2
 //! keepalive, graceful shutdown.
 
 use std::time::Duration;
@@ -7,6 +7,7 @@ use occ_proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use occ_proto::v1::dispatch_service_server::DispatchServiceServer;
 use occ_proto::v1::incident_service_server::IncidentServiceServer;
 use occ_proto::v1::ingest_service_server::IngestServiceServer;
+use occ_proto::v1::key_service_server::KeyServiceServer;
 use occ_proto::v1::rule_service_server::RuleServiceServer;
 use occ_proto::v1::source_service_server::SourceServiceServer;
 use occ_proto::v1::unit_service_server::UnitServiceServer;
@@ -25,8 +26,9 @@ use crate::dispatch::DispatchApi;
 use crate::edge::RequestStatusLayer;
 use crate::incidents::IncidentApi;
 use crate::ingest::IngestApi;
+use crate::keys::KeyApi;
 use crate::metrics::GrpcMetricsLayer;
-use crate::principal::PrincipalLayer;
+use crate::principal::AuthLayer;
 use crate::rules::RuleApi;
 use crate::sources::SourceApi;
 use crate::units::UnitApi;
@@ -112,6 +114,7 @@ pub async fn serve(
     health
         .set_serving::<DeadLetterServiceServer<DeadLetterApi>>()
         .await;
+    health.set_serving::<KeyServiceServer<KeyApi>>().await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(occ_proto::v1::FILE_DESCRIPTOR_SET)
@@ -133,7 +136,7 @@ pub async fn serve(
         .max_concurrent_streams(config.max_concurrent_streams)
         .layer(GrpcMetricsLayer)
         .layer(RequestStatusLayer)
-        .layer(PrincipalLayer)
+        .layer(AuthLayer::new(state.auth.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -165,8 +168,10 @@ pub async fn serve(
                 .max_decoding_message_size(max),
         )
         .add_service(
-            DeadLetterServiceServer::new(DeadLetterApi::new(state)).max_decoding_message_size(max),
+            DeadLetterServiceServer::new(DeadLetterApi::new(state.clone()))
+                .max_decoding_message_size(max),
         )
+        .add_service(KeyServiceServer::new(KeyApi::new(state)).max_decoding_message_size(max))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.cancelled_owned(),

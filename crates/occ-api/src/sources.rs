@@ -178,7 +178,7 @@ impl SourceService for SourceApi {
         &self,
         request: Request<pb::UpsertSourceRequest>,
     ) -> Result<Response<pb::UpsertSourceResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         let s = request
             .into_inner()
             .source
@@ -200,7 +200,7 @@ impl SourceService for SourceApi {
         &self,
         request: Request<pb::ImportSourcesRequest>,
     ) -> Result<Response<pb::ImportSourcesResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         let req = request.into_inner();
         paging::batch_size("sources", req.sources.len(), 10_000)?;
         let mut inputs = Vec::with_capacity(req.sources.len());
@@ -291,7 +291,7 @@ impl SourceService for SourceApi {
         &self,
         request: Request<pb::DeleteSourceRequest>,
     ) -> Result<Response<pb::DeleteSourceResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         let id = request.into_inner().id;
         if id.is_empty() {
             return Err(ApiError::invalid("id", "is required").into());
@@ -308,7 +308,7 @@ impl SourceService for SourceApi {
         &self,
         request: Request<pb::PutProfileRequest>,
     ) -> Result<Response<pb::PutProfileResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         let p = request
             .into_inner()
             .profile
@@ -344,7 +344,7 @@ impl SourceService for SourceApi {
         &self,
         request: Request<pb::DeleteProfileRequest>,
     ) -> Result<Response<pb::DeleteProfileResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         let name = request.into_inner().name;
         if name.is_empty() {
             return Err(ApiError::invalid("name", "is required").into());

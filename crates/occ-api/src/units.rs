@@ -10,7 +10,7 @@ use crate::ApiState;
 use crate::convert;
 use crate::dispatch::rename;
 use crate::error::{ApiError, ApiResult};
-use crate::incidents::find;
+use crate::incidents::find_visible;
 use crate::paging;
 use crate::principal::Principal;
 
@@ -54,6 +54,19 @@ async fn resolve(
     Ok(units::resolve(conn, reference).await?)
 }
 
+/// A unit the caller may work: one of another agency is refused.
+fn workable(who: &Principal, unit: units::Unit) -> ApiResult<units::Unit> {
+    if who.works_agency(&unit.agency) {
+        Ok(unit)
+    } else {
+        crate::principal::out_of_scope(who, "unit");
+        Err(ApiError::PermissionDenied(format!(
+            "{} does not work units of agency {}",
+            who.subject, unit.agency
+        )))
+    }
+}
+
 impl UnitApi {
     pub fn new(state: ApiState) -> Self {
         Self { state }
@@ -81,7 +94,22 @@ impl UnitApi {
             home_station: unit.home_station,
             location: point("unit.location", unit.location.as_ref())?,
         };
+        if !who.works_agency(&spec.agency) {
+            crate::principal::out_of_scope(who, "unit");
+            return Err(ApiError::PermissionDenied(format!(
+                "{} does not work units of agency {}",
+                who.subject, spec.agency
+            )));
+        }
         let mut tx = occ_store::begin(&self.state.pool).await?;
+        // A unit that exists must be the caller's agency's before it may be changed.
+        match units::resolve(&mut tx, &spec.call_sign).await {
+            Ok(id) => {
+                workable(who, units::get(&mut tx, id, true).await?)?;
+            }
+            Err(occ_store::StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
         let (stored, created) =
             units::upsert(&mut tx, &spec, &who.subject, self.state.clock.now()).await?;
         occ_store::commit(tx).await?;
@@ -91,7 +119,11 @@ impl UnitApi {
         })
     }
 
-    async fn list(&self, req: pb::ListUnitsRequest) -> ApiResult<pb::ListUnitsResponse> {
+    async fn list(
+        &self,
+        who: &Principal,
+        req: pb::ListUnitsRequest,
+    ) -> ApiResult<pb::ListUnitsResponse> {
         let statuses = req
             .statuses
             .iter()
@@ -106,7 +138,7 @@ impl UnitApi {
             None
         } else {
             Some(
-                find(&mut conn, &req.incident_id)
+                find_visible(&mut conn, who, &req.incident_id)
                     .await
                     .map_err(|e| rename(e, "incident_id"))?
                     .id,
@@ -114,6 +146,7 @@ impl UnitApi {
         };
         let filter = UnitFilter {
             agency: (!req.agency.is_empty()).then_some(req.agency),
+            within: who.scope.agencies(),
             statuses,
             incident,
         };
@@ -141,6 +174,7 @@ impl UnitApi {
             .map_err(|e| ApiError::InvalidArgument(e.into()))?;
         let mut tx = occ_store::begin(&self.state.pool).await?;
         let id = resolve(&mut tx, "unit_id", &req.unit_id).await?;
+        workable(who, units::get(&mut tx, id, false).await?)?;
         let unit = dispatch::unit_status(&mut tx, id, to, &who.subject).await?;
         occ_store::commit(tx).await?;
         Ok(pb::UpdateUnitStatusResponse {
@@ -150,6 +184,7 @@ impl UnitApi {
 
     async fn report_location(
         &self,
+        who: &Principal,
         req: pb::ReportUnitLocationRequest,
     ) -> ApiResult<pb::ReportUnitLocationResponse> {
         let at = point("location", req.location.as_ref())?
@@ -166,6 +201,9 @@ impl UnitApi {
         }
         let mut conn = occ_store::acquire(&self.state.pool).await?;
         let id = resolve(&mut conn, "unit_id", &req.unit_id).await?;
+        // A unit's agency does not change under a position report that matters: both are
+        // the unit's own.
+        workable(who, units::get(&mut conn, id, false).await?)?;
         let unit = units::report_location(&mut conn, id, at, when).await?;
         Ok(pb::ReportUnitLocationResponse {
             unit: Some(convert::unit(&unit)),
@@ -174,6 +212,7 @@ impl UnitApi {
 
     async fn recommend(
         &self,
+        who: &Principal,
         req: pb::RecommendUnitsRequest,
     ) -> ApiResult<pb::RecommendUnitsResponse> {
         let max = match req.max_units {
@@ -182,7 +221,7 @@ impl UnitApi {
             n => usize::try_from(n).unwrap_or(100).min(100),
         };
         let mut conn = occ_store::acquire(&self.state.pool).await?;
-        let incident = find(&mut conn, &req.incident_id)
+        let incident = find_visible(&mut conn, who, &req.incident_id)
             .await
             .map_err(|e| rename(e, "incident_id"))?;
         let agency = queues::agency(&mut conn, incident.queue.as_str())
@@ -226,7 +265,7 @@ impl UnitService for UnitApi {
         &self,
         request: Request<pb::UpsertUnitRequest>,
     ) -> Result<Response<pb::UpsertUnitResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         Ok(Response::new(
             self.upsert(&who, request.into_inner()).await?,
         ))
@@ -237,7 +276,8 @@ impl UnitService for UnitApi {
         &self,
         request: Request<pb::ListUnitsRequest>,
     ) -> Result<Response<pb::ListUnitsResponse>, Status> {
-        Ok(Response::new(self.list(request.into_inner()).await?))
+        let who = crate::principal::of(&request);
+        Ok(Response::new(self.list(&who, request.into_inner()).await?))
     }
 
     #[tracing::instrument(skip_all, fields(unit = %request.get_ref().unit_id))]
@@ -245,7 +285,7 @@ impl UnitService for UnitApi {
         &self,
         request: Request<pb::UpdateUnitStatusRequest>,
     ) -> Result<Response<pb::UpdateUnitStatusResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         Ok(Response::new(
             self.update_status(&who, request.into_inner()).await?,
         ))
@@ -256,8 +296,9 @@ impl UnitService for UnitApi {
         &self,
         request: Request<pb::ReportUnitLocationRequest>,
     ) -> Result<Response<pb::ReportUnitLocationResponse>, Status> {
+        let who = crate::principal::of(&request);
         Ok(Response::new(
-            self.report_location(request.into_inner()).await?,
+            self.report_location(&who, request.into_inner()).await?,
         ))
     }
 
@@ -266,6 +307,9 @@ impl UnitService for UnitApi {
         &self,
         request: Request<pb::RecommendUnitsRequest>,
     ) -> Result<Response<pb::RecommendUnitsResponse>, Status> {
-        Ok(Response::new(self.recommend(request.into_inner()).await?))
+        let who = crate::principal::of(&request);
+        Ok(Response::new(
+            self.recommend(&who, request.into_inner()).await?,
+        ))
     }
 }

@@ -9,7 +9,6 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
-use occ_domain::QueueName;
 use occ_proto::v1 as pb;
 use occ_store::PgPool;
 use occ_store::changes::{self, Feed};
@@ -57,11 +56,15 @@ impl<T> Sink<T> {
     }
 }
 
-/// Starts a watch of one queue or all. `wrap` makes the RPC's response message.
+/// Starts a watch of some queues (`None` for all). `wrap` makes the RPC's response message.
+///
+/// A change shows when it touches a watched queue: a transfer out of them is the last change
+/// the watcher sees of that incident (it says where the incident went), a transfer into them
+/// the first.
 pub async fn watch<T, F>(
     pool: &PgPool,
     feed: &Feed,
-    queue: Option<QueueName>,
+    queues: Option<Vec<String>>,
     wrap: F,
 ) -> ApiResult<WatchStream<T>>
 where
@@ -72,8 +75,7 @@ where
     // the snapshot, or both, never in neither; the stream skips what its snapshot shows.
     let stopping = feed.stopping();
     let mut feed = feed.subscribe();
-    let (seen, open) =
-        changes::snapshot(pool, queue.as_ref().map(|q| q.as_str()), SNAPSHOT_LIMIT + 1).await?;
+    let (seen, open) = changes::snapshot(pool, queues.as_deref(), SNAPSHOT_LIMIT + 1).await?;
     let (data_tx, data_rx) = mpsc::channel(BUFFER);
     let (end_tx, end_rx) = oneshot::channel::<Status>();
     let mut sink = Sink {
@@ -120,9 +122,9 @@ where
                     if seen.sees(change.xid) {
                         continue;
                     }
-                    if queue
+                    if queues
                         .as_ref()
-                        .is_some_and(|q| !change.queues.iter().any(|c| c == q.as_str()))
+                        .is_some_and(|qs| !change.queues.iter().any(|c| qs.contains(c)))
                     {
                         continue;
                     }

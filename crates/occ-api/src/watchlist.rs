@@ -11,7 +11,6 @@ use crate::ApiState;
 use crate::convert::{from_timestamp, timestamp};
 use crate::error::ApiError;
 use crate::paging;
-use crate::principal::Principal;
 
 #[derive(Debug, Clone)]
 pub struct WatchlistApi {
@@ -49,7 +48,7 @@ impl WatchlistService for WatchlistApi {
         &self,
         request: Request<pb::AddWatchlistEntriesRequest>,
     ) -> Result<Response<pb::AddWatchlistEntriesResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         let req = request.into_inner();
         paging::batch_size("entries", req.entries.len(), 10_000)?;
         let mut inputs = Vec::with_capacity(req.entries.len());
@@ -111,7 +110,7 @@ impl WatchlistService for WatchlistApi {
         &self,
         request: Request<pb::RemoveWatchlistEntryRequest>,
     ) -> Result<Response<pb::RemoveWatchlistEntryResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         let req = request.into_inner();
         let id = entry_id("id", &req.id)?;
         if req.reason.len() > 1000 {

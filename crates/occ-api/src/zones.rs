@@ -76,7 +76,7 @@ impl ZoneService for ZoneApi {
         &self,
         request: Request<pb::PutZoneRequest>,
     ) -> Result<Response<pb::PutZoneResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         let z = request
             .into_inner()
             .zone
@@ -111,7 +111,7 @@ impl ZoneService for ZoneApi {
         &self,
         request: Request<pb::ImportZonesRequest>,
     ) -> Result<Response<pb::ImportZonesResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         let doc = request
             .into_inner()
             .feature_collection
@@ -170,7 +170,7 @@ impl ZoneService for ZoneApi {
         &self,
         request: Request<pb::DeleteZoneRequest>,
     ) -> Result<Response<pb::DeleteZoneResponse>, Status> {
-        let who = Principal::of(&request);
+        let who = crate::principal::of(&request);
         let name = request.into_inner().name;
         if name.is_empty() {
             return Err(ApiError::invalid("name", "is required").into());

@@ -5,6 +5,7 @@
 //! turn their input into these types at the edge and trust them inside.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod claim;
 pub mod clock;
 pub mod correlation;

@@ -23,6 +23,8 @@ pub enum Entity {
     /// A watch-list entry.
     Watchlist(Uuid),
     DeadLetter(Uuid),
+    /// An API key.
+    Key(Uuid),
 }
 
 impl Entity {
@@ -37,6 +39,7 @@ impl Entity {
             Entity::Zone(id) => ("zone", id),
             Entity::Watchlist(id) => ("watchlist", id),
             Entity::DeadLetter(id) => ("dead_letter", id),
+            Entity::Key(id) => ("key", id),
         }
     }
 }

@@ -312,7 +312,7 @@ pub async fn prune(conn: &mut PgConnection, before: DateTime<Utc>) -> Result<u64
 /// in them exactly when the snapshot [`sees`](Snapshot::sees) its transaction.
 pub async fn snapshot(
     pool: &PgPool,
-    queue: Option<&str>,
+    queues: Option<&[String]>,
     limit: i64,
 ) -> Result<(Snapshot, Vec<Incident>)> {
     let mut tx = pool.begin().await?;
@@ -324,11 +324,11 @@ pub async fn snapshot(
         r#"
         SELECT id FROM incidents
          WHERE status NOT IN ('RESOLVED', 'CLOSED', 'DISMISSED')
-           AND ($1::text IS NULL OR queue = $1)
+           AND ($1::text[] IS NULL OR queue = ANY($1))
          ORDER BY priority, created_at, id
          LIMIT $2
         "#,
-        queue,
+        queues,
         limit
     )
     .fetch_all(&mut *tx)

@@ -424,6 +424,8 @@ pub async fn get_by_number(conn: &mut PgConnection, number: &str) -> Result<Inci
 #[derive(Debug, Clone, Default)]
 pub struct IncidentFilter {
     pub queue: Option<QueueName>,
+    /// Only incidents of these queues (the caller's scope); `None` for every queue.
+    pub within: Option<Vec<String>>,
     /// Any of these statuses; empty for all.
     pub statuses: Vec<IncidentStatus>,
     /// This priority or more urgent.
@@ -466,6 +468,7 @@ pub async fn list(
            AND priority <= $3
            AND ($4::smallint IS NULL
                 OR (priority, created_at, id) > ($4, $5::timestamptz, $6::uuid))
+           AND ($8::text[] IS NULL OR queue = ANY($8))
          ORDER BY priority, created_at, id
          LIMIT $7
         "#,
@@ -476,6 +479,7 @@ pub async fn list(
         after.map(|c| c.created_at),
         after.map(|c| c.id.0),
         limit,
+        filter.within.as_deref(),
     )
     // Planned for its values each time: a plan for any filter would scan every incident in
     // urgency order instead of the queue's index from the page's cursor on.

@@ -19,6 +19,7 @@ pub mod events;
 pub mod health;
 pub mod incidents;
 pub mod ingest;
+pub mod keys;
 pub mod live;
 pub mod queues;
 pub mod registry;

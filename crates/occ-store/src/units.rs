@@ -280,6 +280,8 @@ pub async fn upsert(
 #[derive(Debug, Clone, Default)]
 pub struct UnitFilter {
     pub agency: Option<String>,
+    /// Only units of these agencies (the caller's scope); `None` for every agency.
+    pub within: Option<Vec<String>>,
     pub statuses: Vec<UnitStatus>,
     pub incident: Option<IncidentId>,
 }
@@ -302,6 +304,7 @@ pub async fn list(
            AND (cardinality($2::text[]) = 0 OR status = ANY($2))
            AND ($3::uuid IS NULL OR incident_id = $3)
            AND ($4::text IS NULL OR call_sign COLLATE "C" > $4)
+           AND ($6::text[] IS NULL OR agency = ANY($6))
          ORDER BY call_sign COLLATE "C"
          LIMIT $5
         "#,
@@ -310,6 +313,7 @@ pub async fn list(
         filter.incident.map(|i| i.0),
         after,
         limit,
+        filter.within.as_deref(),
     )
     .fetch_all(conn)
     .await?
@@ -427,6 +431,7 @@ pub async fn available(conn: &mut PgConnection, agency: &str) -> Result<Vec<Unit
         conn,
         &UnitFilter {
             agency: Some(agency.to_owned()),
+            within: None,
             statuses: vec![UnitStatus::Available],
             incident: None,
         },

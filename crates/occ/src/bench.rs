@@ -1072,6 +1072,9 @@ async fn spawn_occ(
             client_id,
         ])
         .args(["--grpc-listen", &grpc, "--metrics-listen", metrics])
+        // The harness names its operators in x-occ-operator; an API key's cost (a cached
+        // lookup) is not what these figures measure.
+        .arg("--insecure")
         .env("OCC_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -69,6 +69,11 @@ enum Command {
         #[command(flatten)]
         database: DatabaseArgs,
     },
+    /// API keys for gateways, consoles and integrations.
+    Keys {
+        #[command(subcommand)]
+        command: crate::keys::KeysCommand,
+    },
     /// What could not become events.
     DeadLetters {
         #[command(subcommand)]
@@ -259,6 +264,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 done.updated
             );
             Ok(())
+        }
+        Command::Keys { command } => {
+            let pool = tool_pool(command.database(), &shutdown).await?;
+            crate::keys::run(command, &pool).await
         }
         Command::Slots { database } => {
             let pool = tool_pool(&database, &shutdown).await?;

@@ -374,6 +374,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub adapters: AdapterArgs,
 
+    #[command(flatten)]
+    pub auth: AuthArgs,
+
     /// Where the gRPC API listens.
     #[arg(
         long = "grpc-listen",
@@ -450,6 +453,45 @@ pub struct ServeArgs {
     pub simulator: SimulatorArgs,
 }
 
+/// Who may call the API.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct AuthArgs {
+    /// Serve without authentication: every caller may do everything, and names its operator
+    /// in `x-occ-operator` if it likes. For tests and closed demos only; OCC says so loudly.
+    #[arg(long = "insecure", env = "OCC_INSECURE")]
+    pub insecure: bool,
+
+    /// Where OCC writes the admin key it makes when no admin key exists. Without this flag, it
+    /// makes one only when it listens on loopback, in `$XDG_CONFIG_HOME/occ/admin-key` or
+    /// `~/.config/occ/admin-key`; with it, on any address (a deployment that asked for it).
+    #[arg(long = "admin-key-file", env = "OCC_ADMIN_KEY_FILE")]
+    pub admin_key_file: Option<std::path::PathBuf>,
+
+    /// Who may use server reflection (grpcurl, buf curl): public, authenticated or off.
+    #[arg(
+        long = "grpc-reflection",
+        env = "OCC_GRPC_REFLECTION",
+        default_value = "authenticated",
+        value_parser = ["public", "authenticated", "off"]
+    )]
+    pub reflection: String,
+
+    /// How long an instance trusts what it read about a key: a revoked or expired key is
+    /// refused by every instance within this time.
+    #[arg(long = "auth-cache", env = "OCC_AUTH_CACHE", default_value = "2s")]
+    pub cache: Span,
+}
+
+impl AuthArgs {
+    pub fn reflection(&self) -> occ_api::Reflection {
+        match self.reflection.as_str() {
+            "public" => occ_api::Reflection::Public,
+            "off" => occ_api::Reflection::Off,
+            _ => occ_api::Reflection::Authenticated,
+        }
+    }
+}
+
 /// The simulator.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct SimulatorArgs {
@@ -499,6 +541,17 @@ pub struct SimulatorArgs {
         default_value = "http://127.0.0.1:50051"
     )]
     pub grpc: String,
+
+    /// The key the simulator registers the city and makes its consoles' keys with (an admin
+    /// and supervisor key; `occ serve --simulate` makes its own). None without authentication.
+    #[arg(long = "sim-api-key", env = "OCC_SIM_API_KEY", hide_env_values = true)]
+    #[serde(serialize_with = "masked")]
+    pub api_key: Option<String>,
+
+    /// A file to read that key from (OCC's admin key file, waited for while it does not exist
+    /// yet), when `--sim-api-key` is not given.
+    #[arg(long = "sim-api-key-file", env = "OCC_SIM_API_KEY_FILE")]
+    pub api_key_file: Option<std::path::PathBuf>,
 }
 
 /// Logs.

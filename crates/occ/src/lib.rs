@@ -4,9 +4,11 @@
 
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod config;
 mod dead_letters;
 pub mod import;
+pub mod keys;
 pub mod metrics;
 mod operators;
 pub mod serve;

@@ -10,12 +10,14 @@ use anyhow::Context;
 use occ_proto::v1 as pb;
 use occ_proto::v1::dispatch_service_client::DispatchServiceClient;
 use occ_proto::v1::incident_service_client::IncidentServiceClient;
+use occ_proto::v1::key_service_client::KeyServiceClient;
 use occ_proto::v1::unit_service_client::UnitServiceClient;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::client;
 use crate::simulate::DISTRICTS;
 
 /// Units per district, by agency: (agency, call sign prefix, count).
@@ -28,7 +30,8 @@ const FLEET: [(&str, &str, usize); 6] = [
     ("municipal", "M", 1),
 ];
 
-/// A request made by a simulated console, named in the `x-occ-operator` header.
+/// A request made by a simulated console. Each console has a key of its own; without
+/// authentication, it names its operator in the `x-occ-operator` header instead.
 pub(crate) fn ask<T>(desk: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Ok(name) = desk.parse() {
@@ -39,19 +42,49 @@ pub(crate) fn ask<T>(desk: &str, message: T) -> tonic::Request<T> {
 
 #[derive(Clone)]
 struct Api {
-    dispatch: DispatchServiceClient<Channel>,
-    incidents: IncidentServiceClient<Channel>,
-    units: UnitServiceClient<Channel>,
+    dispatch: DispatchServiceClient<client::Api>,
+    incidents: IncidentServiceClient<client::Api>,
+    units: UnitServiceClient<client::Api>,
 }
 
-/// Runs the dispatch room against the OCC API at `endpoint` until `shutdown`.
-pub async fn run(endpoint: String, seed: u64, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let channel = connect(&endpoint, &shutdown).await?;
-    let api = Api {
-        dispatch: DispatchServiceClient::new(channel.clone()),
-        incidents: IncidentServiceClient::new(channel.clone()),
-        units: UnitServiceClient::new(channel),
-    };
+impl Api {
+    fn new(channel: &Channel, key: Option<&str>) -> anyhow::Result<Api> {
+        let api = client::with_key(channel.clone(), key)?;
+        Ok(Api {
+            dispatch: DispatchServiceClient::new(api.clone()),
+            incidents: IncidentServiceClient::new(api.clone()),
+            units: UnitServiceClient::new(api),
+        })
+    }
+}
+
+/// A console's own key, made with the simulator's (an admin's) key, so its claims and audit
+/// entries name it. Each run replaces the last run's key of that name.
+async fn desk_key(channel: &Channel, key: &str, queue: &str) -> anyhow::Result<String> {
+    let mut keys = KeyServiceClient::new(client::with_key(channel.clone(), Some(key))?);
+    let made = keys
+        .create_key(pb::CreateKeyRequest {
+            name: format!("sim-{queue}-desk"),
+            roles: vec!["dispatcher".into(), "supervisor".into()],
+            queues: vec![queue.to_owned()],
+            replace: true,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("cannot make a key for the {queue} desk"))?;
+    Ok(made.into_inner().secret)
+}
+
+/// Runs the dispatch room against the OCC API at `endpoint`, with the simulator's `key` (none
+/// without authentication), until `shutdown`.
+pub async fn run(
+    endpoint: String,
+    key: Option<String>,
+    seed: u64,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let channel = client::connect(&endpoint, &shutdown).await?;
+    let api = Api::new(&channel, key.as_deref())?;
     station_units(&api, seed).await?;
     recover(&api).await?;
     let queues: Vec<String> = api
@@ -70,8 +103,12 @@ pub async fn run(endpoint: String, seed: u64, shutdown: CancellationToken) -> an
     );
     let mut desks = Vec::new();
     for (i, queue) in queues.into_iter().enumerate() {
+        let desk = match &key {
+            Some(key) => Api::new(&channel, Some(&desk_key(&channel, key, &queue).await?))?,
+            None => api.clone(),
+        };
         desks.push(tokio::spawn(operator(
-            api.clone(),
+            desk,
             queue,
             seed.wrapping_add(i as u64),
             shutdown.clone(),
@@ -81,25 +118,6 @@ pub async fn run(endpoint: String, seed: u64, shutdown: CancellationToken) -> an
         let _ = desk.await;
     }
     Ok(())
-}
-
-pub(crate) async fn connect(
-    endpoint: &str,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Channel> {
-    let endpoint = Channel::from_shared(endpoint.to_owned()).context("--sim-grpc is not a URL")?;
-    loop {
-        match endpoint.connect().await {
-            Ok(channel) => return Ok(channel),
-            Err(e) => {
-                tracing::debug!(error = %e, "waiting for the OCC API");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    () = shutdown.cancelled() => anyhow::bail!("stopped before the API answered"),
-                }
-            }
-        }
-    }
 }
 
 /// Declares the city's fleet, each unit parked near its district's centre.
@@ -353,7 +371,7 @@ async fn work(
 
 /// Each crew reports a status, as itself.
 async fn report(
-    units: &mut UnitServiceClient<Channel>,
+    units: &mut UnitServiceClient<client::Api>,
     crews: &[pb::Unit],
     status: pb::UnitStatus,
 ) -> anyhow::Result<()> {

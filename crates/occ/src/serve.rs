@@ -141,6 +141,73 @@ fn instance_name() -> String {
     format!("{host}/{}", std::process::id())
 }
 
+/// How callers authenticate. Without `--insecure`, OCC needs a way in: on loopback it makes
+/// an admin key when none exists (and says where it wrote it); elsewhere it refuses to start
+/// until a key exists.
+async fn prepare_auth(
+    args: &ServeArgs,
+    pool: &PgPool,
+    addr: SocketAddr,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Arc<occ_api::Authenticator>> {
+    let config = occ_api::AuthConfig {
+        insecure: args.auth.insecure,
+        reflection: args.auth.reflection(),
+        cache_for: args.auth.cache.0,
+    };
+    if config.insecure {
+        tracing::warn!(
+            %addr,
+            "AUTHENTICATION IS OFF (--insecure): anyone who reaches this address may read every incident and change anything"
+        );
+        return Ok(occ_api::Authenticator::new(pool.clone(), config));
+    }
+    let census = retry_unavailable(shutdown, "the API keys", || async {
+        let mut conn = occ_store::acquire(pool).await?;
+        occ_store::keys::census(&mut conn).await
+    })
+    .await?;
+    if !census.admin && (addr.ip().is_loopback() || args.auth.admin_key_file.is_some()) {
+        let file = args
+            .auth
+            .admin_key_file
+            .clone()
+            .unwrap_or_else(crate::keys::default_admin_key_file);
+        crate::keys::bootstrap_admin(pool, &file).await?;
+        tracing::info!(
+            file = %file.display(),
+            "no admin key existed: made one (roles admin, supervisor; every queue) and wrote it to this file; send it as `authorization: Bearer <key>`"
+        );
+    } else if !census.any {
+        anyhow::bail!(
+            "OCC listens on {addr}, beyond this machine, and no API key exists, so nobody could use it: \
+             make one with `occ keys create --name admin --role admin` (its last line is the key), \
+             or pass --insecure to serve without authentication"
+        );
+    }
+    Ok(occ_api::Authenticator::new(pool.clone(), config))
+}
+
+/// The in-process simulator's key: admin and supervisor over every queue (it registers the
+/// city and makes its consoles' keys). Each start replaces the last one.
+async fn simulator_key(pool: &PgPool) -> occ_store::Result<String> {
+    let mut tx = occ_store::begin(pool).await?;
+    let key = occ_store::keys::NewKey {
+        name: "simulator".into(),
+        roles: occ_domain::access::Roles::from_iter([
+            occ_domain::access::Role::Admin,
+            occ_domain::access::Role::Supervisor,
+        ]),
+        queues: vec![occ_domain::access::EVERY_QUEUE.into()],
+        replace: true,
+        ..Default::default()
+    };
+    let (_, secret) =
+        occ_store::keys::create(&mut tx, &key, "system:simulate", chrono::Utc::now()).await?;
+    occ_store::commit(tx).await?;
+    Ok(secret)
+}
+
 /// Starts OCC serving gRPC on `listener`. Returns once it is started; it runs until
 /// `shutdown` is cancelled.
 pub async fn start(
@@ -168,6 +235,12 @@ pub async fn start(
     .await?;
     let activity = ActivityLog::default();
     let clock = occ_domain::SystemClock::shared();
+    let auth = prepare_auth(&args, &pool, listener.local_addr()?, &shutdown).await?;
+    let simulator_key = if args.simulate && !args.auth.insecure {
+        Some(retry_unavailable(&shutdown, "the simulator's key", || simulator_key(&pool)).await?)
+    } else {
+        None
+    };
 
     // Ingest has connections of its own: API load cannot starve it (nor mark it unhealthy).
     let ingest_pool = occ_store::pool(&DbConfig {
@@ -308,6 +381,7 @@ pub async fn start(
         activity,
         adapters,
         clock,
+        auth,
     };
     let grpc = tokio::spawn(occ_api::serve(
         listener,
@@ -324,6 +398,7 @@ pub async fn start(
         let simulator = crate::config::SimulatorArgs {
             // The operators work this instance, wherever it listens.
             grpc: format!("http://{grpc_addr}"),
+            api_key: simulator_key.or_else(|| args.simulator.api_key.clone()),
             ..args.simulator.clone()
         };
         tokio::spawn(crate::simulate::run(

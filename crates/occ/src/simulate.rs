@@ -748,8 +748,13 @@ impl City {
 /// Registers the simulated city over the API, as city IT would: its devices, the level
 /// sensors' profile and the police's watch list. Best effort: without it events still flow,
 /// but the level sensors' readings reach no flood rule and wanted plates open nothing.
-async fn register(endpoint: &str, city: &City, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let channel = crate::operators::connect(endpoint, shutdown).await?;
+async fn register(
+    endpoint: &str,
+    key: Option<&str>,
+    city: &City,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let channel = crate::client::with_key(crate::client::connect(endpoint, shutdown).await?, key)?;
     let mut sources = pb::source_service_client::SourceServiceClient::new(channel.clone());
     sources
         .put_profile(pb::PutProfileRequest {
@@ -819,6 +824,33 @@ async fn register(endpoint: &str, city: &City, shutdown: &CancellationToken) -> 
     Ok(())
 }
 
+/// Reads an API key from `file`, waiting while it does not exist yet (OCC writes it on its
+/// first start).
+async fn read_key_file(
+    file: &std::path::Path,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<String> {
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match std::fs::read_to_string(file) {
+            Ok(key) if !key.trim().is_empty() => return Ok(key.trim().to_owned()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < give_up,
+            "no API key in {} after 2 minutes",
+            file.display()
+        );
+        tracing::debug!(file = %file.display(), "waiting for the API key");
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = shutdown.cancelled() => anyhow::bail!("stopped while waiting for the API key"),
+        }
+    }
+}
+
 /// Publishes the simulated city until `shutdown` (or `args.count` messages), with the
 /// simulated dispatch room working the incidents when `args.operators`.
 pub async fn run(
@@ -827,11 +859,17 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(args.rate > 0.0, "--sim-rate must be positive");
+    let mut args = args;
+    if args.api_key.is_none()
+        && let Some(file) = &args.api_key_file
+    {
+        args.api_key = Some(read_key_file(file, &shutdown).await?);
+    }
     let seed = args.seed.unwrap_or_else(|| rand::rng().random());
     let city = City::new(seed);
     let registered = tokio::time::timeout(
         Duration::from_secs(15),
-        register(&args.grpc, &city, &shutdown),
+        register(&args.grpc, args.api_key.as_deref(), &city, &shutdown),
     )
     .await;
     match registered {
@@ -846,9 +884,10 @@ pub async fn run(
     let room_stop = shutdown.child_token();
     let room = args.operators.then(|| {
         let endpoint = args.grpc.clone();
+        let key = args.api_key.clone();
         let stop = room_stop.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::operators::run(endpoint, seed, stop).await {
+            if let Err(e) = crate::operators::run(endpoint, key, seed, stop).await {
                 tracing::error!(error = %e, "the simulated dispatch room stopped");
             }
         })
