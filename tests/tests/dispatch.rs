@@ -13,7 +13,6 @@ use occ_tests::{
     serve_args,
 };
 use sqlx::PgPool;
-use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
 

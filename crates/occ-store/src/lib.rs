@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod audit_chain;
 pub mod changes;
 pub mod db;
 pub mod dead_letters;

@@ -69,6 +69,11 @@ enum Command {
         #[command(flatten)]
         database: DatabaseArgs,
     },
+    /// The tamper-evident audit log: verify it, anchor it.
+    Audit {
+        #[command(subcommand)]
+        command: crate::audit::AuditCommand,
+    },
     /// API keys for gateways, consoles and integrations.
     Keys {
         #[command(subcommand)]
@@ -264,6 +269,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 done.updated
             );
             Ok(())
+        }
+        Command::Audit { command } => {
+            let pool = tool_pool(command.database(), &shutdown).await?;
+            crate::audit::run(command, &pool).await
         }
         Command::Keys { command } => {
             let pool = tool_pool(command.database(), &shutdown).await?;

@@ -426,6 +426,14 @@ pub struct ServeArgs {
     )]
     pub sweep_interval: Span,
 
+    /// How often the audit log's chains are anchored (each anchor's hash is logged).
+    #[arg(
+        long = "audit-anchor-interval",
+        env = "OCC_AUDIT_ANCHOR_INTERVAL",
+        default_value = "5m"
+    )]
+    pub audit_anchor_interval: Span,
+
     /// How long shutdown waits for the batch in hand and calls in flight.
     #[arg(
         long = "shutdown-grace",

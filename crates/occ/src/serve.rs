@@ -355,6 +355,11 @@ pub async fn start(
     let feed = occ_store::changes::Feed::start(pool.clone(), shutdown.clone())
         .await
         .context("cannot read the incident change log")?;
+    tokio::spawn(crate::audit::anchor_periodically(
+        pool.clone(),
+        args.audit_anchor_interval.0,
+        shutdown.clone(),
+    ));
     tokio::spawn(occ_store::sweep::run(
         pool.clone(),
         args.sweep_interval.0,
