@@ -59,6 +59,16 @@ pub fn free_port() -> u16 {
         .expect("an ephemeral port")
 }
 
+/// A request carrying an API key, as every client of a secure OCC sends it.
+pub fn with_key<T>(key: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("ASCII"),
+    );
+    request
+}
+
 /// The next message of a server stream, within 10 s.
 pub async fn next_message<T>(stream: &mut tonic::Streaming<T>) -> T {
     tokio::time::timeout(Duration::from_secs(10), stream.message())

@@ -12,7 +12,7 @@ use occ_proto::v1::incident_service_client::IncidentServiceClient;
 use occ_proto::v1::ingest_service_client::IngestServiceClient;
 use occ_proto::v1::key_service_client::KeyServiceClient;
 use occ_proto::v1::unit_service_client::UnitServiceClient;
-use occ_tests::{Broker, Occ, database_url, eventually, health, serve_args};
+use occ_tests::{Broker, Occ, database_url, eventually, health, serve_args, with_key};
 use sqlx::PgPool;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -40,15 +40,6 @@ async fn start(pool: &PgPool, broker: &Broker, id: &str, extra: &[&str]) -> (Occ
         .trim()
         .to_owned();
     (occ, admin)
-}
-
-fn with_key<T>(key: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {key}").parse().expect("ASCII"),
-    );
-    request
 }
 
 async fn channel(grpc: &str) -> Channel {

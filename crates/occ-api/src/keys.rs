@@ -30,6 +30,7 @@ pub fn key(k: &KeyInfo) -> pb::ApiKey {
         expire_time: k.expires_at.map(convert::timestamp),
         revoke_time: k.revoked_at.map(convert::timestamp),
         last_use_time: k.last_used_at.map(convert::timestamp),
+        certificate_subject: k.certificate_subject.clone().unwrap_or_default(),
     }
 }
 
@@ -63,6 +64,8 @@ impl KeyApi {
             may_update_status: req.may_update_status,
             expires_at,
             replace: req.replace,
+            certificate_subject: (!req.certificate_subject.is_empty())
+                .then_some(req.certificate_subject),
         };
         let mut tx = occ_store::begin(&self.state.pool).await?;
         let (info, secret) = keys::create(&mut tx, &new, &who.subject, now).await?;

@@ -23,6 +23,7 @@ pub mod principal;
 pub mod rules;
 mod server;
 pub mod sources;
+pub mod tls;
 pub mod units;
 pub mod watch;
 pub mod watchlist;

@@ -1,6 +1,7 @@
 //! Who is calling, and whether it may call this method: one layer in front of every service.
 //!
-//! The layer authenticates the caller (an API key as `authorization: Bearer occ_…`), looks the
+//! The layer authenticates the caller (an API key as `authorization: Bearer occ_…`, or a
+//! client certificate verified by the TLS handshake that a key stands for), looks the
 //! method up in [`crate::policy`], and either answers `UNAUTHENTICATED` / `PERMISSION_DENIED`
 //! itself or passes the request on with the caller's [`Principal`] in its extensions. Handlers
 //! then decide only about data (an incident outside the caller's scope is `NOT_FOUND`).
@@ -133,7 +134,12 @@ impl Authenticator {
         &self.config
     }
 
-    async fn authenticate(&self, headers: &http::HeaderMap) -> Result<Principal, Refusal> {
+    /// The caller: by its key if it sends one, else by its verified client certificate.
+    async fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        certificate: Option<String>,
+    ) -> Result<Principal, Refusal> {
         if self.config.insecure {
             return Ok(headers
                 .get(OPERATOR_HEADER)
@@ -142,9 +148,17 @@ impl Authenticator {
                 .unwrap_or_else(|| Principal::unrestricted("anonymous")));
         }
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-            return Err(Refusal::Unauthenticated(
-                "no credentials: send `authorization: Bearer <key>`",
-            ));
+            return match certificate {
+                Some(subject) => self
+                    .certificate(&subject)
+                    .await?
+                    .ok_or(Refusal::Unauthenticated(
+                        "no valid key stands for this client certificate",
+                    )),
+                None => Err(Refusal::Unauthenticated(
+                    "no credentials: send `authorization: Bearer <key>`",
+                )),
+            };
         };
         let token = value
             .to_str()
@@ -167,7 +181,25 @@ impl Authenticator {
 
     /// The principal of a key, from the cache while it is fresh.
     async fn key(&self, secret: &str) -> Result<Option<Principal>, Refusal> {
-        let digest = keys::digest(secret);
+        self.cached(keys::digest(secret), async |conn| {
+            keys::authenticate(conn, secret).await
+        })
+        .await
+    }
+
+    /// The principal of a client certificate's subject, from the cache while it is fresh.
+    async fn certificate(&self, subject: &str) -> Result<Option<Principal>, Refusal> {
+        self.cached(keys::digest(&format!("cert\0{subject}")), async |conn| {
+            keys::authenticate_certificate(conn, subject).await
+        })
+        .await
+    }
+
+    async fn cached(
+        &self,
+        digest: [u8; 32],
+        lookup: impl AsyncFnOnce(&mut occ_store::PgConnection) -> occ_store::Result<Option<KeyInfo>>,
+    ) -> Result<Option<Principal>, Refusal> {
         if let Some(hit) = self.keys.lock().expect("key cache").get(&digest)
             && hit.at.elapsed() < self.config.cache_for
         {
@@ -176,8 +208,8 @@ impl Authenticator {
         let mut conn = occ_store::acquire(&self.pool)
             .await
             .map_err(|_| Refusal::Unavailable)?;
-        let info = keys::authenticate(&mut conn, secret).await.map_err(|e| {
-            tracing::warn!(error = %e, "cannot check an API key");
+        let info = lookup(&mut conn).await.map_err(|e| {
+            tracing::warn!(error = %e, "cannot check a credential");
             Refusal::Unavailable
         })?;
         let principal = match info {
@@ -294,7 +326,8 @@ where
             if access == Access::Public {
                 return inner.call(req).await;
             }
-            let principal = match auth.authenticate(req.headers()).await {
+            let certificate = crate::tls::client_subject(&req);
+            let principal = match auth.authenticate(req.headers(), certificate).await {
                 Ok(p) => p,
                 Err(Refusal::Unavailable) => {
                     return Ok(Status::unavailable(

@@ -45,6 +45,9 @@ pub struct GrpcConfig {
     pub max_message_bytes: usize,
     /// Most calls (HTTP/2 streams) open at once on one connection.
     pub max_concurrent_streams: u32,
+    /// TLS, from [`crate::tls::acceptor`] (none: plaintext, for loopback and a mesh that
+    /// encrypts).
+    pub tls: Option<crate::tls::Acceptor>,
 }
 
 impl Default for GrpcConfig {
@@ -54,6 +57,7 @@ impl Default for GrpcConfig {
             keepalive_timeout: Duration::from_secs(10),
             max_message_bytes: 16 * 1024 * 1024,
             max_concurrent_streams: 256,
+            tls: None,
         }
     }
 }
@@ -129,8 +133,8 @@ pub async fn serve(
 
     let max = config.max_message_bytes;
     let addr = listener.local_addr().ok();
-    tracing::info!(addr = ?addr, "gRPC listening");
-    Server::builder()
+    tracing::info!(addr = ?addr, tls = config.tls.is_some(), "gRPC listening");
+    let router = Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(config.max_concurrent_streams)
@@ -171,10 +175,23 @@ pub async fn serve(
             DeadLetterServiceServer::new(DeadLetterApi::new(state.clone()))
                 .max_decoding_message_size(max),
         )
-        .add_service(KeyServiceServer::new(KeyApi::new(state)).max_decoding_message_size(max))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.cancelled_owned(),
-        )
-        .await
+        .add_service(KeyServiceServer::new(KeyApi::new(state)).max_decoding_message_size(max));
+    match config.tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown.cancelled_owned(),
+                )
+                .await
+        }
+        Some(acceptor) => {
+            router
+                .serve_with_incoming_shutdown(
+                    crate::tls::incoming(listener, acceptor),
+                    shutdown.cancelled_owned(),
+                )
+                .await
+        }
+    }
 }

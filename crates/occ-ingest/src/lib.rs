@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use mqtt::MqttConfig;
+pub use mqtt::{MqttConfig, MqttTls};
 pub use pipeline::{BatchConfig, IngestStats};
 pub use slots::{SlotConfig, Slots, slot_client_ids};
 

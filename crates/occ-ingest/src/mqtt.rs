@@ -48,6 +48,77 @@ pub struct MqttConfig {
     /// The largest packet OCC accepts, announced to the broker so it never sends a bigger one.
     /// Above the payload limit, so oversize payloads arrive and are dead-lettered.
     pub max_packet_size: u32,
+    /// TLS to the broker (none: plaintext).
+    pub tls: Option<MqttTls>,
+}
+
+/// TLS settings for the broker connection: whom to trust, and the client certificate if the
+/// broker identifies OCC by one.
+#[derive(Clone)]
+pub struct MqttTls(Arc<tokio_rustls::rustls::ClientConfig>);
+
+impl std::fmt::Debug for MqttTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MqttTls")
+    }
+}
+
+impl MqttTls {
+    /// Trusts the CAs in `ca` (PEM; the system's roots when none), and presents `client`
+    /// (certificate chain and key, PEM) if given.
+    pub fn new(
+        ca: Option<&std::path::Path>,
+        client: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<MqttTls, String> {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto};
+        let mut roots = RootCertStore::empty();
+        match ca {
+            Some(ca) => {
+                let certs = CertificateDer::pem_file_iter(ca)
+                    .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("{}: {e}", ca.display()))?;
+                let (added, _) = roots.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(format!("no CA certificate in {}", ca.display()));
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(native.certs);
+                if roots.is_empty() {
+                    return Err(
+                        "no CA certificates on this system: name one with --mqtt-tls-ca".into(),
+                    );
+                }
+            }
+        }
+        let builder =
+            ClientConfig::builder_with_provider(Arc::new(crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots);
+        let config = match client {
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("{}: {e}", cert.display()))?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| format!("{}: {e}", key.display()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("the MQTT client certificate: {e}"))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        Ok(MqttTls(Arc::new(config)))
+    }
+
+    /// The transport for rumqttc.
+    pub fn transport(&self) -> rumqttc::Transport {
+        rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(self.0.clone()))
+    }
 }
 
 /// A message received, with the connection it came on.
@@ -77,6 +148,9 @@ pub(crate) fn options(config: &MqttConfig) -> MqttOptions {
         o.set_credentials(user.clone(), pass.clone());
     } else if let Some(user) = &config.username {
         o.set_credentials(user.clone(), String::new());
+    }
+    if let Some(tls) = &config.tls {
+        o.set_transport(tls.transport());
     }
     o
 }
@@ -643,6 +717,7 @@ mod tests {
             session_expiry: Duration::from_secs(60),
             receive_maximum: 10,
             max_packet_size: 1024,
+            tls: None,
         };
         let (client, mut eventloop) = AsyncClient::new(options(&config), 16);
         let connection = Connection::default();

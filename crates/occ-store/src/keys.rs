@@ -39,6 +39,8 @@ pub struct NewKey {
     pub expires_at: Option<DateTime<Utc>>,
     /// Revoke an active key of the same name first (rotation).
     pub replace: bool,
+    /// The client certificate subject (common name) this key stands for, if any.
+    pub certificate_subject: Option<String>,
 }
 
 /// A key as lists show it (never its secret).
@@ -58,12 +60,17 @@ pub struct KeyInfo {
     pub expires_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub last_used_at: Option<DateTime<Utc>>,
+    pub certificate_subject: Option<String>,
 }
 
 impl KeyInfo {
-    /// How audit entries and claims name this key's caller.
+    /// How audit entries and claims name this key's caller: `key:<name>`, or for a client
+    /// certificate `cert:<subject>`.
     pub fn subject(&self) -> String {
-        subject(&self.name)
+        match &self.certificate_subject {
+            Some(cn) => format!("cert:{cn}"),
+            None => subject(&self.name),
+        }
     }
 
     /// Its source globs.
@@ -122,6 +129,14 @@ fn check(key: &NewKey) -> Result<()> {
             }
         }
     }
+    if let Some(cn) = &key.certificate_subject
+        && (cn.is_empty() || cn.len() > 256 || cn.chars().any(char::is_control))
+    {
+        errors.push(FieldError::new(
+            "certificate_subject",
+            "must be 1 to 256 characters without control characters",
+        ));
+    }
     for (i, s) in key.sources.iter().enumerate() {
         if s.is_empty() || s.len() > 128 || s.chars().any(char::is_control) {
             errors.push(FieldError::new(
@@ -153,6 +168,7 @@ macro_rules! key_info {
             expires_at: r.expires_at,
             revoked_at: r.revoked_at,
             last_used_at: r.last_used_at,
+            certificate_subject: r.certificate_subject,
         }
     }};
 }
@@ -173,6 +189,7 @@ fn audit_entry(info: &KeyInfo, action: &str, actor: &str, at: DateTime<Utc>) -> 
             "sources": info.sources,
             "may_update_status": info.may_update_status,
             "expires_at": info.expires_at,
+            "certificate_subject": info.certificate_subject,
         })),
         detail: info.name.clone(),
     }
@@ -194,11 +211,12 @@ pub async fn create(
     let row = sqlx::query!(
         r#"
         INSERT INTO api_keys (id, name, prefix, secret_sha256, roles, queues, agencies, sources,
-                              may_update_status, created_at, created_by, expires_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                              may_update_status, created_at, created_by, expires_at,
+                              certificate_subject)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
         ON CONFLICT (name) WHERE revoked_at IS NULL DO NOTHING
         RETURNING id, name, prefix, roles, queues, agencies, sources, may_update_status,
-                  created_at, created_by, expires_at, revoked_at, last_used_at
+                  created_at, created_by, expires_at, revoked_at, last_used_at, certificate_subject
         "#,
         Uuid::now_v7(),
         key.name,
@@ -212,9 +230,16 @@ pub async fn create(
         now,
         actor,
         key.expires_at,
+        key.certificate_subject,
     )
     .fetch_optional(&mut *conn)
-    .await?
+    .await
+    .map_err(|e| match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::AlreadyExists("an active key for this certificate subject")
+        }
+        _ => StoreError::from(e),
+    })?
     .ok_or(StoreError::AlreadyExists("an active key with this name"))?;
     let info = key_info!(row);
     audit::append(conn, &[audit_entry(&info, "key.created", actor, now)]).await?;
@@ -226,7 +251,7 @@ pub async fn list(conn: &mut PgConnection, include_revoked: bool) -> Result<Vec<
     let rows = sqlx::query!(
         r#"
         SELECT id, name, prefix, roles, queues, agencies, sources, may_update_status,
-               created_at, created_by, expires_at, revoked_at, last_used_at
+               created_at, created_by, expires_at, revoked_at, last_used_at, certificate_subject
           FROM api_keys
          WHERE $1 OR revoked_at IS NULL
          ORDER BY created_at DESC, id DESC
@@ -254,7 +279,7 @@ async fn revoke_named(
         UPDATE api_keys SET revoked_at = $2, revoked_by = $3
          WHERE name = $1 AND revoked_at IS NULL
         RETURNING id, name, prefix, roles, queues, agencies, sources, may_update_status,
-                  created_at, created_by, expires_at, revoked_at, last_used_at
+                  created_at, created_by, expires_at, revoked_at, last_used_at, certificate_subject
         "#,
         name,
         now,
@@ -306,9 +331,32 @@ pub async fn authenticate(conn: &mut PgConnection, secret: &str) -> Result<Optio
          WHERE secret_sha256 = $1 AND revoked_at IS NULL
            AND (expires_at IS NULL OR expires_at > now())
         RETURNING id, name, prefix, roles, queues, agencies, sources, may_update_status,
-                  created_at, created_by, expires_at, revoked_at, last_used_at
+                  created_at, created_by, expires_at, revoked_at, last_used_at, certificate_subject
         "#,
         &digest(secret)[..]
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(match row {
+        Some(r) => Some(key_info!(r)),
+        None => None,
+    })
+}
+
+/// The valid key that stands for client certificates with this subject, if any.
+pub async fn authenticate_certificate(
+    conn: &mut PgConnection,
+    certificate_subject: &str,
+) -> Result<Option<KeyInfo>> {
+    let row = sqlx::query!(
+        r#"
+        UPDATE api_keys SET last_used_at = now()
+         WHERE certificate_subject = $1 AND revoked_at IS NULL
+           AND (expires_at IS NULL OR expires_at > now())
+        RETURNING id, name, prefix, roles, queues, agencies, sources, may_update_status,
+                  created_at, created_by, expires_at, revoked_at, last_used_at, certificate_subject
+        "#,
+        certificate_subject
     )
     .fetch_optional(conn)
     .await?;

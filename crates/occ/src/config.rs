@@ -165,6 +165,47 @@ pub struct BrokerArgs {
     )]
     #[serde(serialize_with = "masked")]
     pub password: Option<String>,
+
+    /// Connect to the broker over TLS (its TLS listener, usually port 8883).
+    #[arg(long = "mqtt-tls", env = "OCC_MQTT_TLS")]
+    pub mqtt_tls: bool,
+
+    /// CAs (PEM) that sign the broker's certificate; the system's roots when not given.
+    #[arg(long = "mqtt-tls-ca", env = "OCC_MQTT_TLS_CA", requires = "mqtt_tls")]
+    pub mqtt_tls_ca: Option<std::path::PathBuf>,
+
+    /// A client certificate (PEM) for a broker that identifies OCC by one.
+    #[arg(
+        long = "mqtt-tls-cert",
+        env = "OCC_MQTT_TLS_CERT",
+        requires = "mqtt_tls",
+        requires = "mqtt_tls_key"
+    )]
+    pub mqtt_tls_cert: Option<std::path::PathBuf>,
+
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long = "mqtt-tls-key",
+        env = "OCC_MQTT_TLS_KEY",
+        requires = "mqtt_tls_cert"
+    )]
+    pub mqtt_tls_key: Option<std::path::PathBuf>,
+}
+
+impl BrokerArgs {
+    /// The broker connection's TLS settings, if TLS is asked for.
+    pub fn tls(&self) -> anyhow::Result<Option<occ_ingest::MqttTls>> {
+        if !self.mqtt_tls {
+            return Ok(None);
+        }
+        let client = self
+            .mqtt_tls_cert
+            .as_deref()
+            .zip(self.mqtt_tls_key.as_deref());
+        occ_ingest::MqttTls::new(self.mqtt_tls_ca.as_deref(), client)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("the broker's TLS settings: {e}"))
+    }
 }
 
 /// MQTT ingest.
@@ -488,9 +529,49 @@ pub struct AuthArgs {
     /// refused by every instance within this time.
     #[arg(long = "auth-cache", env = "OCC_AUTH_CACHE", default_value = "2s")]
     pub cache: Span,
+
+    /// The API's TLS certificate chain (PEM, leaf first); with `--grpc-tls-key`, the API
+    /// serves TLS only. Both files are reloaded when they change.
+    #[arg(
+        long = "grpc-tls-cert",
+        env = "OCC_GRPC_TLS_CERT",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The API's TLS private key (PEM).
+    #[arg(long = "grpc-tls-key", env = "OCC_GRPC_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// CAs (PEM) whose client certificates identify callers: a key made with
+    /// `--certificate-subject` gives a certificate with that subject its rights.
+    #[arg(
+        long = "grpc-tls-client-ca",
+        env = "OCC_GRPC_TLS_CLIENT_CA",
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// Refuse connections without a client certificate (otherwise callers without one use
+    /// keys).
+    #[arg(
+        long = "grpc-tls-client-cert-required",
+        env = "OCC_GRPC_TLS_CLIENT_CERT_REQUIRED",
+        requires = "tls_client_ca"
+    )]
+    pub tls_client_cert_required: bool,
 }
 
 impl AuthArgs {
+    pub fn tls(&self) -> Option<occ_api::tls::TlsConfig> {
+        Some(occ_api::tls::TlsConfig {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+            client_cert_required: self.tls_client_cert_required,
+        })
+    }
+
     pub fn reflection(&self) -> occ_api::Reflection {
         match self.reflection.as_str() {
             "public" => occ_api::Reflection::Public,

@@ -72,6 +72,10 @@ pub struct CreateArgs {
     /// Revoke an active key of the same name first (rotation).
     #[arg(long)]
     replace: bool,
+    /// Let client certificates (from the API's `--grpc-tls-client-ca`) with this subject common
+    /// name call with this key's rights, as `cert:<subject>`.
+    #[arg(long)]
+    certificate_subject: Option<String>,
     #[command(flatten)]
     database: DatabaseArgs,
 }
@@ -97,6 +101,7 @@ pub async fn run(command: KeysCommand, pool: &PgPool) -> anyhow::Result<()> {
                 may_update_status: args.may_update_status,
                 expires_at,
                 replace: args.replace,
+                certificate_subject: args.certificate_subject,
             };
             let (info, secret) = keys::create(&mut tx, &key, CLI_ACTOR, now)
                 .await

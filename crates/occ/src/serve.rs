@@ -215,6 +215,19 @@ pub async fn start(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
+    anyhow::ensure!(
+        !(args.simulate && args.auth.tls_cert.is_some()),
+        "--simulate runs against a plaintext API; serve TLS without it (run `occ simulate` beside)"
+    );
+    // Checked before anything starts: a certificate that does not load stops the start.
+    let tls = match args.auth.tls() {
+        Some(tls) => Some(
+            occ_api::tls::acceptor(&tls, shutdown.clone())
+                .map_err(|e| anyhow::anyhow!("the API's TLS settings: {e}"))?,
+        ),
+        None => None,
+    };
+    let mqtt_tls = args.broker.tls()?;
     crate::metrics::serve(&args.metrics_listen)?;
     let pool = if args.migrate {
         prepare_database(&args.database, None, &shutdown).await?
@@ -280,6 +293,7 @@ pub async fn start(
         session_expiry: args.ingest.session_expiry.0,
         receive_maximum: args.ingest.receive_maximum,
         max_packet_size: args.ingest.max_packet_size,
+        tls: mqtt_tls,
     };
     tracing::info!(
         broker = %format!("{}:{}", mqtt.host, mqtt.port),
@@ -393,6 +407,7 @@ pub async fn start(
         state,
         GrpcConfig {
             max_message_bytes: args.grpc_max_message_bytes,
+            tls,
             ..GrpcConfig::default()
         },
         ready_rx,

@@ -918,6 +918,9 @@ async fn publish(
     if let Some(user) = &broker.username {
         options.set_credentials(user.clone(), broker.password.clone().unwrap_or_default());
     }
+    if let Some(tls) = broker.tls()? {
+        options.set_transport(tls.transport());
+    }
     let (client, mut eventloop) = AsyncClient::new(options, 256);
     let poll_stop = CancellationToken::new();
     let stop = poll_stop.clone();
