@@ -15,6 +15,7 @@ pub mod edge;
 pub mod error;
 pub mod incidents;
 pub mod ingest;
+pub mod jwt;
 pub mod keys;
 pub mod metrics;
 pub mod paging;

@@ -21,11 +21,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 pub use occ_domain::access::Principal;
-use occ_domain::access::{Roles, Scope};
+use occ_domain::access::{Role, Roles, Scope};
 use occ_store::PgPool;
 use occ_store::keys::{self, KeyInfo};
 use tonic::{Request, Status};
 
+use crate::jwt::Jwt;
 use crate::policy::{self, Access};
 
 /// The header a console names its operator in when OCC runs without authentication.
@@ -83,6 +84,8 @@ pub struct AuthConfig {
     pub reflection: Reflection,
     /// How long a key's validity (and the queues' agencies) are remembered.
     pub cache_for: Duration,
+    /// Tokens from the city's identity provider, if configured.
+    pub jwt: Option<Arc<Jwt>>,
 }
 
 impl Default for AuthConfig {
@@ -91,6 +94,7 @@ impl Default for AuthConfig {
             insecure: false,
             reflection: Reflection::Authenticated,
             cache_for: Duration::from_secs(2),
+            jwt: None,
         }
     }
 }
@@ -172,11 +176,76 @@ impl Authenticator {
                 "the authorization header must be `Bearer <key>`",
             ))?;
         if !token.starts_with(keys::KEY_PREFIX) {
-            return Err(Refusal::Unauthenticated("not an OCC key"));
+            return match &self.config.jwt {
+                Some(jwt) => self.token(jwt, token).await,
+                None => Err(Refusal::Unauthenticated("not an OCC key")),
+            };
         }
         self.key(token)
             .await?
             .ok_or(Refusal::Unauthenticated("unknown, expired or revoked key"))
+    }
+
+    /// The principal of a valid token from the identity provider: `user:<name>`, with the
+    /// roles OCC knows among its roles.
+    async fn token(&self, jwt: &Jwt, token: &str) -> Result<Principal, Refusal> {
+        let digest = keys::digest(token);
+        if let Some(hit) = self.keys.lock().expect("key cache").get(&digest)
+            && hit.at.elapsed() < self.config.cache_for
+            && let Some(p) = &hit.value
+        {
+            return Ok(p.clone());
+        }
+        let claims = jwt
+            .verify(token)
+            .map_err(|r| Refusal::Unauthenticated(r.reason()))?;
+        let queues = match self.cached_queue_agencies() {
+            Some(q) => q,
+            None => {
+                let mut conn = occ_store::acquire(&self.pool)
+                    .await
+                    .map_err(|_| Refusal::Unavailable)?;
+                self.queue_agencies(&mut conn).await?
+            }
+        };
+        let principal = Principal {
+            subject: format!("user:{}", claims.subject),
+            roles: claims.roles.iter().filter_map(|r| Role::parse(r)).collect(),
+            scope: Scope::resolve(&claims.queues, &claims.agencies, &queues),
+            sources: Vec::new(),
+            may_update_status: false,
+        };
+        // Remembered no longer than the token is valid.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if claims.expires > now + self.config.cache_for.as_secs() {
+            self.remember(digest, Some(principal.clone()));
+        }
+        Ok(principal)
+    }
+
+    fn remember(&self, digest: [u8; 32], principal: Option<Principal>) {
+        let mut cache = self.keys.lock().expect("key cache");
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(
+            digest,
+            Cached {
+                at: Instant::now(),
+                value: principal,
+            },
+        );
+    }
+
+    fn cached_queue_agencies(&self) -> Option<QueueAgencies> {
+        self.queues
+            .lock()
+            .expect("queue cache")
+            .as_ref()
+            .filter(|hit| hit.at.elapsed() < self.config.cache_for)
+            .map(|hit| hit.value.clone())
     }
 
     /// The principal of a key, from the cache while it is fresh.
@@ -216,17 +285,7 @@ impl Authenticator {
             None => None,
             Some(info) => Some(self.principal(&mut conn, &info).await?),
         };
-        let mut cache = self.keys.lock().expect("key cache");
-        if cache.len() >= CACHE_ENTRIES {
-            cache.clear();
-        }
-        cache.insert(
-            digest,
-            Cached {
-                at: Instant::now(),
-                value: principal.clone(),
-            },
-        );
+        self.remember(digest, principal.clone());
         Ok(principal)
     }
 
@@ -249,10 +308,8 @@ impl Authenticator {
         &self,
         conn: &mut occ_store::PgConnection,
     ) -> Result<QueueAgencies, Refusal> {
-        if let Some(hit) = self.queues.lock().expect("queue cache").as_ref()
-            && hit.at.elapsed() < self.config.cache_for
-        {
-            return Ok(hit.value.clone());
+        if let Some(map) = self.cached_queue_agencies() {
+            return Ok(map);
         }
         let map = Arc::new(
             keys::queue_agencies(conn)

@@ -552,6 +552,66 @@ pub struct AuthArgs {
     )]
     pub tls_client_ca: Option<std::path::PathBuf>,
 
+    /// The identity provider whose tokens (JWTs) are accepted: its issuer (`iss`), e.g.
+    /// `https://sso.city.example/realms/occ`. Needs `--jwt-audience` and `--jwt-jwks`.
+    #[arg(
+        long = "jwt-issuer",
+        env = "OCC_JWT_ISSUER",
+        requires = "jwt_audience",
+        requires = "jwt_jwks"
+    )]
+    pub jwt_issuer: Option<String>,
+
+    /// The audience (`aud`) tokens must be for.
+    #[arg(
+        long = "jwt-audience",
+        env = "OCC_JWT_AUDIENCE",
+        requires = "jwt_issuer"
+    )]
+    pub jwt_audience: Option<String>,
+
+    /// The identity provider's signing keys: a JWKS URL
+    /// (`…/protocol/openid-connect/certs`) or file.
+    #[arg(long = "jwt-jwks", env = "OCC_JWT_JWKS", requires = "jwt_issuer")]
+    pub jwt_jwks: Option<String>,
+
+    /// How often the JWKS is read again (also soon after a token names an unknown key).
+    #[arg(
+        long = "jwt-jwks-refresh",
+        env = "OCC_JWT_JWKS_REFRESH",
+        default_value = "10m"
+    )]
+    pub jwt_jwks_refresh: Span,
+
+    /// The claims that name the caller, and hold its roles, queues and agencies (dotted paths).
+    #[arg(
+        long = "jwt-subject-claim",
+        env = "OCC_JWT_SUBJECT_CLAIM",
+        default_value = "preferred_username"
+    )]
+    pub jwt_subject_claim: String,
+
+    #[arg(
+        long = "jwt-roles-claim",
+        env = "OCC_JWT_ROLES_CLAIM",
+        default_value = "realm_access.roles"
+    )]
+    pub jwt_roles_claim: String,
+
+    #[arg(
+        long = "jwt-queues-claim",
+        env = "OCC_JWT_QUEUES_CLAIM",
+        default_value = "occ_queues"
+    )]
+    pub jwt_queues_claim: String,
+
+    #[arg(
+        long = "jwt-agencies-claim",
+        env = "OCC_JWT_AGENCIES_CLAIM",
+        default_value = "occ_agencies"
+    )]
+    pub jwt_agencies_claim: String,
+
     /// Refuse connections without a client certificate (otherwise callers without one use
     /// keys).
     #[arg(
@@ -563,6 +623,20 @@ pub struct AuthArgs {
 }
 
 impl AuthArgs {
+    pub fn jwt(&self) -> Option<occ_api::jwt::JwtConfig> {
+        Some(occ_api::jwt::JwtConfig {
+            issuer: self.jwt_issuer.clone()?,
+            audience: self.jwt_audience.clone()?,
+            jwks: occ_api::jwt::JwksSource::parse(self.jwt_jwks.as_deref()?),
+            refresh: self.jwt_jwks_refresh.0,
+            leeway: 30,
+            subject_claim: self.jwt_subject_claim.clone(),
+            roles_claim: self.jwt_roles_claim.clone(),
+            queues_claim: self.jwt_queues_claim.clone(),
+            agencies_claim: self.jwt_agencies_claim.clone(),
+        })
+    }
+
     pub fn tls(&self) -> Option<occ_api::tls::TlsConfig> {
         Some(occ_api::tls::TlsConfig {
             cert: self.tls_cert.clone()?,

@@ -150,10 +150,19 @@ async fn prepare_auth(
     addr: SocketAddr,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Arc<occ_api::Authenticator>> {
+    let jwt = match args.auth.jwt() {
+        Some(jwt) if !args.auth.insecure => Some(
+            occ_api::jwt::Jwt::start(jwt, shutdown.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("the identity provider's keys: {e}"))?,
+        ),
+        _ => None,
+    };
     let config = occ_api::AuthConfig {
         insecure: args.auth.insecure,
         reflection: args.auth.reflection(),
         cache_for: args.auth.cache.0,
+        jwt,
     };
     if config.insecure {
         tracing::warn!(
@@ -178,10 +187,11 @@ async fn prepare_auth(
             file = %file.display(),
             "no admin key existed: made one (roles admin, supervisor; every queue) and wrote it to this file; send it as `authorization: Bearer <key>`"
         );
-    } else if !census.any {
+    } else if !census.any && config.jwt.is_none() {
         anyhow::bail!(
-            "OCC listens on {addr}, beyond this machine, and no API key exists, so nobody could use it: \
-             make one with `occ keys create --name admin --role admin` (its last line is the key), \
+            "OCC listens on {addr}, beyond this machine, and neither an API key nor an identity provider \
+             (--jwt-issuer) is configured, so nobody could use it: make a key with \
+             `occ keys create --name admin --role admin` (its last line is the key), \
              or pass --insecure to serve without authentication"
         );
     }
