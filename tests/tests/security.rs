@@ -164,6 +164,7 @@ fn api_methods() -> Vec<(String, bool)> {
 const EXPECTED: &[(&str, &str)] = &[
     ("IngestService/PublishEvents", "g"),
     ("IncidentService/GetIncident", "dsiua"),
+    ("IncidentService/GetIncidentCap", "dsiua"),
     ("IncidentService/ListIncidents", "dsiua"),
     ("IncidentService/GetTimeline", "dsiua"),
     ("IncidentService/WatchIncidents", "dsiua"),

@@ -101,6 +101,30 @@ impl IncidentApi {
         })
     }
 
+    async fn cap(
+        &self,
+        who: &Principal,
+        req: pb::GetIncidentCapRequest,
+    ) -> ApiResult<pb::GetIncidentCapResponse> {
+        let mut conn = occ_store::acquire(&self.state.pool).await?;
+        let incident = find_visible(&mut conn, who, &req.id).await?;
+        let polygons = incident
+            .zone
+            .as_ref()
+            .and_then(|z| {
+                self.state
+                    .registry
+                    .current()
+                    .zones()
+                    .get(z)
+                    .map(|area| area.outer_rings())
+            })
+            .unwrap_or_default();
+        Ok(pb::GetIncidentCapResponse {
+            alert: occ_domain::cap::alert(&incident, &polygons, &self.state.cap),
+        })
+    }
+
     async fn list(
         &self,
         who: &Principal,
@@ -336,6 +360,15 @@ impl IncidentService for IncidentApi {
     ) -> Result<Response<pb::GetIncidentResponse>, Status> {
         let who = crate::principal::of(&request);
         Ok(Response::new(self.get(&who, request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(id = %request.get_ref().id))]
+    async fn get_incident_cap(
+        &self,
+        request: Request<pb::GetIncidentCapRequest>,
+    ) -> Result<Response<pb::GetIncidentCapResponse>, Status> {
+        let who = crate::principal::of(&request);
+        Ok(Response::new(self.cap(&who, request.into_inner()).await?))
     }
 
     #[tracing::instrument(skip_all)]

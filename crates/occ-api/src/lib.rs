@@ -59,6 +59,8 @@ pub struct ApiState {
     pub clock: occ_domain::SharedClock,
     /// Who callers are.
     pub auth: Arc<Authenticator>,
+    /// What CAP alerts say about their sender.
+    pub cap: Arc<occ_domain::cap::CapSender>,
 }
 
 impl ApiState {

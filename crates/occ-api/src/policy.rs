@@ -53,6 +53,10 @@ pub const METHODS: &[(&str, Access)] = &[
         Access::Roles(&[Gateway]),
     ),
     ("/occ.v1.IncidentService/GetIncident", Access::Roles(READ)),
+    (
+        "/occ.v1.IncidentService/GetIncidentCap",
+        Access::Roles(READ),
+    ),
     ("/occ.v1.IncidentService/ListIncidents", Access::Roles(READ)),
     ("/occ.v1.IncidentService/GetTimeline", Access::Roles(READ)),
     (

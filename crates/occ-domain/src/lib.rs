@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod cap;
 pub mod claim;
 pub mod clock;
 pub mod correlation;

@@ -75,6 +75,15 @@ impl ZoneArea {
     }
 
     /// Whether the point is inside the zone or on its edge.
+    /// The outer ring of each polygon, as closed `(lat, lon)` lists (holes left out).
+    pub fn outer_rings(&self) -> Vec<Vec<(f64, f64)>> {
+        self.shape
+            .0
+            .iter()
+            .map(|p| p.exterior().coords().map(|c| (c.y, c.x)).collect())
+            .collect()
+    }
+
     pub fn covers(&self, p: GeoPoint) -> bool {
         let point = Point::new(p.lon(), p.lat());
         self.bounds.intersects(&point) && self.shape.intersects(&point)

@@ -467,6 +467,30 @@ pub struct ServeArgs {
     )]
     pub sweep_interval: Span,
 
+    /// Who CAP alerts (`GetIncidentCap`) say sent them: an id without spaces or commas.
+    #[arg(
+        long = "cap-sender",
+        env = "OCC_CAP_SENDER",
+        default_value = "occ@city.example"
+    )]
+    pub cap_sender: String,
+
+    /// The sender's name in CAP alerts.
+    #[arg(
+        long = "cap-sender-name",
+        env = "OCC_CAP_SENDER_NAME",
+        default_value = "Operational control center"
+    )]
+    pub cap_sender_name: String,
+
+    /// The UTC offset CAP alerts write times in (the city's), e.g. `+05:00`.
+    #[arg(
+        long = "cap-utc-offset",
+        env = "OCC_CAP_UTC_OFFSET",
+        default_value = "+00:00"
+    )]
+    pub cap_utc_offset: String,
+
     /// How often the audit log's chains are anchored (each anchor's hash is logged).
     #[arg(
         long = "audit-anchor-interval",
@@ -620,6 +644,35 @@ pub struct AuthArgs {
         requires = "tls_client_ca"
     )]
     pub tls_client_cert_required: bool,
+}
+
+impl ServeArgs {
+    /// What CAP alerts say about their sender.
+    pub fn cap(&self) -> anyhow::Result<occ_domain::cap::CapSender> {
+        anyhow::ensure!(
+            !self.cap_sender.is_empty()
+                && !self
+                    .cap_sender
+                    .contains(|c: char| c.is_whitespace() || matches!(c, ',' | '<' | '&')),
+            "--cap-sender {:?}: no spaces, commas, '<' or '&'",
+            self.cap_sender
+        );
+        let offset: chrono::FixedOffset = format!("2000-01-01T00:00:00{}", self.cap_utc_offset)
+            .parse::<chrono::DateTime<chrono::FixedOffset>>()
+            .map(|t| *t.offset())
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "--cap-utc-offset {:?} is not like +05:00",
+                    self.cap_utc_offset
+                )
+            })?;
+        Ok(occ_domain::cap::CapSender {
+            sender: self.cap_sender.clone(),
+            sender_name: self.cap_sender_name.clone(),
+            offset,
+            radius_km: 0.1,
+        })
+    }
 }
 
 impl AuthArgs {

@@ -238,6 +238,7 @@ pub async fn start(
         None => None,
     };
     let mqtt_tls = args.broker.tls()?;
+    let cap = Arc::new(args.cap()?);
     crate::metrics::serve(&args.metrics_listen)?;
     let pool = if args.migrate {
         prepare_database(&args.database, None, &shutdown).await?
@@ -411,6 +412,7 @@ pub async fn start(
         adapters,
         clock,
         auth,
+        cap,
     };
     let grpc = tokio::spawn(occ_api::serve(
         listener,

@@ -1,0 +1,224 @@
+//! CAP 1.2 out: every incident category, in every stage of an incident's life, as an alert the
+//! OASIS CAP 1.2 schema accepts (checked by xmllint against the schema in tests/fixtures), and
+//! `GetIncidentCap` over the API for a real incident with its zone.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use chrono::{DateTime, FixedOffset, TimeDelta, Utc};
+use occ_domain::cap::{CapSender, alert};
+use occ_domain::{
+    Category, GeoPoint, Incident, IncidentId, IncidentNumber, IncidentStatus, Priority, QueueName,
+    Zone,
+};
+use occ_proto::v1 as pb;
+use occ_tests::{Broker, Occ, database_url, ingest, serve_args, workspace_root};
+use sqlx::PgPool;
+
+/// Validates `xml` against the CAP 1.2 schema; the error text if it does not validate.
+fn validate(xml: &str) -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("occ-cap-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file: PathBuf = dir.join("alert.xml");
+    std::fs::write(&file, xml).expect("write");
+    let schema = workspace_root().join("tests/fixtures/cap/CAP-v1.2.xsd");
+    let out = Command::new("xmllint")
+        .arg("--noout")
+        .arg("--schema")
+        .arg(&schema)
+        .arg(&file)
+        .output()
+        .expect("xmllint runs (package libxml2-utils; .ci/run installs it)");
+    let _ = std::fs::remove_dir_all(&dir);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn sender() -> CapSender {
+    CapSender {
+        sender: "occ@astana.example".into(),
+        sender_name: "Astana operational control center".into(),
+        offset: FixedOffset::east_opt(5 * 3600).expect("offset"),
+        radius_km: 0.1,
+    }
+}
+
+fn incident(category: &str, status: IncidentStatus, changed: bool) -> Incident {
+    let t: DateTime<Utc> = "2026-11-29T08:15:30.123456Z".parse().expect("time");
+    Incident {
+        id: IncidentId(uuid::Uuid::now_v7()),
+        number: IncidentNumber::new(t, 123),
+        category: Category::parse(category).expect("category"),
+        queue: QueueName::parse("queue", "police").expect("queue"),
+        priority: Priority::P1,
+        status,
+        title: "Smoke & fire <3rd floor> at \"Kabanbay 3\"".into(),
+        location: Some(GeoPoint::new(51.128, 71.43).expect("point")),
+        zone: Some(Zone::parse("esil_residential_1", 128).expect("zone")),
+        correlation_key: "k".into(),
+        correlating: true,
+        rule_id: None,
+        rule_name: "fire-smoke".into(),
+        first_seen: t,
+        last_seen: t + TimeDelta::seconds(40),
+        event_count: 3,
+        created_at: t,
+        updated_at: if changed {
+            t + TimeDelta::minutes(3)
+        } else {
+            t
+        },
+        claim_within: TimeDelta::seconds(60),
+        claim_deadline: None,
+        escalated_at: None,
+        acknowledged_at: None,
+        acknowledged_by: None,
+        claim: None,
+    }
+}
+
+#[test]
+fn every_category_at_every_stage_is_a_valid_cap_alert() {
+    let zone = vec![vec![
+        (51.12, 71.42),
+        (51.12, 71.44),
+        (51.14, 71.44),
+        (51.14, 71.42),
+        (51.12, 71.42),
+    ]];
+    let categories = [
+        "fire",
+        "gas_leak",
+        "panic_alarm",
+        "shots_fired",
+        "intrusion",
+        "watchlisted_vehicle",
+        "flood",
+        "air_quality",
+        "medical",
+        "device_offline",
+        "maintenance",
+        "something_new",
+    ];
+    let stages = [
+        (IncidentStatus::Queued, false, "Alert"),
+        (IncidentStatus::OnScene, true, "Update"),
+        (IncidentStatus::Closed, true, "Update"),
+        (IncidentStatus::Dismissed, true, "Cancel"),
+    ];
+    for category in categories {
+        for (status, changed, msg_type) in stages {
+            let i = incident(category, status, changed);
+            let xml = alert(&i, &zone, &sender());
+            if let Err(e) = validate(&xml) {
+                panic!("{category} {status:?}: not valid CAP 1.2:\n{e}\n{xml}");
+            }
+            assert!(
+                xml.contains(&format!("<msgType>{msg_type}</msgType>")),
+                "{xml}"
+            );
+            assert!(
+                xml.contains("<sent>2026-11-29T13:"),
+                "local time, offset: {xml}"
+            );
+            assert_eq!(
+                xml.contains("<references>occ@astana.example,INC-2026-000123,2026-11-29T13:15:30+05:00</references>"),
+                msg_type != "Alert",
+                "{xml}"
+            );
+        }
+    }
+    let fire = alert(
+        &incident("fire", IncidentStatus::Queued, false),
+        &zone,
+        &sender(),
+    );
+    for expected in [
+        "<category>Fire</category>",
+        "<urgency>Immediate</urgency>",
+        "<severity>Extreme</severity>",
+        "<certainty>Likely</certainty>",
+        "<polygon>51.120000,71.420000 51.120000,71.440000",
+        "<circle>51.128000,71.430000 0.1</circle>",
+        "Smoke &amp; fire &lt;3rd floor&gt;",
+    ] {
+        assert!(fire.contains(expected), "{expected} in {fire}");
+    }
+    // A broken document is caught by the check itself.
+    assert!(validate(&fire.replace("+05:00</sent>", "Z</sent>")).is_err());
+}
+
+#[sqlx::test(migrations = false)]
+async fn get_incident_cap_answers_an_incident_with_its_zone(pool: PgPool) {
+    let broker = Broker::start().await.expect("broker");
+    let occ = Occ::start(serve_args(
+        &database_url(&pool),
+        broker.port,
+        "occ-cap",
+        &["--cap-utc-offset", "+05:00"],
+    ))
+    .await
+    .expect("OCC starts");
+    occ_tests::zones(&occ.grpc)
+        .await
+        .put_zone(pb::PutZoneRequest {
+            zone: Some(pb::Zone {
+                name: "esil_transit_stop_1".into(),
+                geometry: Some(occ_api::convert::json_to_struct(
+                    serde_json::json!({"type": "Polygon", "coordinates": [[
+                        [71.42, 51.12], [71.44, 51.12], [71.44, 51.14], [71.42, 51.14], [71.42, 51.12]
+                    ]]})
+                    .as_object()
+                    .expect("object"),
+                )),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("zone");
+    let number = ingest(&occ.grpc)
+        .await
+        .publish_events(pb::PublishEventsRequest {
+            events: vec![pb::Event {
+                source_id: "panic-1".into(),
+                external_id: "press-1".into(),
+                r#type: "panic.pressed".into(),
+                zone: "esil_transit_stop_1".into(),
+                location: Some(pb::GeoPoint {
+                    lat: 51.13,
+                    lon: 71.43,
+                }),
+                ..Default::default()
+            }],
+        })
+        .await
+        .expect("publish")
+        .into_inner()
+        .results[0]
+        .incidents[0]
+        .number
+        .clone();
+    let xml = occ_tests::incidents(&occ.grpc)
+        .await
+        .get_incident_cap(pb::GetIncidentCapRequest { id: number.clone() })
+        .await
+        .expect("GetIncidentCap")
+        .into_inner()
+        .alert;
+    validate(&xml).unwrap_or_else(|e| panic!("{e}\n{xml}"));
+    assert!(
+        xml.contains(&format!("<identifier>{number}</identifier>")),
+        "{xml}"
+    );
+    assert!(xml.contains("<category>Security</category>"), "{xml}");
+    assert!(
+        xml.contains("<areaDesc>esil_transit_stop_1</areaDesc>"),
+        "{xml}"
+    );
+    assert!(xml.contains("<polygon>51.120000,71.420000"), "{xml}");
+    assert!(xml.contains("+05:00</sent>"), "{xml}");
+    occ.stop().await.expect("stop");
+}
