@@ -264,6 +264,9 @@ pub fn serve_args(db_url: &str, broker_port: u16, client_id: &str, extra: &[&str
         // Tests of everything but access call as an unrestricted operator; tests/security.rs
         // starts OCC with authentication.
         "--insecure",
+        // Many tests flood a few sources on purpose; tests/security.rs tries the limit.
+        "--ingest-source-rate",
+        "0",
     ]
     .iter()
     .map(|s| (*s).to_owned())

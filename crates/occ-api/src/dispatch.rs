@@ -338,11 +338,16 @@ impl DispatchService for DispatchApi {
         }
         drop(conn);
         let queues = Some(vec![queue.as_str().to_owned()]);
-        let stream = watch::watch(&self.state.pool, &self.state.feed, queues, |change| {
-            pb::WatchQueueResponse {
+        let permit = self.state.auth.stream_permit(&who)?;
+        let stream = watch::watch(
+            &self.state.pool,
+            &self.state.feed,
+            queues,
+            permit,
+            |change| pb::WatchQueueResponse {
                 change: Some(change),
-            }
-        })
+            },
+        )
         .await?;
         Ok(Response::new(stream))
     }

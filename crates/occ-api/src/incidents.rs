@@ -344,11 +344,16 @@ impl IncidentService for IncidentApi {
             Some(queue)
         };
         let queues = scoped_queues(&who, queue.as_ref())?;
-        let stream = watch::watch(&self.state.pool, &self.state.feed, queues, |change| {
-            pb::WatchIncidentsResponse {
+        let permit = self.state.auth.stream_permit(&who)?;
+        let stream = watch::watch(
+            &self.state.pool,
+            &self.state.feed,
+            queues,
+            permit,
+            |change| pb::WatchIncidentsResponse {
                 change: Some(change),
-            }
-        })
+            },
+        )
         .await?;
         Ok(Response::new(stream))
     }

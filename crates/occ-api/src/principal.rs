@@ -86,6 +86,12 @@ pub struct AuthConfig {
     pub cache_for: Duration,
     /// Tokens from the city's identity provider, if configured.
     pub jwt: Option<Arc<Jwt>>,
+    /// Calls per second each principal may make on average (0: no limit), and how many it
+    /// may make at once above that.
+    pub rate_per_second: f64,
+    pub rate_burst: f64,
+    /// Watch streams each principal may hold open at once.
+    pub max_streams: usize,
 }
 
 impl Default for AuthConfig {
@@ -95,6 +101,9 @@ impl Default for AuthConfig {
             reflection: Reflection::Authenticated,
             cache_for: Duration::from_secs(2),
             jwt: None,
+            rate_per_second: 100.0,
+            rate_burst: 200.0,
+            max_streams: 16,
         }
     }
 }
@@ -112,13 +121,42 @@ struct Cached<T> {
     value: T,
 }
 
-/// Authenticates callers; shared by every connection.
+/// A principal's token bucket.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Authenticates callers, and keeps each within its rate and stream limits; shared by every
+/// connection.
 #[derive(Debug)]
 pub struct Authenticator {
     pool: PgPool,
     config: AuthConfig,
     keys: Mutex<HashMap<[u8; 32], Cached<Option<Principal>>>>,
     queues: Mutex<Option<Cached<QueueAgencies>>>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+    streams: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One open watch stream of a principal; dropping it frees the place.
+#[derive(Debug)]
+pub struct StreamPermit {
+    subject: String,
+    streams: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock().expect("stream counts");
+        if let Some(n) = streams.get_mut(&self.subject) {
+            *n -= 1;
+            if *n == 0 {
+                streams.remove(&self.subject);
+            }
+        }
+    }
 }
 
 /// Where each queue belongs: `queue → agency`.
@@ -131,7 +169,59 @@ impl Authenticator {
             config,
             keys: Mutex::new(HashMap::new()),
             queues: Mutex::new(None),
+            buckets: Mutex::new(HashMap::new()),
+            streams: Arc::new(Mutex::new(HashMap::new())),
         })
+    }
+
+    /// Takes one call from `subject`'s bucket; when it is empty, how long until it is not.
+    fn admit(&self, subject: &str) -> Result<(), Duration> {
+        let rate = self.config.rate_per_second;
+        if self.config.insecure || rate <= 0.0 {
+            return Ok(());
+        }
+        let burst = self.config.rate_burst.max(1.0);
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().expect("rate buckets");
+        if buckets.len() >= CACHE_ENTRIES && !buckets.contains_key(subject) {
+            // Buckets full again after a second are as good as new.
+            buckets.retain(|_, b| now.duration_since(b.at).as_secs_f64() * rate < burst);
+        }
+        let bucket = buckets.entry(subject.to_owned()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        bucket.tokens =
+            (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / rate))
+        }
+    }
+
+    /// A place for one more watch stream of `who`, if it has one left.
+    pub fn stream_permit(&self, who: &Principal) -> Result<Option<StreamPermit>, Status> {
+        if self.config.insecure {
+            return Ok(None);
+        }
+        let mut streams = self.streams.lock().expect("stream counts");
+        let open = streams.entry(who.subject.clone()).or_insert(0);
+        if *open >= self.config.max_streams {
+            tracing::warn!(subject = %who.subject, open = *open, "watch stream refused: too many open");
+            metrics::counter!("occ_grpc_denied_total", "method" => "watch", "code" => "ResourceExhausted").increment(1);
+            return Err(Status::resource_exhausted(format!(
+                "{} has {} watch streams open, the most allowed; close one first",
+                who.subject, *open
+            )));
+        }
+        *open += 1;
+        Ok(Some(StreamPermit {
+            subject: who.subject.clone(),
+            streams: self.streams.clone(),
+        }))
     }
 
     pub fn config(&self) -> &AuthConfig {
@@ -406,6 +496,19 @@ where
                         principal.roles.to_string()
                     }
                 ));
+                return Ok(deny(&method, &principal.subject, status));
+            }
+            if let Err(wait) = auth.admit(&principal.subject) {
+                let status = <Status as tonic_types::StatusExt>::with_error_details(
+                    tonic::Code::ResourceExhausted,
+                    format!(
+                        "{} is over its rate of {} calls a second; retry in {} ms",
+                        principal.subject,
+                        auth.config.rate_per_second,
+                        wait.as_millis().max(1)
+                    ),
+                    tonic_types::ErrorDetails::with_retry_info(Some(wait)),
+                );
                 return Ok(deny(&method, &principal.subject, status));
             }
             req.extensions_mut().insert(principal);

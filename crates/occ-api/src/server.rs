@@ -45,6 +45,9 @@ pub struct GrpcConfig {
     pub max_message_bytes: usize,
     /// Most calls (HTTP/2 streams) open at once on one connection.
     pub max_concurrent_streams: u32,
+    /// The longest a unary call may take (a client's shorter `grpc-timeout` wins); streams
+    /// are bounded only in how long their answer takes to start.
+    pub request_timeout: Duration,
     /// TLS, from [`crate::tls::acceptor`] (none: plaintext, for loopback and a mesh that
     /// encrypts).
     pub tls: Option<crate::tls::Acceptor>,
@@ -57,6 +60,7 @@ impl Default for GrpcConfig {
             keepalive_timeout: Duration::from_secs(10),
             max_message_bytes: 16 * 1024 * 1024,
             max_concurrent_streams: 256,
+            request_timeout: Duration::from_secs(30),
             tls: None,
         }
     }
@@ -138,6 +142,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(config.max_concurrent_streams)
+        .timeout(config.request_timeout)
         .layer(GrpcMetricsLayer)
         .layer(RequestStatusLayer)
         .layer(AuthLayer::new(state.auth.clone()))

@@ -65,6 +65,7 @@ pub async fn watch<T, F>(
     pool: &PgPool,
     feed: &Feed,
     queues: Option<Vec<String>>,
+    permit: Option<crate::principal::StreamPermit>,
     wrap: F,
 ) -> ApiResult<WatchStream<T>>
 where
@@ -147,5 +148,11 @@ where
     });
     // The buffered messages, then the final status if the watch task set one.
     let end = futures_util::stream::once(end_rx).filter_map(|r| async move { r.ok().map(Err) });
-    Ok(Box::pin(ReceiverStream::new(data_rx).chain(end)))
+    // The caller's place among its streams is held as long as the stream is.
+    Ok(Box::pin(ReceiverStream::new(data_rx).chain(end).map(
+        move |message| {
+            let _held = &permit;
+            message
+        },
+    )))
 }

@@ -13,6 +13,7 @@ pub mod correlation;
 pub mod event;
 pub mod glob;
 pub mod incident;
+pub mod rate;
 pub mod registry;
 pub mod rule;
 pub mod source;

@@ -45,6 +45,9 @@ pub struct IngestParts {
     pub activity: ActivityLog,
     /// What ingest reads the time of receipt from (see [`occ_domain::clock`]).
     pub clock: occ_domain::SharedClock,
+    /// How fast each source may send, shared by the instance's connections: what a flooding
+    /// source sends beyond it becomes dead letters, so other sources' events go on.
+    pub source_rates: Arc<std::sync::Mutex<occ_domain::rate::SourceRates>>,
 }
 
 /// Whether ingest is taking messages.

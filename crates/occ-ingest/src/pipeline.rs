@@ -203,6 +203,24 @@ impl Batcher {
             };
             count.1 += 1;
             match decoded {
+                Ok(decoded) if !self.within_rate(&decoded, m.received_at) => {
+                    count.2 += 1;
+                    let source = decoded
+                        .first()
+                        .map(|e| e.source_id.to_string())
+                        .unwrap_or_default();
+                    metrics::counter!("occ_ingest_throttled_total").increment(1);
+                    let rate = self
+                        .parts
+                        .source_rates
+                        .lock()
+                        .expect("source rates")
+                        .per_second();
+                    dead_letters.push(self.dead_letter(
+                        m,
+                        format!("source {source} sent more than its {rate} events a second: throttled (replay it once the flood is over)"),
+                    ));
+                }
                 Ok(decoded) => {
                     let at_most_once = m.publish.qos == QoS::AtMostOnce;
                     // What tells this message's redelivery from the same bytes sent again.
@@ -236,6 +254,24 @@ impl Batcher {
             dead_letters,
             parts,
         }
+    }
+
+    /// Whether a message's events are within their source's rate (taken from it if so).
+    /// Timed by when the source says they happened (never later than they arrived): a backlog
+    /// the broker kept while OCC was away arrives at once, yet happened at its own pace.
+    fn within_rate(
+        &self,
+        events: &[occ_domain::Event],
+        received_at: chrono::DateTime<chrono::Utc>,
+    ) -> bool {
+        let Some(first) = events.first() else {
+            return true;
+        };
+        self.parts.source_rates.lock().expect("source rates").admit(
+            first.source_id.as_str(),
+            events.len(),
+            first.occurred_at.min(received_at),
+        )
     }
 
     fn dead_letter(&self, m: &Inbound, reason: String) -> DeadLetter {

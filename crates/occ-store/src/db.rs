@@ -17,17 +17,30 @@ pub struct DbConfig {
     pub url: String,
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// The longest any statement may run (none: the server's setting).
+    pub statement_timeout: Option<Duration>,
+    /// The longest a statement may wait for a lock (none: the server's setting).
+    pub lock_timeout: Option<Duration>,
 }
 
 /// A pool that connects lazily: OCC starts while PostgreSQL is still down and waits for it
 /// instead of failing.
 ///
 /// The server ends a transaction left idle for a minute (a client that vanished mid-batch),
-/// so no lock on an incident outlives the OCC instance that took it.
+/// so no lock on an incident outlives the OCC instance that took it; statements and lock waits
+/// end at the configured bounds, so one slow query cannot hold a connection for long.
 pub fn pool(config: &DbConfig) -> Result<PgPool> {
+    let millis = |d: Duration| format!("{}ms", d.as_millis());
+    let mut settings = vec![("idle_in_transaction_session_timeout", "60s".to_owned())];
+    if let Some(d) = config.statement_timeout {
+        settings.push(("statement_timeout", millis(d)));
+    }
+    if let Some(d) = config.lock_timeout {
+        settings.push(("lock_timeout", millis(d)));
+    }
     let options = PgConnectOptions::from_str(&config.url)?
         .application_name("occ")
-        .options([("idle_in_transaction_session_timeout", "60s")]);
+        .options(settings);
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.acquire_timeout)

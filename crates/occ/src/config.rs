@@ -144,6 +144,25 @@ pub struct DatabaseArgs {
         default_value = "5s"
     )]
     pub acquire_timeout: Span,
+
+    /// The longest a statement may run before PostgreSQL cancels it (0: no bound). Ingest's
+    /// batches are bounded by `--database-commit-timeout` as well.
+    #[arg(
+        long = "database-statement-timeout",
+        env = "OCC_DATABASE_STATEMENT_TIMEOUT",
+        default_value = "30s"
+    )]
+    pub statement_timeout: Span,
+
+    /// The longest an API call's statement waits for a row lock before it fails (0: no bound).
+    /// Ingest waits as long as its statements may run: it retries, it never fails a batch
+    /// for waiting.
+    #[arg(
+        long = "database-lock-timeout",
+        env = "OCC_DATABASE_LOCK_TIMEOUT",
+        default_value = "10s"
+    )]
+    pub lock_timeout: Span,
 }
 
 /// The MQTT broker.
@@ -309,6 +328,24 @@ pub struct IngestArgs {
         default_value_t = 64 * 1024
     )]
     pub max_payload_bytes: usize,
+
+    /// Events a second each source may send on average, per instance, timed by when they
+    /// happened (0: no limit); what a flooding source sends beyond it becomes dead letters with
+    /// the reason.
+    #[arg(
+        long = "ingest-source-rate",
+        env = "OCC_INGEST_SOURCE_RATE",
+        default_value_t = 100.0
+    )]
+    pub source_rate: f64,
+
+    /// Events a source may send at once above its rate.
+    #[arg(
+        long = "ingest-source-burst",
+        env = "OCC_INGEST_SOURCE_BURST",
+        default_value_t = 1000.0
+    )]
+    pub source_burst: f64,
 }
 
 /// Which producer formats OCC reads, and where.
@@ -433,6 +470,14 @@ pub struct ServeArgs {
         default_value = "127.0.0.1:9464"
     )]
     pub metrics_listen: String,
+
+    /// The longest a unary gRPC call may take (DEADLINE_EXCEEDED after it).
+    #[arg(
+        long = "grpc-request-timeout",
+        env = "OCC_GRPC_REQUEST_TIMEOUT",
+        default_value = "30s"
+    )]
+    pub grpc_request_timeout: Span,
 
     /// Largest gRPC request message; larger ones get RESOURCE_EXHAUSTED.
     #[arg(
@@ -575,6 +620,31 @@ pub struct AuthArgs {
         requires = "tls_cert"
     )]
     pub tls_client_ca: Option<std::path::PathBuf>,
+
+    /// Calls a second each principal may make on average (0: no limit); above it, calls get
+    /// RESOURCE_EXHAUSTED with the time to wait.
+    #[arg(
+        long = "grpc-rate-limit",
+        env = "OCC_GRPC_RATE_LIMIT",
+        default_value_t = 100.0
+    )]
+    pub rate_limit: f64,
+
+    /// Calls a principal may make at once above its rate.
+    #[arg(
+        long = "grpc-rate-burst",
+        env = "OCC_GRPC_RATE_BURST",
+        default_value_t = 200.0
+    )]
+    pub rate_burst: f64,
+
+    /// Watch streams a principal may hold open at once.
+    #[arg(
+        long = "grpc-max-streams-per-principal",
+        env = "OCC_GRPC_MAX_STREAMS_PER_PRINCIPAL",
+        default_value_t = 16
+    )]
+    pub max_streams: usize,
 
     /// The identity provider whose tokens (JWTs) are accepted: its issuer (`iss`), e.g.
     /// `https://sso.city.example/realms/occ`. Needs `--jwt-audience` and `--jwt-jwks`.

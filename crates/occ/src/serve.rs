@@ -66,6 +66,8 @@ pub fn db_config(args: &DatabaseArgs) -> DbConfig {
         url: args.url.clone(),
         max_connections: args.max_connections,
         acquire_timeout: args.acquire_timeout.0,
+        statement_timeout: Some(args.statement_timeout.0).filter(|d| !d.is_zero()),
+        lock_timeout: Some(args.lock_timeout.0).filter(|d| !d.is_zero()),
     }
 }
 
@@ -83,9 +85,16 @@ pub async fn prepare_database(
             if occ_store::create_database_if_missing(&args.url).await? {
                 tracing::info!(url = %mask_url(&args.url), "database created");
             }
-            let pool = occ_store::pool(&db_config(args))?;
-            occ_store::migrate(&pool).await?;
-            Ok::<_, occ_store::StoreError>(pool)
+            // Migrations may run long on a large database: no statement bound for them.
+            let migrating = occ_store::pool(&DbConfig {
+                max_connections: 1,
+                statement_timeout: None,
+                lock_timeout: None,
+                ..db_config(args)
+            })?;
+            occ_store::migrate(&migrating).await?;
+            migrating.close().await;
+            occ_store::pool(&db_config(args))
         };
         match attempt.await {
             Ok(pool) => return Ok(pool),
@@ -163,6 +172,9 @@ async fn prepare_auth(
         reflection: args.auth.reflection(),
         cache_for: args.auth.cache.0,
         jwt,
+        rate_per_second: args.auth.rate_limit,
+        rate_burst: args.auth.rate_burst,
+        max_streams: args.auth.max_streams,
     };
     if config.insecure {
         tracing::warn!(
@@ -269,6 +281,13 @@ pub async fn start(
     // Ingest has connections of its own: API load cannot starve it (nor mark it unhealthy).
     let ingest_pool = occ_store::pool(&DbConfig {
         max_connections: args.database.ingest_connections,
+        lock_timeout: None,
+        ..db_config(&args.database)
+    })?;
+    // Background work (the change feed, sweeps, source health, audit anchors) has connections
+    // of its own too: a flood of API calls cannot stop escalations or the feed.
+    let background_pool = occ_store::pool(&DbConfig {
+        max_connections: 4,
         ..db_config(&args.database)
     })?;
 
@@ -340,6 +359,10 @@ pub async fn start(
             registry: registry.clone(),
             activity: activity.clone(),
             clock: clock.clone(),
+            source_rates: Arc::new(std::sync::Mutex::new(occ_domain::rate::SourceRates::new(
+                args.ingest.source_rate,
+                args.ingest.source_burst,
+            ))),
         },
         lease_pool,
         ingest_stop.clone(),
@@ -377,16 +400,16 @@ pub async fn start(
 
     let grpc_addr = listener.local_addr()?;
     let grpc_stop = CancellationToken::new();
-    let feed = occ_store::changes::Feed::start(pool.clone(), shutdown.clone())
+    let feed = occ_store::changes::Feed::start(background_pool.clone(), shutdown.clone())
         .await
         .context("cannot read the incident change log")?;
     tokio::spawn(crate::audit::anchor_periodically(
-        pool.clone(),
+        background_pool.clone(),
         args.audit_anchor_interval.0,
         shutdown.clone(),
     ));
     tokio::spawn(occ_store::sweep::run(
-        pool.clone(),
+        background_pool.clone(),
         args.sweep_interval.0,
         shutdown.clone(),
     ));
@@ -394,7 +417,7 @@ pub async fn start(
     let health_stop = CancellationToken::new();
     let health = tokio::spawn(
         Health {
-            pool: pool.clone(),
+            pool: background_pool,
             log: activity.clone(),
             rules: rules.clone(),
             registry: registry.clone(),
@@ -419,6 +442,7 @@ pub async fn start(
         state,
         GrpcConfig {
             max_message_bytes: args.grpc_max_message_bytes,
+            request_timeout: args.grpc_request_timeout.0,
             tls,
             ..GrpcConfig::default()
         },
