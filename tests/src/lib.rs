@@ -114,8 +114,13 @@ impl Broker {
 
     /// Like [`Broker::start`], with more settings: `extra` gets the port and returns lines.
     pub async fn start_with(extra: impl FnOnce(u16) -> String) -> anyhow::Result<Broker> {
+        Self::start_config(|port| occ::bench::mosquitto_config(port, &extra(port), "stderr")).await
+    }
+
+    /// A broker with the whole configuration `config` makes for the port it gets.
+    pub async fn start_config(config: impl FnOnce(u16) -> String) -> anyhow::Result<Broker> {
         let port = free_port();
-        let config = occ::bench::mosquitto_config(port, &extra(port), "stderr");
+        let config = config(port);
         let path = std::env::temp_dir().join(format!("occ-test-mosquitto-{port}.conf"));
         std::fs::write(&path, config)?;
         let child = Self::spawn(&path)?;
@@ -532,10 +537,18 @@ pub struct Publisher {
 
 impl Publisher {
     pub async fn connect(port: u16) -> Publisher {
+        Self::connect_as(port, None).await
+    }
+
+    /// A publisher that signs in as `user` with `password`.
+    pub async fn connect_as(port: u16, credentials: Option<(&str, &str)>) -> Publisher {
         let id = format!("test-pub-{}", uuid::Uuid::now_v7().simple());
         let mut o = MqttOptions::new(id, "127.0.0.1", port);
         o.set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(Some(4 * 1024 * 1024));
+        if let Some((user, password)) = credentials {
+            o.set_credentials(user, password);
+        }
         let (client, mut eventloop) = AsyncClient::new(o, 1024);
         let acked = Arc::new(AtomicUsize::new(0));
         let progress = Arc::new(Notify::new());

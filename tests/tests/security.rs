@@ -88,6 +88,18 @@ impl<'a> Grant<'a> {
     }
 }
 
+/// A dispatcher of `queue`, named `name`.
+async fn desk(grpc: &str, admin: &str, name: &str, queue: &str) -> String {
+    let queues = [queue];
+    make_key(
+        grpc,
+        admin,
+        name,
+        Grant::role(&"dispatcher").queues(&queues),
+    )
+    .await
+}
+
 async fn make_key(grpc: &str, admin: &str, name: &str, grant: Grant<'_>) -> String {
     let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
     KeyServiceClient::new(channel(grpc).await)
@@ -377,20 +389,8 @@ async fn incidents_outside_a_callers_queues_do_not_exist_for_it(pool: PgPool) {
     let (occ, admin) = start(&pool, &broker, "occ-scope", &[]).await;
     let grpc = occ.grpc.as_str();
     let gateway = make_key(grpc, &admin, "gw", Grant::role(&"gateway")).await;
-    let police = make_key(
-        grpc,
-        &admin,
-        "police-desk",
-        Grant::role(&"dispatcher").queues(&["police"]),
-    )
-    .await;
-    let fire = make_key(
-        grpc,
-        &admin,
-        "fire-desk",
-        Grant::role(&"dispatcher").queues(&["fire"]),
-    )
-    .await;
+    let police = desk(grpc, &admin, "police-desk", "police").await;
+    let fire = desk(grpc, &admin, "fire-desk", "fire").await;
     let supervisor = make_key(
         grpc,
         &admin,
@@ -746,20 +746,8 @@ async fn a_claim_id_is_shown_only_to_its_holder(pool: PgPool) {
     let (occ, admin) = start(&pool, &broker, "occ-claim-id", &[]).await;
     let grpc = occ.grpc.as_str();
     let gateway = make_key(grpc, &admin, "gw", Grant::role(&"gateway")).await;
-    let alice = make_key(
-        grpc,
-        &admin,
-        "alice",
-        Grant::role(&"dispatcher").queues(&["police"]),
-    )
-    .await;
-    let bob = make_key(
-        grpc,
-        &admin,
-        "bob",
-        Grant::role(&"dispatcher").queues(&["police"]),
-    )
-    .await;
+    let alice = desk(grpc, &admin, "alice", "police").await;
+    let bob = desk(grpc, &admin, "bob", "police").await;
     let number = publish(grpc, &gateway, vec![panic_button(1)])
         .await
         .expect("publish")
@@ -1029,5 +1017,56 @@ async fn occ_keys_prints_a_key_once_and_revokes_it(pool: PgPool) {
         },
     )
     .await;
+    occ.stop().await.expect("stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn reads_of_police_incidents_are_on_the_record(pool: PgPool) {
+    let broker = Broker::start().await.expect("broker");
+    let (occ, admin) = start(&pool, &broker, "occ-reads", &[]).await;
+    let grpc = occ.grpc.as_str();
+    let gateway = make_key(grpc, &admin, "gw", Grant::role(&"gateway")).await;
+    let police = desk(grpc, &admin, "police-desk", "police").await;
+    let fire = desk(grpc, &admin, "fire-desk", "fire").await;
+    let police_incident = publish(grpc, &gateway, vec![panic_button(1)])
+        .await
+        .expect("publish")
+        .remove(0);
+    let fire_incident = publish(grpc, &gateway, vec![smoke(1)])
+        .await
+        .expect("publish")
+        .remove(0);
+
+    get(grpc, &police, &police_incident).await.expect("read");
+    listed_queues(grpc, &police, "police").await.expect("list");
+    get(grpc, &fire, &fire_incident).await.expect("read");
+
+    let recorded: Vec<(String, String)> =
+        sqlx::query_as("SELECT principal, method FROM data_reads ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("reads");
+    assert_eq!(
+        recorded,
+        [
+            ("key:police-desk".to_owned(), "GetIncident".to_owned()),
+            ("key:police-desk".to_owned(), "ListIncidents".to_owned()),
+        ],
+        "police reads are recorded, the fire service's are not"
+    );
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_occ-under-test"))
+        .args(["audit", "reads", "--incident", &police_incident])
+        .args(["--database-url", &database_url(&pool)])
+        .env("OCC_LOG", "warn")
+        .output()
+        .await
+        .expect("occ runs");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains(&format!("key:police-desk GetIncident {police_incident}")),
+        "{report}"
+    );
+    let erased = sqlx::query("DELETE FROM data_reads").execute(&pool).await;
+    assert!(erased.is_err(), "the record of reads is append-only");
     occ.stop().await.expect("stop");
 }

@@ -89,6 +89,26 @@ impl IncidentApi {
         Self { state }
     }
 
+    /// Records that `who` saw `incidents` (those of the recorded agencies), on `conn`.
+    async fn record_read(
+        &self,
+        conn: &mut PgConnection,
+        who: &Principal,
+        method: &str,
+        incidents: &[IncidentId],
+    ) -> ApiResult<()> {
+        occ_store::reads::record(
+            conn,
+            self.state.clock.now(),
+            &who.subject,
+            method,
+            incidents,
+            &self.state.recorded_agencies,
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn get(
         &self,
         who: &Principal,
@@ -96,6 +116,8 @@ impl IncidentApi {
     ) -> ApiResult<pb::GetIncidentResponse> {
         let mut conn = occ_store::acquire(&self.state.pool).await?;
         let incident = find_visible(&mut conn, who, &req.id).await?;
+        self.record_read(&mut conn, who, "GetIncident", &[incident.id])
+            .await?;
         Ok(pb::GetIncidentResponse {
             incident: Some(convert::incident(&incident)),
         })
@@ -108,6 +130,8 @@ impl IncidentApi {
     ) -> ApiResult<pb::GetIncidentCapResponse> {
         let mut conn = occ_store::acquire(&self.state.pool).await?;
         let incident = find_visible(&mut conn, who, &req.id).await?;
+        self.record_read(&mut conn, who, "GetIncidentCap", &[incident.id])
+            .await?;
         let polygons = incident
             .zone
             .as_ref()
@@ -159,6 +183,9 @@ impl IncidentApi {
             min_priority,
         };
         let mut page = incidents::list(&mut conn, &filter, after, limit + 1).await?;
+        let seen: Vec<IncidentId> = page.iter().take(limit as usize).map(|i| i.id).collect();
+        self.record_read(&mut conn, who, "ListIncidents", &seen)
+            .await?;
         let next_page_token = if page.len() as i64 > limit {
             page.truncate(usize::try_from(limit).unwrap_or(0));
             page.last()
@@ -182,6 +209,8 @@ impl IncidentApi {
         let after = paging::parse_timeline_token(&req.page_token)?;
         let mut conn = occ_store::acquire(&self.state.pool).await?;
         let incident = find_visible(&mut conn, who, &req.id).await?;
+        self.record_read(&mut conn, who, "GetTimeline", &[incident.id])
+            .await?;
         let mut page = timeline::page(&mut conn, incident.id, after, limit + 1).await?;
         let next_page_token = if page.len() as i64 > limit {
             page.truncate(usize::try_from(limit).unwrap_or(0));

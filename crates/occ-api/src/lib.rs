@@ -61,6 +61,8 @@ pub struct ApiState {
     pub auth: Arc<Authenticator>,
     /// What CAP alerts say about their sender.
     pub cap: Arc<occ_domain::cap::CapSender>,
+    /// The agencies whose incidents' reads are recorded (who read what, when).
+    pub recorded_agencies: Arc<Vec<String>>,
 }
 
 impl ApiState {

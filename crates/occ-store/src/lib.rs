@@ -23,6 +23,7 @@ pub mod ingest;
 pub mod keys;
 pub mod live;
 pub mod queues;
+pub mod reads;
 pub mod registry;
 pub mod rules;
 pub mod sessions;

@@ -20,6 +20,16 @@ pub enum AuditCommand {
         #[command(flatten)]
         database: DatabaseArgs,
     },
+    /// Who read which incidents of the recorded agencies, newest first.
+    Reads {
+        /// Only reads of this incident (its number or id).
+        #[arg(long)]
+        incident: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
     /// Anchors the chains that moved since the last anchor now (`occ serve` does it every
     /// `--audit-anchor-interval`).
     Anchor {
@@ -31,7 +41,9 @@ pub enum AuditCommand {
 impl AuditCommand {
     pub fn database(&self) -> &DatabaseArgs {
         match self {
-            AuditCommand::Verify { database, .. } | AuditCommand::Anchor { database } => database,
+            AuditCommand::Verify { database, .. }
+            | AuditCommand::Reads { database, .. }
+            | AuditCommand::Anchor { database } => database,
         }
     }
 }
@@ -62,6 +74,27 @@ pub async fn run(command: AuditCommand, pool: &PgPool) -> anyhow::Result<()> {
                     at.format("%Y-%m-%dT%H:%M:%SZ")
                 )?,
                 None => writeln!(out, "intact; not anchored yet")?,
+            }
+        }
+        AuditCommand::Reads {
+            incident, limit, ..
+        } => {
+            let incident = match incident {
+                None => None,
+                Some(reference) => Some(occ_domain::IncidentId(
+                    incident_chain(pool, &reference).await?.entity_id,
+                )),
+            };
+            let mut conn = occ_store::acquire(pool).await?;
+            for r in occ_store::reads::list(&mut conn, incident, limit).await? {
+                writeln!(
+                    out,
+                    "{} {} {} {}",
+                    r.at.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+                    r.principal,
+                    r.method,
+                    r.incidents.join(",")
+                )?;
             }
         }
         AuditCommand::Anchor { .. } => match audit_chain::anchor(pool, chrono::Utc::now()).await? {

@@ -536,6 +536,16 @@ pub struct ServeArgs {
     )]
     pub cap_utc_offset: String,
 
+    /// The agencies whose incidents' reads are recorded (who read which incident, when):
+    /// comma-separated; empty records none.
+    #[arg(
+        long = "record-reads-of",
+        env = "OCC_RECORD_READS_OF",
+        default_value = "police",
+        value_delimiter = ','
+    )]
+    pub record_reads_of: Vec<String>,
+
     /// How often the audit log's chains are anchored (each anchor's hash is logged).
     #[arg(
         long = "audit-anchor-interval",

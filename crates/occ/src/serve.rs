@@ -436,6 +436,13 @@ pub async fn start(
         clock,
         auth,
         cap,
+        recorded_agencies: Arc::new(
+            args.record_reads_of
+                .iter()
+                .filter(|a| !a.is_empty())
+                .cloned()
+                .collect(),
+        ),
     };
     let grpc = tokio::spawn(occ_api::serve(
         listener,
