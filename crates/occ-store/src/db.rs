@@ -23,6 +23,29 @@ pub struct DbConfig {
     pub lock_timeout: Option<Duration>,
 }
 
+/// The connection options of `url`. Without an `sslmode` in the URL, PostgreSQL on this
+/// machine is reached in plaintext (TLS on loopback protects nothing, and costs ingest more than
+/// half its throughput, see the README), any other server with TLS when it offers it (libpq's
+/// `prefer`); a URL's `sslmode` always wins.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions> {
+    let options = PgConnectOptions::from_str(url)?;
+    let names_sslmode = url::Url::parse(url).is_ok_and(|u| {
+        u.query_pairs()
+            .any(|(k, _)| k == "sslmode" || k == "ssl-mode")
+    });
+    let host = options.get_host();
+    let local = host.starts_with('/')
+        || host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    Ok(if local && !names_sslmode {
+        options.ssl_mode(sqlx::postgres::PgSslMode::Disable)
+    } else {
+        options
+    })
+}
+
 /// A pool that connects lazily: OCC starts while PostgreSQL is still down and waits for it
 /// instead of failing.
 ///
@@ -38,7 +61,7 @@ pub fn pool(config: &DbConfig) -> Result<PgPool> {
     if let Some(d) = config.lock_timeout {
         settings.push(("lock_timeout", millis(d)));
     }
-    let options = PgConnectOptions::from_str(&config.url)?
+    let options = connect_options(&config.url)?
         .application_name("occ")
         .options(settings);
     Ok(PgPoolOptions::new()
@@ -51,7 +74,7 @@ pub fn pool(config: &DbConfig) -> Result<PgPool> {
 /// `postgres` database to do so (only then: a database that exists needs no access to any
 /// other). Returns true when it created it.
 pub async fn create_database_if_missing(url: &str) -> Result<bool> {
-    let options = PgConnectOptions::from_str(url)?;
+    let options = connect_options(url)?;
     match sqlx::PgConnection::connect_with(&options).await {
         Ok(conn) => {
             let _ = conn.close().await;

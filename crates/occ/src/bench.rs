@@ -28,7 +28,6 @@ mod live;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -202,7 +201,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     let broker = Mosquitto::start(&mosquitto_program(args.mosquitto.as_deref())).await?;
-    let server = PgConnectOptions::from_str(&args.database_url)?;
+    // As OCC reaches it: plaintext on this machine unless the URL says otherwise.
+    let server = occ_store::db::connect_options(&args.database_url)?;
     let databases = Databases::new(server.clone());
     let mut result = Ok(Vec::new());
     if ingest {
