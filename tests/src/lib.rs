@@ -59,6 +59,33 @@ pub fn free_port() -> u16 {
         .expect("an ephemeral port")
 }
 
+/// Presses panic button 1 at `esil_transit_stop_1` (51.13, 71.43) through `PublishEvents` of
+/// an OCC without authentication; the number of the police incident it opens.
+pub async fn press_panic_button(grpc: &str) -> String {
+    ingest(grpc)
+        .await
+        .publish_events(occ_proto::v1::PublishEventsRequest {
+            events: vec![occ_proto::v1::Event {
+                source_id: "panic-1".into(),
+                external_id: "press-1".into(),
+                r#type: "panic.pressed".into(),
+                zone: "esil_transit_stop_1".into(),
+                location: Some(occ_proto::v1::GeoPoint {
+                    lat: 51.13,
+                    lon: 71.43,
+                }),
+                ..Default::default()
+            }],
+        })
+        .await
+        .expect("publish")
+        .into_inner()
+        .results[0]
+        .incidents[0]
+        .number
+        .clone()
+}
+
 /// A request carrying an API key, as every client of a secure OCC sends it.
 pub fn with_key<T>(key: &str, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);

@@ -12,7 +12,7 @@ use occ_domain::{
     Zone,
 };
 use occ_proto::v1 as pb;
-use occ_tests::{Broker, Occ, database_url, ingest, serve_args, workspace_root};
+use occ_tests::{Broker, Occ, database_url, serve_args, workspace_root};
 use sqlx::PgPool;
 
 /// Validates `xml` against the CAP 1.2 schema; the error text if it does not validate.
@@ -179,28 +179,7 @@ async fn get_incident_cap_answers_an_incident_with_its_zone(pool: PgPool) {
         })
         .await
         .expect("zone");
-    let number = ingest(&occ.grpc)
-        .await
-        .publish_events(pb::PublishEventsRequest {
-            events: vec![pb::Event {
-                source_id: "panic-1".into(),
-                external_id: "press-1".into(),
-                r#type: "panic.pressed".into(),
-                zone: "esil_transit_stop_1".into(),
-                location: Some(pb::GeoPoint {
-                    lat: 51.13,
-                    lon: 71.43,
-                }),
-                ..Default::default()
-            }],
-        })
-        .await
-        .expect("publish")
-        .into_inner()
-        .results[0]
-        .incidents[0]
-        .number
-        .clone();
+    let number = occ_tests::press_panic_button(&occ.grpc).await;
     let xml = occ_tests::incidents(&occ.grpc)
         .await
         .get_incident_cap(pb::GetIncidentCapRequest { id: number.clone() })

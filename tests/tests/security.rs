@@ -177,6 +177,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("IngestService/PublishEvents", "g"),
     ("IncidentService/GetIncident", "dsiua"),
     ("IncidentService/GetIncidentCap", "dsiua"),
+    ("IncidentService/GetIncidentEido", "dsiua"),
     ("IncidentService/ListIncidents", "dsiua"),
     ("IncidentService/GetTimeline", "dsiua"),
     ("IncidentService/WatchIncidents", "dsiua"),

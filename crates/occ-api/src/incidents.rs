@@ -149,6 +149,31 @@ impl IncidentApi {
         })
     }
 
+    async fn eido(
+        &self,
+        who: &Principal,
+        req: pb::GetIncidentEidoRequest,
+    ) -> ApiResult<pb::GetIncidentEidoResponse> {
+        let mut conn = occ_store::acquire(&self.state.pool).await?;
+        let incident = find_visible(&mut conn, who, &req.id).await?;
+        self.record_read(&mut conn, who, "GetIncidentEido", &[incident.id])
+            .await?;
+        let agency = occ_store::queues::agency(&mut conn, incident.queue.as_str())
+            .await?
+            .unwrap_or_else(|| incident.queue.to_string());
+        let issuer = self
+            .state
+            .cap
+            .sender
+            .rsplit('@')
+            .next()
+            .unwrap_or("occ")
+            .to_owned();
+        Ok(pb::GetIncidentEidoResponse {
+            eido: occ_domain::eido::incident(&incident, &issuer, &agency).to_string(),
+        })
+    }
+
     async fn list(
         &self,
         who: &Principal,
@@ -403,6 +428,15 @@ impl IncidentService for IncidentApi {
     ) -> Result<Response<pb::GetIncidentCapResponse>, Status> {
         let who = crate::principal::of(&request);
         Ok(Response::new(self.cap(&who, request.into_inner()).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(id = %request.get_ref().id))]
+    async fn get_incident_eido(
+        &self,
+        request: Request<pb::GetIncidentEidoRequest>,
+    ) -> Result<Response<pb::GetIncidentEidoResponse>, Status> {
+        let who = crate::principal::of(&request);
+        Ok(Response::new(self.eido(&who, request.into_inner()).await?))
     }
 
     #[tracing::instrument(skip_all)]

@@ -57,6 +57,10 @@ pub const METHODS: &[(&str, Access)] = &[
         "/occ.v1.IncidentService/GetIncidentCap",
         Access::Roles(READ),
     ),
+    (
+        "/occ.v1.IncidentService/GetIncidentEido",
+        Access::Roles(READ),
+    ),
     ("/occ.v1.IncidentService/ListIncidents", Access::Roles(READ)),
     ("/occ.v1.IncidentService/GetTimeline", Access::Roles(READ)),
     (

@@ -10,6 +10,7 @@ pub mod cap;
 pub mod claim;
 pub mod clock;
 pub mod correlation;
+pub mod eido;
 pub mod event;
 pub mod glob;
 pub mod incident;
