@@ -59,23 +59,28 @@ pub fn free_port() -> u16 {
         .expect("an ephemeral port")
 }
 
-/// Presses panic button 1 at `esil_transit_stop_1` (51.13, 71.43) through `PublishEvents` of
-/// an OCC without authentication; the number of the police incident it opens.
+/// Panic button `n` pressed at transit stop `n` (a police incident by the default rules).
+pub fn panic_button(n: usize) -> occ_proto::v1::Event {
+    occ_proto::v1::Event {
+        source_id: format!("panic-{n}"),
+        external_id: format!("press-{n}"),
+        r#type: "panic.pressed".into(),
+        zone: format!("esil_transit_stop_{n}"),
+        location: Some(occ_proto::v1::GeoPoint {
+            lat: 51.128,
+            lon: 71.430 + n as f64 * 0.001,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Presses panic button 1 through `PublishEvents` of an OCC without authentication; the
+/// number of the police incident it opens.
 pub async fn press_panic_button(grpc: &str) -> String {
     ingest(grpc)
         .await
         .publish_events(occ_proto::v1::PublishEventsRequest {
-            events: vec![occ_proto::v1::Event {
-                source_id: "panic-1".into(),
-                external_id: "press-1".into(),
-                r#type: "panic.pressed".into(),
-                zone: "esil_transit_stop_1".into(),
-                location: Some(occ_proto::v1::GeoPoint {
-                    lat: 51.13,
-                    lon: 71.43,
-                }),
-                ..Default::default()
-            }],
+            events: vec![panic_button(1)],
         })
         .await
         .expect("publish")

@@ -9,8 +9,8 @@ use occ_proto::v1 as pb;
 use occ_proto::v1::dispatch_service_client::DispatchServiceClient;
 use occ_proto::v1::unit_service_client::UnitServiceClient;
 use occ_tests::{
-    Broker, Occ, Publisher, database_url, eventually, get_incident, incidents, ingest, rules,
-    serve_args,
+    Broker, Occ, Publisher, database_url, eventually, get_incident, incidents, ingest,
+    panic_button, rules, serve_args,
 };
 use sqlx::PgPool;
 use tonic::Code;
@@ -40,20 +40,6 @@ async fn units(grpc: &str) -> UnitServiceClient<Channel> {
     UnitServiceClient::connect(grpc.to_owned())
         .await
         .expect("gRPC connects")
-}
-
-fn panic_button(n: usize) -> pb::Event {
-    pb::Event {
-        source_id: format!("panic-{n}"),
-        external_id: format!("press-{n}"),
-        r#type: "panic.pressed".into(),
-        zone: format!("esil_transit_stop_{n}"),
-        location: Some(pb::GeoPoint {
-            lat: 51.128,
-            lon: 71.430 + n as f64 * 0.001,
-        }),
-        ..Default::default()
-    }
 }
 
 /// Publishes events over gRPC; returns the numbers of the incidents they opened.

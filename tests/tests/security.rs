@@ -12,7 +12,9 @@ use occ_proto::v1::incident_service_client::IncidentServiceClient;
 use occ_proto::v1::ingest_service_client::IngestServiceClient;
 use occ_proto::v1::key_service_client::KeyServiceClient;
 use occ_proto::v1::unit_service_client::UnitServiceClient;
-use occ_tests::{Broker, Occ, database_url, eventually, health, serve_args, with_key};
+use occ_tests::{
+    Broker, Occ, database_url, eventually, health, panic_button, serve_args, with_key,
+};
 use sqlx::PgPool;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
@@ -308,20 +310,6 @@ async fn every_role_may_call_exactly_the_methods_its_row_gives(pool: PgPool) {
     // Health needs no credentials.
     assert_eq!(health(&occ.grpc).await, Some(ServingStatus::Serving));
     occ.stop().await.expect("stop");
-}
-
-fn panic_button(n: usize) -> pb::Event {
-    pb::Event {
-        source_id: format!("panic-{n}"),
-        external_id: format!("press-{n}"),
-        r#type: "panic.pressed".into(),
-        zone: format!("esil_transit_stop_{n}"),
-        location: Some(pb::GeoPoint {
-            lat: 51.128,
-            lon: 71.430 + n as f64 * 0.001,
-        }),
-        ..Default::default()
-    }
 }
 
 fn smoke(n: usize) -> pb::Event {

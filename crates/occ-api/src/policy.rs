@@ -38,7 +38,7 @@ const READ: &[Role] = &[Dispatcher, Supervisor, Integration, Admin];
 /// Work incidents and units.
 const WORK: &[Role] = &[Dispatcher, Supervisor];
 /// Every role but a gateway: reference data (queues, zones).
-const STAFF: &[Role] = &[Dispatcher, Supervisor, Integration, Admin];
+const STAFF: &[Role] = READ;
 const ADMIN: &[Role] = &[Admin];
 const SUPERVISOR: &[Role] = &[Supervisor];
 /// The registry of sources: the city's IT and the supervisors who watch the devices.
