@@ -77,18 +77,24 @@ pub fn panic_button(n: usize) -> occ_proto::v1::Event {
 /// Presses panic button 1 through `PublishEvents` of an OCC without authentication; the
 /// number of the police incident it opens.
 pub async fn press_panic_button(grpc: &str) -> String {
+    open_incidents(grpc, vec![panic_button(1)]).await.remove(0)
+}
+
+/// Publishes `events` through `PublishEvents` of an OCC without authentication; the numbers
+/// of the incidents they opened.
+pub async fn open_incidents(grpc: &str, events: Vec<occ_proto::v1::Event>) -> Vec<String> {
     ingest(grpc)
         .await
-        .publish_events(occ_proto::v1::PublishEventsRequest {
-            events: vec![panic_button(1)],
-        })
+        .publish_events(occ_proto::v1::PublishEventsRequest { events })
         .await
         .expect("publish")
         .into_inner()
-        .results[0]
-        .incidents[0]
-        .number
-        .clone()
+        .results
+        .into_iter()
+        .flat_map(|r| r.incidents)
+        .filter(|i| i.opened)
+        .map(|i| i.number)
+        .collect()
 }
 
 /// A request carrying an API key, as every client of a secure OCC sends it.

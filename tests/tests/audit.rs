@@ -4,7 +4,7 @@
 
 use occ_proto::v1 as pb;
 use occ_proto::v1::dispatch_service_client::DispatchServiceClient;
-use occ_tests::{Broker, Occ, database_url, incidents, ingest, serve_args};
+use occ_tests::{Broker, Occ, database_url, incidents, serve_args};
 use sqlx::PgPool;
 
 /// Runs `occ audit args…` against the test's database: (exit success, stdout).
@@ -42,20 +42,9 @@ async fn incident_with_a_record(pool: &PgPool) -> String {
         zone: "esil_transit_stop_1".into(),
         ..Default::default()
     };
-    let number = ingest(&occ.grpc)
+    let number = occ_tests::open_incidents(&occ.grpc, vec![press(1), press(2)])
         .await
-        .publish_events(pb::PublishEventsRequest {
-            events: vec![press(1), press(2)],
-        })
-        .await
-        .expect("publish")
-        .into_inner()
-        .results
-        .into_iter()
-        .flat_map(|r| r.incidents)
-        .find(|i| i.opened)
-        .expect("an incident")
-        .number;
+        .remove(0);
     DispatchServiceClient::connect(occ.grpc.clone())
         .await
         .expect("connect")

@@ -1,7 +1,7 @@
 //! The broker configuration deploy/ ships for a city (deploy/mosquitto-secure.conf with
 //! deploy/mosquitto-acl.conf), run by the machine's Mosquitto: OCC reads every event topic
-//! with its own user; a gateway publishes only on its own topics and reads nothing; anonymous
-//! clients are refused.
+//! with its own user; a gateway publishes only on its own topics and reads nothing; OCC's CAP
+//! alerts reach the public-warning system's user and no gateway; anonymous clients are refused.
 
 use std::time::Duration;
 
@@ -17,9 +17,14 @@ async fn city_broker() -> Broker {
     let dir = std::env::temp_dir().join(format!("occ-acl-{}", uuid::Uuid::now_v7().simple()));
     std::fs::create_dir_all(&dir).expect("dir");
     let passwd = dir.join("passwd");
-    for (i, (user, password)) in [("occ", "occ-secret"), ("det-1", "one"), ("det-2", "two")]
-        .iter()
-        .enumerate()
+    for (i, (user, password)) in [
+        ("occ", "occ-secret"),
+        ("det-1", "one"),
+        ("det-2", "two"),
+        ("warning", "warn"),
+    ]
+    .iter()
+    .enumerate()
     {
         let mut command = std::process::Command::new("mosquitto_passwd");
         if i == 0 {
@@ -94,29 +99,59 @@ async fn a_gateway_publishes_only_its_own_topics_and_reads_nothing(pool: PgPool)
         &database_url(&pool),
         broker.port,
         "occ-acl",
-        &["--mqtt-username", "occ", "--mqtt-password", "occ-secret"],
+        &[
+            "--mqtt-username",
+            "occ",
+            "--mqtt-password",
+            "occ-secret",
+            "--cap-publish",
+            "panic_alarm",
+        ],
     ))
     .await
     .expect("OCC subscribes with its own user");
 
-    // det-1 listens in on every event topic...
-    let mut o = MqttOptions::new("det-1-spy", "127.0.0.1", broker.port);
-    o.set_credentials("det-1", "one");
-    let (spy, mut spy_loop) = AsyncClient::new(o, 10);
-    spy.subscribe("occ/v1/events/#", QoS::AtLeastOnce)
-        .await
-        .expect("subscribe queued");
-    let overheard = tokio::spawn(async move {
-        let mut heard = 0;
-        while let Ok(Ok(event)) =
-            tokio::time::timeout(Duration::from_secs(3), spy_loop.poll()).await
-        {
-            if let Event::Incoming(Packet::Publish(_)) = event {
-                heard += 1;
+    // det-1 listens in on every event topic and on the alerts; the warning system on the alerts.
+    let listen = |client: &str,
+                  user: &'static str,
+                  password: &'static str,
+                  filters: &'static [&'static str]| {
+        let mut o = MqttOptions::new(client, "127.0.0.1", broker.port);
+        o.set_credentials(user, password);
+        let (listener, mut events) = AsyncClient::new(o, 10);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        let heard = tokio::spawn(async move {
+            for filter in filters {
+                listener
+                    .subscribe(*filter, QoS::AtLeastOnce)
+                    .await
+                    .expect("subscribe queued");
             }
-        }
-        heard
-    });
+            let mut heard = Vec::new();
+            loop {
+                tokio::select! {
+                    () = stopped.cancelled() => break,
+                    event = events.poll() => match event {
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            heard.push(String::from_utf8_lossy(&p.topic).into_owned());
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    },
+                }
+            }
+            heard
+        });
+        (stop, heard)
+    };
+    let (stop_spy, overheard) = listen(
+        "det-1-spy",
+        "det-1",
+        "one",
+        &["occ/v1/events/#", "occ/cap/#"],
+    );
+    let (stop_warning, warned) = listen("warning-1", "warning", "warn", &["occ/cap/#"]);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // ...and publishes as itself and as det-2.
@@ -128,13 +163,35 @@ async fn a_gateway_publishes_only_its_own_topics_and_reads_nothing(pool: PgPool)
     det1.flush().await;
     let mut det2 = Publisher::connect_as(broker.port, Some(("det-2", "two"))).await;
     det2.publish("occ/v1/events/det-2", smoke.to_string()).await;
+    let press =
+        serde_json::json!({"id": "p", "type": "panic.pressed", "zone": "esil_transit_stop_1"});
+    det2.publish("occ/v1/events/det-2", press.to_string()).await;
     det2.flush().await;
 
     occ_tests::eventually(Duration::from_secs(10), "the allowed events", || async {
-        (occ_tests::event_count(&pool).await >= 2).then_some(())
+        (occ_tests::event_count(&pool).await >= 3).then_some(())
     })
     .await;
+    occ_tests::eventually(
+        Duration::from_secs(15),
+        "the panic alarm announced",
+        || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM cap_alerts")
+                .fetch_one(&pool)
+                .await
+                .expect("count");
+            (n == 1).then_some(())
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_warning.cancel();
+    stop_spy.cancel();
+    assert_eq!(
+        warned.await.expect("warning system"),
+        ["occ/cap/panic_alarm"],
+        "OCC may publish its alerts, and the warning system read them"
+    );
     let sources: Vec<(String, i64)> = sqlx::query_as(
         "SELECT source_id, count(*) FROM events GROUP BY source_id ORDER BY source_id",
     )
@@ -143,13 +200,13 @@ async fn a_gateway_publishes_only_its_own_topics_and_reads_nothing(pool: PgPool)
     .expect("events");
     assert_eq!(
         sources,
-        [("det-1".to_owned(), 1), ("det-2".to_owned(), 1)],
+        [("det-1".to_owned(), 1), ("det-2".to_owned(), 2)],
         "det-1 could not speak for det-2"
     );
     assert_eq!(
         overheard.await.expect("spy"),
-        0,
-        "a gateway reads no one's events"
+        Vec::<String>::new(),
+        "a gateway reads no one's events, nor the alerts"
     );
     occ.stop().await.expect("stop");
 }

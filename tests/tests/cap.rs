@@ -1,9 +1,11 @@
 //! CAP 1.2 out: every incident category, in every stage of an incident's life, as an alert the
 //! OASIS CAP 1.2 schema accepts (checked by xmllint against the schema in tests/fixtures), and
-//! `GetIncidentCap` over the API for a real incident with its zone.
+//! `GetIncidentCap` over the API for a real incident with its zone; alerts published on the
+//! broker for the public-warning system, once each, by whichever instance is left.
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, TimeDelta, Utc};
 use occ_domain::cap::{CapSender, alert};
@@ -12,8 +14,12 @@ use occ_domain::{
     Zone,
 };
 use occ_proto::v1 as pb;
-use occ_tests::{Broker, Occ, database_url, serve_args, workspace_root};
+use occ_tests::{Broker, Occ, database_url, panic_button, serve_args, workspace_root};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use sqlx::PgPool;
+use tokio::sync::mpsc;
 
 /// Validates `xml` against the CAP 1.2 schema; the error text if it does not validate.
 fn validate(xml: &str) -> Result<(), String> {
@@ -200,4 +206,139 @@ async fn get_incident_cap_answers_an_incident_with_its_zone(pool: PgPool) {
     assert!(xml.contains("<polygon>51.120000,71.420000"), "{xml}");
     assert!(xml.contains("+05:00</sent>"), "{xml}");
     occ.stop().await.expect("stop");
+}
+
+/// What a public-warning system receives: (topic, payload) of every message on `filter`.
+async fn warning_system(
+    port: u16,
+    filter: &str,
+) -> (AsyncClient, mpsc::UnboundedReceiver<(String, String)>) {
+    let mut o = MqttOptions::new(
+        format!("warning-{}", uuid::Uuid::now_v7().simple()),
+        "127.0.0.1",
+        port,
+    );
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(Some(1024 * 1024));
+    let (client, mut eventloop) = AsyncClient::new(o, 16);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let mut subscribed_tx = Some(subscribed_tx);
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(s) = subscribed_tx.take() {
+                        let _ = s.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    let payload = String::from_utf8_lossy(&p.payload).into_owned();
+                    if tx.send((topic, payload)).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    tokio::time::timeout(Duration::from_secs(10), subscribed)
+        .await
+        .expect("subscribed within 10 s")
+        .expect("subscribed");
+    (client, rx)
+}
+
+async fn next_alert(rx: &mut mpsc::UnboundedReceiver<(String, String)>) -> (String, String) {
+    tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("an alert within 30 s")
+        .expect("the subscription goes on")
+}
+
+#[sqlx::test(migrations = false)]
+async fn alerts_reach_the_warning_system_once_each_from_whichever_instance_is_left(pool: PgPool) {
+    let broker = Broker::start().await.expect("broker");
+    let (_client, mut alerts) = warning_system(broker.port, "occ/cap/#").await;
+    let args = |id: &str| {
+        serve_args(
+            &database_url(&pool),
+            broker.port,
+            id,
+            &["--cap-publish", "panic_alarm", "--cap-utc-offset", "+05:00"],
+        )
+    };
+    let a = Occ::start(args("occ-cap-a")).await.expect("A starts");
+    let b = Occ::start(args("occ-cap-b")).await.expect("B starts");
+
+    // A smoke detector (fire: not a published category), then a panic button.
+    let smoke = pb::Event {
+        source_id: "det-1".into(),
+        external_id: "smoke-1".into(),
+        r#type: "smoke.detected".into(),
+        zone: "esil_residential_1".into(),
+        ..Default::default()
+    };
+    let fire = occ_tests::open_incidents(&a.grpc, vec![smoke])
+        .await
+        .remove(0);
+    let number = occ_tests::open_incidents(&a.grpc, vec![panic_button(1)])
+        .await
+        .remove(0);
+
+    let (topic, xml) = next_alert(&mut alerts).await;
+    assert_eq!(topic, "occ/cap/panic_alarm");
+    validate(&xml).unwrap_or_else(|e| panic!("{e}\n{xml}"));
+    assert!(
+        xml.contains(&format!("<identifier>{number}</identifier>")),
+        "{xml}"
+    );
+    assert!(xml.contains("<msgType>Alert</msgType>"), "{xml}");
+
+    // A false alarm: the alert is cancelled, referencing it.
+    occ_tests::incidents(&b.grpc)
+        .await
+        .update_incident_status(pb::UpdateIncidentStatusRequest {
+            id: number.clone(),
+            status: pb::IncidentStatus::Dismissed as i32,
+            note: "pressed by a child".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("dismissed");
+    let (_, cancel) = next_alert(&mut alerts).await;
+    validate(&cancel).unwrap_or_else(|e| panic!("{e}\n{cancel}"));
+    assert!(cancel.contains("<msgType>Cancel</msgType>"), "{cancel}");
+    assert!(
+        cancel.contains(&format!("<references>occ@city.example,{number},")),
+        "{cancel}"
+    );
+
+    // Whichever instance published, the other takes over when it stops.
+    a.stop().await.expect("A stops");
+    let second = occ_tests::open_incidents(&b.grpc, vec![panic_button(2)])
+        .await
+        .remove(0);
+    let (_, xml) = next_alert(&mut alerts).await;
+    assert!(
+        xml.contains(&format!("<identifier>{second}</identifier>")),
+        "{xml}"
+    );
+
+    // Two instances, three messages: none twice, and none about the fire.
+    let published: i64 = sqlx::query_scalar("SELECT count(*) FROM cap_alerts")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(published, 2, "one record per announced incident");
+    b.stop().await.expect("B stops");
+    if let Ok((_, extra)) = alerts.try_recv() {
+        panic!("a message more than three (fire {fire}): {extra}");
+    }
 }

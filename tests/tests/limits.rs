@@ -187,3 +187,42 @@ async fn a_principal_may_hold_only_so_many_watch_streams(pool: PgPool) {
     .await;
     occ.stop().await.expect("stop");
 }
+
+#[sqlx::test(migrations = false)]
+async fn connections_past_the_cap_are_refused_until_one_closes(pool: PgPool) {
+    let broker = Broker::start().await.expect("broker");
+    let occ = Occ::start(serve_args(
+        &database_url(&pool),
+        broker.port,
+        "occ-conns",
+        &["--grpc-max-connections", "2"],
+    ))
+    .await
+    .expect("OCC starts");
+    let console = || async {
+        let mut client = DispatchServiceClient::connect(occ.grpc.clone()).await?;
+        client.list_queues(pb::ListQueuesRequest {}).await?;
+        Ok::<_, Box<dyn std::error::Error>>(client)
+    };
+    let mut first = console().await.expect("the first console connects");
+    let mut second = console().await.expect("the second console connects");
+    let third = console().await.expect_err("a third is refused");
+    assert!(
+        third.to_string().contains("transport") || third.to_string().contains("navailable"),
+        "closed at once, not kept waiting: {third}"
+    );
+    // The two connected consoles are still served.
+    for client in [&mut first, &mut second] {
+        client
+            .list_queues(pb::ListQueuesRequest {})
+            .await
+            .expect("still served");
+    }
+    drop(first);
+    eventually(Duration::from_secs(10), "a place is free again", || async {
+        console().await.ok()
+    })
+    .await;
+    drop(second);
+    occ.stop().await.expect("stop");
+}

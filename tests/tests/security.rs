@@ -13,7 +13,7 @@ use occ_proto::v1::ingest_service_client::IngestServiceClient;
 use occ_proto::v1::key_service_client::KeyServiceClient;
 use occ_proto::v1::unit_service_client::UnitServiceClient;
 use occ_tests::{
-    Broker, Occ, database_url, eventually, health, panic_button, serve_args, with_key,
+    Broker, Occ, database_url, eventually, health, next_message, panic_button, serve_args, with_key,
 };
 use sqlx::PgPool;
 use tonic::transport::Channel;
@@ -1055,6 +1055,60 @@ async fn reads_of_police_incidents_are_on_the_record(pool: PgPool) {
         report.contains(&format!("key:police-desk GetIncident {police_incident}")),
         "{report}"
     );
+
+    // A watch stream's reads: its snapshot on the record before it is sent, then what its
+    // changes showed.
+    let watched = |number: String| {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM data_reads r JOIN incidents i ON i.id = ANY(r.incident_ids) \
+                  WHERE r.method = 'WatchIncidents' AND r.principal = 'key:police-desk' \
+                    AND i.number = $1",
+            )
+            .bind(number)
+            .fetch_one(&pool)
+            .await
+            .expect("reads");
+            n
+        }
+    };
+    let mut stream = IncidentServiceClient::new(channel(grpc).await)
+        .watch_incidents(with_key(&police, pb::WatchIncidentsRequest::default()))
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = next_message(&mut stream).await.change.expect("a change");
+    assert_eq!(
+        first.incident.map(|i| i.number),
+        Some(police_incident.clone())
+    );
+    assert_eq!(
+        watched(police_incident.clone()).await,
+        1,
+        "the snapshot was recorded before it reached the desk"
+    );
+    let second = publish(grpc, &gateway, vec![panic_button(2)])
+        .await
+        .expect("publish")
+        .remove(0);
+    loop {
+        let change = next_message(&mut stream).await.change.expect("a change");
+        if change.incident.is_some_and(|i| i.number == second) {
+            break;
+        }
+    }
+    drop(stream);
+    eventually(
+        Duration::from_secs(15),
+        "the change the stream showed is on the record",
+        || {
+            let n = watched(second.clone());
+            async move { (n.await == 1).then_some(()) }
+        },
+    )
+    .await;
+
     let erased = sqlx::query("DELETE FROM data_reads").execute(&pool).await;
     assert!(erased.is_err(), "the record of reads is append-only");
     occ.stop().await.expect("stop");

@@ -344,6 +344,7 @@ impl DispatchService for DispatchApi {
             &self.state.feed,
             queues,
             permit,
+            Some(self.state.reader(&who, "WatchQueue")),
             |change| pb::WatchQueueResponse {
                 change: Some(change),
             },

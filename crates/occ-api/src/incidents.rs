@@ -404,6 +404,7 @@ impl IncidentService for IncidentApi {
             &self.state.feed,
             queues,
             permit,
+            Some(self.state.reader(&who, "WatchIncidents")),
             |change| pb::WatchIncidentsResponse {
                 change: Some(change),
             },

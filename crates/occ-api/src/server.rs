@@ -17,7 +17,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::ApiState;
@@ -45,6 +44,8 @@ pub struct GrpcConfig {
     pub max_message_bytes: usize,
     /// Most calls (HTTP/2 streams) open at once on one connection.
     pub max_concurrent_streams: u32,
+    /// Most connections open at once; past it new ones are closed as they arrive.
+    pub max_connections: usize,
     /// The longest a unary call may take (a client's shorter `grpc-timeout` wins); streams
     /// are bounded only in how long their answer takes to start.
     pub request_timeout: Duration,
@@ -60,6 +61,7 @@ impl Default for GrpcConfig {
             keepalive_timeout: Duration::from_secs(10),
             max_message_bytes: 16 * 1024 * 1024,
             max_concurrent_streams: 256,
+            max_connections: 1024,
             request_timeout: Duration::from_secs(30),
             tls: None,
         }
@@ -181,11 +183,14 @@ pub async fn serve(
                 .max_decoding_message_size(max),
         )
         .add_service(KeyServiceServer::new(KeyApi::new(state)).max_decoding_message_size(max));
+    let max_connections = config.max_connections;
     match config.tls {
         None => {
             router
                 .serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    crate::connections::incoming(listener, max_connections, |tcp| async {
+                        Ok(tcp)
+                    }),
                     shutdown.cancelled_owned(),
                 )
                 .await
@@ -193,7 +198,9 @@ pub async fn serve(
         Some(acceptor) => {
             router
                 .serve_with_incoming_shutdown(
-                    crate::tls::incoming(listener, acceptor),
+                    crate::connections::incoming(listener, max_connections, move |tcp| {
+                        acceptor.accept(tcp)
+                    }),
                     shutdown.cancelled_owned(),
                 )
                 .await

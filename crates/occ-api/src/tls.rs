@@ -7,12 +7,11 @@
 //! a timeout, so a slow client cannot stall the others) and hands tonic finished TLS streams;
 //! tonic still records the peer's certificates for every request.
 
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::crypto::CryptoProvider;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -20,7 +19,6 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
@@ -28,8 +26,6 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How often the certificate files are looked at.
 const RELOAD_POLL: Duration = Duration::from_secs(5);
-/// How long a client has to finish its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// TLS settings of the API.
 #[derive(Debug, Clone)]
@@ -174,39 +170,11 @@ async fn watch(identity: Arc<Identity>, shutdown: CancellationToken) {
     }
 }
 
-/// Accepts connections and hands on those whose handshake succeeded.
-pub fn incoming(
-    listener: TcpListener,
-    Acceptor(acceptor): Acceptor,
-) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<TcpStream>, io::Error>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "accept failed");
-                        continue;
-                    }
-                },
-                // The server stopped taking connections.
-                () = tx.closed() => break,
-            };
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
+impl Acceptor {
+    /// The server side of a TLS handshake on `tcp`.
+    pub fn accept(&self, tcp: TcpStream) -> tokio_rustls::Accept<TcpStream> {
+        self.0.accept(tcp)
+    }
 }
 
 /// The subject common name of the verified client certificate of a request, if any.

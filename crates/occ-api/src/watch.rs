@@ -16,6 +16,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
+use occ_domain::IncidentId;
+
 use crate::convert;
 use crate::error::ApiResult;
 
@@ -25,6 +27,72 @@ const SNAPSHOT_LIMIT: i64 = 10_000;
 const BUFFER: usize = 256;
 /// How long a client may leave its buffer full before it is cut off.
 const STALL: Duration = Duration::from_secs(10);
+/// How often the incidents a stream delivered are put on the record of reads.
+const RECORD_EVERY: Duration = Duration::from_secs(5);
+
+/// Who watches, for the record of reads (see [`occ_store::reads`]).
+#[derive(Debug, Clone)]
+pub struct Reader {
+    pub pool: PgPool,
+    pub clock: occ_domain::SharedClock,
+    pub principal: String,
+    pub method: &'static str,
+    /// The agencies whose incidents' reads are recorded.
+    pub agencies: std::sync::Arc<Vec<String>>,
+}
+
+/// The incidents a stream has delivered and not yet recorded.
+struct ReadLog {
+    reader: Option<Reader>,
+    pending: std::collections::HashSet<IncidentId>,
+}
+
+impl ReadLog {
+    fn new(reader: Option<Reader>) -> Self {
+        // Nothing to record when no agency's reads are.
+        let reader = reader.filter(|r| !r.agencies.is_empty());
+        Self {
+            reader,
+            pending: std::collections::HashSet::new(),
+        }
+    }
+
+    fn saw(&mut self, incident: IncidentId) {
+        if self.reader.is_some() {
+            self.pending.insert(incident);
+        }
+    }
+
+    /// Records what was delivered since the last time; false if it could not be recorded.
+    async fn flush(&mut self) -> bool {
+        let Some(reader) = &self.reader else {
+            return true;
+        };
+        if self.pending.is_empty() {
+            return true;
+        }
+        let ids: Vec<IncidentId> = self.pending.drain().collect();
+        let recorded = async {
+            let mut conn = occ_store::acquire(&reader.pool).await?;
+            occ_store::reads::record(
+                &mut conn,
+                reader.clock.now(),
+                &reader.principal,
+                reader.method,
+                &ids,
+                &reader.agencies,
+            )
+            .await
+        };
+        match recorded.await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, principal = %reader.principal, "cannot record a watch stream's reads; ending it");
+                false
+            }
+        }
+    }
+}
 
 pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -58,6 +126,10 @@ impl<T> Sink<T> {
 
 /// Starts a watch of some queues (`None` for all). `wrap` makes the RPC's response message.
 ///
+/// With a `reader`, what the stream shows is on the record of reads: the snapshot before it
+/// is sent, then the incidents changes showed every [`RECORD_EVERY`] and when the stream
+/// ends. A stream whose reads cannot be recorded ends (UNAVAILABLE).
+///
 /// A change shows when it touches a watched queue: a transfer out of them is the last change
 /// the watcher sees of that incident (it says where the incident went), a transfer into them
 /// the first.
@@ -66,6 +138,7 @@ pub async fn watch<T, F>(
     feed: &Feed,
     queues: Option<Vec<String>>,
     permit: Option<crate::principal::StreamPermit>,
+    reader: Option<Reader>,
     wrap: F,
 ) -> ApiResult<WatchStream<T>>
 where
@@ -83,8 +156,16 @@ where
         data: data_tx,
         end: Some(end_tx),
     };
+    let mut reads = ReadLog::new(reader);
     tokio::spawn(async move {
         let truncated = open.len() as i64 > SNAPSHOT_LIMIT;
+        for incident in open.iter().take(SNAPSHOT_LIMIT as usize) {
+            reads.saw(incident.id);
+        }
+        if !reads.flush().await {
+            sink.finish(Status::unavailable("cannot record this read; watch again"));
+            return;
+        }
         for incident in open.iter().take(SNAPSHOT_LIMIT as usize) {
             if stopping.is_cancelled() {
                 sink.finish(Status::unavailable("OCC is shutting down; watch again"));
@@ -112,10 +193,22 @@ where
         if !sink.send(wrap(complete)).await {
             return;
         }
+        let mut record = tokio::time::interval(RECORD_EVERY);
+        record.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = tokio::select! {
-                () = sink.data.closed() => return,
+                () = sink.data.closed() => {
+                    reads.flush().await;
+                    return;
+                }
                 () = stopping.cancelled() => Err(broadcast::error::RecvError::Closed),
+                _ = record.tick() => {
+                    if !reads.flush().await {
+                        sink.finish(Status::unavailable("cannot record this read; watch again"));
+                        return;
+                    }
+                    continue;
+                }
                 next = feed.recv() => next,
             };
             match next {
@@ -129,17 +222,21 @@ where
                     {
                         continue;
                     }
+                    reads.saw(change.incident.id);
                     if !sink.send(wrap(convert::change(&change))).await {
+                        reads.flush().await;
                         return;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
+                    reads.flush().await;
                     sink.finish(Status::resource_exhausted(format!(
                         "the stream fell {n} changes behind; watch again"
                     )));
                     return;
                 }
                 Err(broadcast::error::RecvError::Closed) => {
+                    reads.flush().await;
                     sink.finish(Status::unavailable("OCC is shutting down; watch again"));
                     return;
                 }

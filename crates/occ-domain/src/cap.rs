@@ -110,28 +110,147 @@ fn escape(s: &str) -> String {
     out
 }
 
-/// The message's identifier: the incident's number for the first alert, and the number with
-/// the time of the change for every later one.
-fn identifier(i: &Incident) -> String {
-    if i.updated_at == i.created_at {
-        i.number.to_string()
-    } else {
-        format!("{}-{}", i.number, i.updated_at.format("%Y%m%dT%H%M%S%6f"))
+/// What kind of CAP message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MsgType {
+    Alert,
+    Update,
+    Cancel,
+}
+
+impl MsgType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MsgType::Alert => "Alert",
+            MsgType::Update => "Update",
+            MsgType::Cancel => "Cancel",
+        }
     }
+}
+
+/// A message's envelope: which message it is, and the first one it follows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub msg_type: MsgType,
+    pub identifier: String,
+    pub sent: DateTime<Utc>,
+    /// The first alert about the incident (its identifier and when it was sent), which an
+    /// `Update` or `Cancel` references.
+    pub first: Option<(String, DateTime<Utc>)>,
+}
+
+impl Message {
+    /// The message for `incident` as it is now, judged from its times alone: the first alert
+    /// while it has not changed, an update (or a cancel for a dismissed alarm) after.
+    pub fn of(incident: &Incident) -> Message {
+        let i = incident;
+        if i.updated_at == i.created_at && i.status != IncidentStatus::Dismissed {
+            return Message::first(i);
+        }
+        Message::following(i, (i.number.to_string(), i.created_at))
+    }
+
+    /// The first alert about `incident`: its number, sent when it opened.
+    fn first(i: &Incident) -> Message {
+        Message {
+            msg_type: MsgType::Alert,
+            identifier: i.number.to_string(),
+            sent: i.created_at,
+            first: None,
+        }
+    }
+
+    /// An update (a cancel for a dismissed alarm) following `first`, identified by the
+    /// incident's number and the time it changed.
+    fn following(i: &Incident, first: (String, DateTime<Utc>)) -> Message {
+        Message {
+            msg_type: if i.status == IncidentStatus::Dismissed {
+                MsgType::Cancel
+            } else {
+                MsgType::Update
+            },
+            identifier: format!("{}-{}", i.number, i.updated_at.format("%Y%m%dT%H%M%S%6f")),
+            sent: i.updated_at,
+            first: Some(first),
+        }
+    }
+}
+
+/// What was last published about an incident.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Published {
+    /// The first alert's identifier and when it was sent.
+    pub first: (String, DateTime<Utc>),
+    /// What the last message said, in [`signature`] form.
+    pub signature: String,
+    /// The last message closed the matter (all clear or cancel): nothing follows it.
+    pub ended: bool,
+}
+
+/// What a warning system shows of an alert: a new message is due when this changes.
+/// Claims, dispatches and joined events that change none of it are not news to the public.
+pub fn signature(i: &Incident) -> String {
+    let place = i
+        .location
+        .map(|p| format!("{:.4},{:.4}", p.lat(), p.lon()))
+        .unwrap_or_default();
+    format!(
+        "{}|{}|{}|{}|{}|{}",
+        urgency(i),
+        severity(i.priority),
+        certainty(i),
+        i.zone.as_ref().map(ToString::to_string).unwrap_or_default(),
+        place,
+        over(i.status),
+    )
+}
+
+/// The message to publish about `incident` now, given what was published before, and what
+/// is then on record as published; `None` when there is nothing new to say.
+///
+/// An incident is first announced while it is open (one over before anyone announced it is
+/// not news); then an `Update` whenever its [`signature`] changes, the last one an all clear
+/// when it is resolved, or a `Cancel` when it was a false alarm; after that, nothing.
+pub fn next(incident: &Incident, before: Option<&Published>) -> Option<(Message, Published)> {
+    let i = incident;
+    let signature = signature(i);
+    let ended = over(i.status);
+    let message = match before {
+        None if ended => return None,
+        None => Message::first(i),
+        Some(p) if p.ended || p.signature == signature => return None,
+        Some(p) => Message::following(i, p.first.clone()),
+    };
+    let first = message
+        .first
+        .clone()
+        .unwrap_or_else(|| (message.identifier.clone(), message.sent));
+    Some((
+        message,
+        Published {
+            first,
+            signature,
+            ended,
+        },
+    ))
 }
 
 /// The alert for `incident` as it is now. `polygons` are the zone's outer rings as
 /// `(lat, lon)` points, closed.
 pub fn alert(incident: &Incident, polygons: &[Vec<(f64, f64)>], sender: &CapSender) -> String {
+    alert_as(incident, polygons, sender, &Message::of(incident))
+}
+
+/// The alert for `incident` in the envelope `message`.
+pub fn alert_as(
+    incident: &Incident,
+    polygons: &[Vec<(f64, f64)>],
+    sender: &CapSender,
+    message: &Message,
+) -> String {
     let i = incident;
     let (cap_category, event) = category(i.category.as_str());
-    let first = i.updated_at == i.created_at;
-    let msg_type = match i.status {
-        IncidentStatus::Dismissed => "Cancel",
-        _ if first => "Alert",
-        _ => "Update",
-    };
-    let sent = if first { i.created_at } else { i.updated_at };
+    let msg_type = message.msg_type.as_str();
     let mut x = String::with_capacity(2048);
     let _ = write!(
         x,
@@ -141,17 +260,17 @@ pub fn alert(incident: &Incident, polygons: &[Vec<(f64, f64)>], sender: &CapSend
          <status>Actual</status>\n<msgType>{msg_type}</msgType>\n<source>OCC</source>\n\
          <scope>Restricted</scope>\n\
          <restriction>Operational control center and responding agencies only</restriction>\n",
-        escape(&identifier(i)),
+        escape(&message.identifier),
         escape(&sender.sender),
-        time(sent, sender.offset),
+        time(message.sent, sender.offset),
     );
-    if msg_type != "Alert" {
+    if let Some((identifier, sent)) = &message.first {
         let _ = writeln!(
             x,
             "<references>{},{},{}</references>",
             escape(&sender.sender),
-            escape(i.number.as_str()),
-            time(i.created_at, sender.offset)
+            escape(identifier),
+            time(*sent, sender.offset)
         );
     }
     let _ = writeln!(x, "<incidents>{}</incidents>", escape(i.number.as_str()));
@@ -232,6 +351,115 @@ pub fn alert(incident: &Incident, polygons: &[Vec<(f64, f64)>], sender: &CapSend
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::{GeoPoint, Zone};
+    use crate::incident::{IncidentId, IncidentNumber};
+    use crate::rule::{Category, QueueName};
+
+    fn fire() -> Incident {
+        let opened = DateTime::<Utc>::from_timestamp(1_764_500_000, 0).expect("time");
+        Incident {
+            id: IncidentId::new(),
+            number: IncidentNumber::new(opened, 7),
+            category: Category::parse("fire").expect("category"),
+            queue: QueueName::parse("queue", "fire").expect("queue"),
+            priority: Priority::P2,
+            status: IncidentStatus::Queued,
+            title: "Smoke".into(),
+            location: Some(GeoPoint::new(51.1, 71.4).expect("point")),
+            zone: Some(Zone::parse("esil_residential_3", 64).expect("zone")),
+            correlation_key: "k".into(),
+            correlating: true,
+            rule_id: None,
+            rule_name: "fire-smoke".into(),
+            first_seen: opened,
+            last_seen: opened,
+            event_count: 1,
+            created_at: opened,
+            updated_at: opened,
+            claim_within: chrono::TimeDelta::minutes(2),
+            claim_deadline: None,
+            escalated_at: None,
+            acknowledged_at: None,
+            acknowledged_by: None,
+            claim: None,
+        }
+    }
+
+    /// `i` changed a second later by `change`.
+    fn later(i: &Incident, change: impl FnOnce(&mut Incident)) -> Incident {
+        let mut next = i.clone();
+        next.updated_at += chrono::TimeDelta::seconds(1);
+        change(&mut next);
+        next
+    }
+
+    #[test]
+    fn an_incident_is_announced_then_updated_only_when_what_the_public_sees_changes() {
+        let opened = fire();
+        let (alert, published) = next(&opened, None).expect("the first alert");
+        assert_eq!(alert.msg_type, MsgType::Alert);
+        assert_eq!(alert.identifier, opened.number.to_string());
+        assert_eq!(alert.first, None);
+
+        // More smoke readings and a claim: nothing a warning system shows has changed.
+        let claimed = later(&opened, |i| {
+            i.event_count = 5;
+            i.status = IncidentStatus::Claimed;
+        });
+        assert_eq!(next(&claimed, Some(&published)), None);
+
+        // Raised to P1: an update referencing the first alert.
+        let raised = later(&claimed, |i| i.priority = Priority::P1);
+        let (update, published) = next(&raised, Some(&published)).expect("an update");
+        assert_eq!(update.msg_type, MsgType::Update);
+        assert_eq!(
+            update.first,
+            Some((opened.number.to_string(), opened.created_at))
+        );
+        assert_ne!(update.identifier, alert.identifier);
+
+        // Resolved: the all clear, and after it nothing more.
+        let resolved = later(&raised, |i| i.status = IncidentStatus::Resolved);
+        let (clear, published) = next(&resolved, Some(&published)).expect("an all clear");
+        assert_eq!(clear.msg_type, MsgType::Update);
+        assert!(published.ended);
+        let xml = alert_as(&resolved, &[], &sender(), &clear);
+        assert!(
+            xml.contains("<responseType>AllClear</responseType>"),
+            "{xml}"
+        );
+        let closed = later(&resolved, |i| i.status = IncidentStatus::Closed);
+        assert_eq!(next(&closed, Some(&published)), None);
+    }
+
+    #[test]
+    fn a_false_alarm_is_cancelled_and_one_never_announced_is_not_news() {
+        let opened = fire();
+        let (_, published) = next(&opened, None).expect("the first alert");
+        let dismissed = later(&opened, |i| i.status = IncidentStatus::Dismissed);
+        let (cancel, published) = next(&dismissed, Some(&published)).expect("a cancel");
+        assert_eq!(cancel.msg_type, MsgType::Cancel);
+        assert!(published.ended);
+        let xml = alert_as(&dismissed, &[], &sender(), &cancel);
+        assert!(
+            xml.contains(&format!(
+                "<references>occ@city.example,{},2025-11-30T15:53:20+05:00</references>",
+                opened.number
+            )),
+            "{xml}"
+        );
+        // Dismissed before anyone announced it: nothing to say.
+        assert_eq!(next(&dismissed, None), None);
+    }
+
+    fn sender() -> CapSender {
+        CapSender {
+            sender: "occ@city.example".into(),
+            sender_name: "OCC".into(),
+            offset: FixedOffset::east_opt(5 * 3600).expect("offset"),
+            radius_km: 0.5,
+        }
+    }
 
     #[test]
     fn times_carry_an_offset_and_utc_is_minus_zero() {

@@ -11,6 +11,7 @@
 
 pub mod audit;
 pub mod audit_chain;
+pub mod cap_alerts;
 pub mod changes;
 pub mod db;
 pub mod dead_letters;

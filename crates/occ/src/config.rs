@@ -487,6 +487,17 @@ pub struct ServeArgs {
     )]
     pub grpc_max_message_bytes: usize,
 
+    /// Most API connections open at once on this instance; past it new ones are closed as
+    /// they arrive (counted in `occ_grpc_connections_refused_total`), so clients try another
+    /// instance instead of waiting.
+    #[arg(
+        long = "grpc-max-connections",
+        env = "OCC_GRPC_MAX_CONNECTIONS",
+        default_value_t = 1024,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub grpc_max_connections: u32,
+
     /// How often rules and the registry (sources, zones, watch lists) are reloaded even
     /// without a change notification.
     #[arg(
@@ -535,6 +546,21 @@ pub struct ServeArgs {
         default_value = "+00:00"
     )]
     pub cap_utc_offset: String,
+
+    /// Incident categories announced as CAP alerts on the broker, for the public-warning
+    /// system (comma-separated, OCC's category names: `fire,gas_leak,flood`); empty publishes
+    /// none. One instance of the cluster publishes at a time.
+    #[arg(
+        long = "cap-publish",
+        env = "OCC_CAP_PUBLISH",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub cap_publish: Vec<String>,
+
+    /// Where CAP alerts are published: `<topic>/<category>`, QoS 1, not retained.
+    #[arg(long = "cap-topic", env = "OCC_CAP_TOPIC", default_value = "occ/cap")]
+    pub cap_topic: String,
 
     /// The agencies whose incidents' reads are recorded (who read which incident, when):
     /// comma-separated; empty records none.

@@ -2,6 +2,7 @@
 //! the end-to-end tests start OCC in-process on ephemeral ports, exactly as `occ serve` does.
 #![forbid(unsafe_code)]
 
+mod alerts;
 pub mod audit;
 pub mod bench;
 pub mod cli;

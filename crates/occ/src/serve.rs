@@ -312,6 +312,20 @@ pub async fn start(
         ("", _) => args.ingest.client_id.clone(),
         (group, _) => group.to_owned(),
     };
+    let cap_categories: Vec<String> = args
+        .cap_publish
+        .iter()
+        .map(|c| c.trim().to_owned())
+        .filter(|c| !c.is_empty())
+        .collect();
+    for c in &cap_categories {
+        occ_domain::Category::parse(c).map_err(|e| anyhow::anyhow!("--cap-publish: {e}"))?;
+    }
+    anyhow::ensure!(
+        !args.cap_topic.is_empty() && !args.cap_topic.contains(['+', '#']),
+        "--cap-topic {:?}: a topic without wildcards",
+        args.cap_topic
+    );
     let mqtt = MqttConfig {
         host: args.broker.host.clone(),
         port: args.broker.port,
@@ -338,6 +352,7 @@ pub async fn start(
         ..db_config(&args.database)
     })?;
     let ingest_stop = CancellationToken::new();
+    let cap_broker = mqtt.clone();
     let ingest = Slots::start(
         mqtt,
         SlotConfig {
@@ -413,6 +428,19 @@ pub async fn start(
         args.sweep_interval.0,
         shutdown.clone(),
     ));
+    if !cap_categories.is_empty() {
+        tokio::spawn(crate::alerts::run(
+            crate::alerts::CapPublishing {
+                categories: cap_categories,
+                topic: args.cap_topic.trim_end_matches('/').to_owned(),
+                sender: cap.clone(),
+                broker: cap_broker,
+            },
+            background_pool.clone(),
+            registry.clone(),
+            shutdown.clone(),
+        ));
+    }
     // Source health stops after ingest, so its last flush has everything ingest heard.
     let health_stop = CancellationToken::new();
     let health = tokio::spawn(
@@ -449,6 +477,7 @@ pub async fn start(
         state,
         GrpcConfig {
             max_message_bytes: args.grpc_max_message_bytes,
+            max_connections: args.grpc_max_connections as usize,
             request_timeout: args.grpc_request_timeout.0,
             tls,
             ..GrpcConfig::default()
