@@ -204,8 +204,8 @@ async fn dead_letters_are_replayed_from_the_command_line(pool: PgPool) {
 }
 
 /// `occ bench` runs end to end on a small load: its own broker, databases and OCC, the drain
-/// and the live stage checked to store exactly the events the messages hold, one table printed, nothing left
-/// behind. (What it measures is reported from real runs, not asserted here.)
+/// (into an empty table and beside events already stored) and the live stage checked to store
+/// exactly the events the messages hold, one table printed, nothing left behind. (What it measures is reported from real runs, not asserted here.)
 #[sqlx::test(migrations = false)]
 async fn the_bench_runs_and_cleans_up_after_itself(pool: PgPool) {
     let (ok, out, err) = occ(
@@ -224,6 +224,10 @@ async fn the_bench_runs_and_cleans_up_after_itself(pool: PgPool) {
             "500",
             "--live-seconds",
             "2",
+            "--stages",
+            "ingest,live,dispatch,stored",
+            "--stored",
+            "3000",
         ],
     )
     .await;
@@ -234,6 +238,7 @@ async fn the_bench_runs_and_cleans_up_after_itself(pool: PgPool) {
         "| bare consumer",
         "| OCC drain: 400 queued messages",
         "| OCC peak RSS",
+        "| OCC drain with 3,000 events of a year stored",
         "| bare consumer live at 500 msg/s",
         "| OCC, exactly once, live at 500 msg/s",
         "| ListIncidents, first page of 50 of 2400 open incidents",

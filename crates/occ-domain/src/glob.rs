@@ -30,6 +30,22 @@ impl Glob {
         &self.pattern
     }
 
+    /// The pattern for SQL's `LIKE` (with its default escape, the backslash).
+    pub fn to_like(&self) -> String {
+        let mut like = String::with_capacity(self.pattern.len() + 4);
+        for c in self.pattern.chars() {
+            match c {
+                '*' => like.push('%'),
+                '%' | '_' | '\\' => {
+                    like.push('\\');
+                    like.push(c);
+                }
+                c => like.push(c),
+            }
+        }
+        like
+    }
+
     pub fn is_match(&self, text: &str) -> bool {
         if !self.pattern.contains('*') {
             return self.pattern == text;

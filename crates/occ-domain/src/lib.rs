@@ -16,6 +16,7 @@ pub mod glob;
 pub mod incident;
 pub mod rate;
 pub mod registry;
+pub mod retention;
 pub mod rule;
 pub mod source;
 pub mod unit;

@@ -25,6 +25,8 @@ pub enum Entity {
     DeadLetter(Uuid),
     /// An API key.
     Key(Uuid),
+    /// A legal hold on events.
+    LegalHold(Uuid),
 }
 
 impl Entity {
@@ -40,6 +42,7 @@ impl Entity {
             Entity::Watchlist(id) => ("watchlist", id),
             Entity::DeadLetter(id) => ("dead_letter", id),
             Entity::Key(id) => ("key", id),
+            Entity::LegalHold(id) => ("legal_hold", id),
         }
     }
 }

@@ -80,8 +80,10 @@ pub async fn insert(
     let mut revision_at = Vec::with_capacity(n);
     let mut revision_rank = Vec::with_capacity(n);
     let mut counts = Vec::with_capacity(n);
+    let mut seen = Vec::with_capacity(n);
     for (e, count) in sorted {
         counts.push(count);
+        seen.push(e.observed_at());
         ids.push(e.id.0);
         sources.push(e.source_id.as_str());
         keys.push(e.idempotency_key.as_str());
@@ -105,49 +107,81 @@ pub async fn insert(
         revision_rank.push(e.revision.map(|r| r.rank));
     }
 
+    // The key first: a new key stores the event; a known one is a redelivery, unless it is an
+    // evolving event's newer revision, which the stored row (found through the key, in its
+    // partition) then takes. All three statements run to completion whatever the result reads.
     let rows = sqlx::query!(
         r#"
-        INSERT INTO events (id, source_id, idempotency_key, external_id, event_type, severity,
-                            source_kind, occurred_at, received_at, lat, lon, zone, extra_zones,
-                            district, confidence, measurements, attributes, evidence,
-                            revision_at, revision_rank, revisions, revised_at, transport)
-        SELECT u.id, u.source_id, u.idempotency_key, u.external_id, u.event_type, u.severity,
-               u.source_kind, u.occurred_at, u.received_at, u.lat, u.lon, u.zone,
-               ARRAY(SELECT jsonb_array_elements_text(u.extra_zones)), u.district,
-               u.confidence, u.measurements, u.attributes, u.evidence, u.revision_at,
-               u.revision_rank, u.revisions,
-               CASE WHEN u.revisions > 1 THEN u.received_at END, $21
-          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                      $7::text[], $8::timestamptz[], $9::timestamptz[], $10::float8[],
-                      $11::float8[], $12::text[], $13::jsonb[], $14::text[], $15::float8[],
-                      $16::jsonb[], $17::jsonb[], $18::jsonb[], $19::timestamptz[],
-                      $20::int2[], $22::int4[])
-               AS u(id, source_id, idempotency_key, external_id, event_type, severity,
-                    source_kind, occurred_at, received_at, lat, lon, zone, extra_zones,
-                    district, confidence, measurements, attributes, evidence, revision_at,
-                    revision_rank, revisions)
-        ON CONFLICT (source_id, idempotency_key) DO UPDATE
-           SET event_type = EXCLUDED.event_type,
-               severity = EXCLUDED.severity,
-               source_kind = EXCLUDED.source_kind,
-               occurred_at = EXCLUDED.occurred_at,
-               lat = EXCLUDED.lat,
-               lon = EXCLUDED.lon,
-               zone = EXCLUDED.zone,
-               extra_zones = EXCLUDED.extra_zones,
-               district = EXCLUDED.district,
-               confidence = EXCLUDED.confidence,
-               measurements = EXCLUDED.measurements,
-               attributes = EXCLUDED.attributes,
-               evidence = EXCLUDED.evidence,
-               revision_at = EXCLUDED.revision_at,
-               revision_rank = EXCLUDED.revision_rank,
-               revisions = events.revisions + EXCLUDED.revisions,
-               revised_at = EXCLUDED.received_at
-         -- Only a newer revision of an evolving event; NULL (not evolving) never is.
-         WHERE (events.revision_at, events.revision_rank)
-               < (EXCLUDED.revision_at, EXCLUDED.revision_rank)
-        RETURNING id, source_id, idempotency_key, (xmax <> 0) AS "revised!"
+        WITH u AS (
+            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                 $6::text[], $7::text[], $8::timestamptz[], $9::timestamptz[],
+                                 $10::float8[], $11::float8[], $12::text[], $13::jsonb[],
+                                 $14::text[], $15::float8[], $16::jsonb[], $17::jsonb[],
+                                 $18::jsonb[], $19::timestamptz[], $20::int2[], $22::int4[],
+                                 $23::timestamptz[])
+                AS u(id, source_id, idempotency_key, external_id, event_type, severity,
+                     source_kind, occurred_at, received_at, lat, lon, zone, extra_zones,
+                     district, confidence, measurements, attributes, evidence, revision_at,
+                     revision_rank, revisions, seen_at)
+        ),
+        k AS (
+            INSERT INTO event_keys AS k (source_id, idempotency_key, event_id, seen_at,
+                                         revision_at, revision_rank, used_at)
+            SELECT source_id, idempotency_key, id, seen_at, revision_at, revision_rank,
+                   received_at
+              FROM u
+            ON CONFLICT (source_id, idempotency_key) DO UPDATE
+               SET revision_at = EXCLUDED.revision_at,
+                   revision_rank = EXCLUDED.revision_rank,
+                   used_at = EXCLUDED.used_at
+             -- Only a newer revision of an evolving event; NULL (not evolving) never is.
+             WHERE (k.revision_at, k.revision_rank)
+                   < (EXCLUDED.revision_at, EXCLUDED.revision_rank)
+            RETURNING k.event_id, k.seen_at, k.source_id, k.idempotency_key,
+                      (xmax <> 0) AS revised
+        ),
+        stored AS (
+            INSERT INTO events (id, source_id, idempotency_key, external_id, event_type,
+                                severity, source_kind, occurred_at, received_at, lat, lon, zone,
+                                extra_zones, district, confidence, measurements, attributes,
+                                evidence, revision_at, revision_rank, revisions, revised_at,
+                                transport, seen_at)
+            SELECT u.id, u.source_id, u.idempotency_key, u.external_id, u.event_type,
+                   u.severity, u.source_kind, u.occurred_at, u.received_at, u.lat, u.lon,
+                   u.zone, ARRAY(SELECT jsonb_array_elements_text(u.extra_zones)), u.district,
+                   u.confidence, u.measurements, u.attributes, u.evidence, u.revision_at,
+                   u.revision_rank, u.revisions,
+                   CASE WHEN u.revisions > 1 THEN u.received_at END, $21, u.seen_at
+              FROM u JOIN k ON k.source_id = u.source_id
+                           AND k.idempotency_key = u.idempotency_key
+             WHERE NOT k.revised
+        ),
+        revised AS (
+            UPDATE events e
+               SET event_type = u.event_type,
+                   severity = u.severity,
+                   source_kind = u.source_kind,
+                   occurred_at = u.occurred_at,
+                   lat = u.lat,
+                   lon = u.lon,
+                   zone = u.zone,
+                   extra_zones = ARRAY(SELECT jsonb_array_elements_text(u.extra_zones)),
+                   district = u.district,
+                   confidence = u.confidence,
+                   measurements = u.measurements,
+                   attributes = u.attributes,
+                   evidence = u.evidence,
+                   revision_at = u.revision_at,
+                   revision_rank = u.revision_rank,
+                   revisions = e.revisions + u.revisions,
+                   revised_at = u.received_at
+              FROM u JOIN k ON k.source_id = u.source_id
+                           AND k.idempotency_key = u.idempotency_key
+             WHERE k.revised AND e.id = k.event_id AND e.seen_at = k.seen_at
+        )
+        SELECT event_id AS "id!", source_id AS "source_id!",
+               idempotency_key AS "idempotency_key!", revised AS "revised!"
+          FROM k
         "#,
         &ids,
         &sources as &[&str],
@@ -171,6 +205,7 @@ pub async fn insert(
         &revision_rank as &[Option<i16>],
         transport.as_str(),
         &counts,
+        &seen,
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -200,11 +235,16 @@ pub async fn revisions<'a>(
     }
     let rows = sqlx::query!(
         r#"
-        SELECT e.id, e.source_id, e.idempotency_key, e.revision_at AS "revision_at!",
-               e.revision_rank AS "revision_rank!"
-          FROM events e
-          JOIN UNNEST($1::text[], $2::text[]) AS k(source_id, idempotency_key)
-            ON e.source_id = k.source_id AND e.idempotency_key = k.idempotency_key
+        SELECT e.event_id AS "id!", k.source_id AS "source_id!",
+               k.idempotency_key AS "idempotency_key!",
+               e.revision_at AS "revision_at!", e.revision_rank AS "revision_rank!"
+          FROM UNNEST($1::text[], $2::text[]) AS k(source_id, idempotency_key)
+          -- One look-up in the key's index each: never a scan of the keys, whatever the
+          -- planner thinks of their number (LIMIT keeps the subquery from being flattened).
+          JOIN LATERAL (SELECT event_id, revision_at, revision_rank FROM event_keys e
+                         WHERE e.source_id = k.source_id
+                           AND e.idempotency_key = k.idempotency_key
+                         LIMIT 1) e ON true
          WHERE e.revision_at IS NOT NULL
         "#,
         &sources as &[&str],
@@ -229,7 +269,8 @@ pub async fn revisions<'a>(
         .collect())
 }
 
-/// The stored ids of events already known by (source, idempotency key).
+/// The stored ids of events already known by (source, idempotency key), within the window
+/// keys are kept for.
 pub async fn existing_ids(
     conn: &mut PgConnection,
     events: &[&Event],
@@ -241,10 +282,14 @@ pub async fn existing_ids(
     let keys: Vec<&str> = events.iter().map(|e| e.idempotency_key.as_str()).collect();
     let rows = sqlx::query!(
         r#"
-        SELECT e.id, e.source_id, e.idempotency_key
-          FROM events e
-          JOIN UNNEST($1::text[], $2::text[]) AS k(source_id, idempotency_key)
-            ON e.source_id = k.source_id AND e.idempotency_key = k.idempotency_key
+        SELECT e.event_id AS "id!", k.source_id AS "source_id!",
+               k.idempotency_key AS "idempotency_key!"
+          FROM UNNEST($1::text[], $2::text[]) AS k(source_id, idempotency_key)
+          -- One look-up in the key's index each (see revisions).
+          JOIN LATERAL (SELECT event_id FROM event_keys e
+                         WHERE e.source_id = k.source_id
+                           AND e.idempotency_key = k.idempotency_key
+                         LIMIT 1) e ON true
         "#,
         &sources as &[&str],
         &keys as &[&str],

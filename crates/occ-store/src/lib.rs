@@ -23,6 +23,7 @@ pub mod incidents;
 pub mod ingest;
 pub mod keys;
 pub mod live;
+pub mod partitions;
 pub mod queues;
 pub mod reads;
 pub mod registry;

@@ -76,6 +76,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 100_000)]
     pub incidents: usize,
 
+    /// Events already stored for the `stored` stage, spread over the past year.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub stored: usize,
+
     /// Concurrent operators in the dispatch stage, each on its own connection.
     #[arg(long, default_value_t = 8)]
     pub operators: usize,
@@ -105,6 +109,9 @@ pub enum Stage {
     Live,
     /// Incidents listed, claimed and dispatched through the API.
     Dispatch,
+    /// OCC's drain again, with `--stored` events of the past year already stored, beside its
+    /// drain into an empty table (with the ingest stage).
+    Stored,
 }
 
 /// A configuration for a private Mosquitto on `port`: OCC's settings from
@@ -183,7 +190,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let _ = OCC_PROGRAM.set(program.clone());
     }
     let adapters = default_adapters()?;
-    let ingest = args.stages.contains(&Stage::Ingest);
+    let ingest = args.stages.contains(&Stage::Ingest) || args.stages.contains(&Stage::Stored);
     let messages = if ingest {
         mix(&adapters, args.messages)
     } else {
@@ -206,7 +213,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let databases = Databases::new(server.clone());
     let mut result = Ok(Vec::new());
     if ingest {
-        result = measure(&broker, &databases, &messages, &events, expected).await;
+        let stored = args.stages.contains(&Stage::Stored).then_some(args.stored);
+        result = measure(&broker, &databases, &messages, &events, expected, stored).await;
     }
     if args.stages.contains(&Stage::Live)
         && let Ok(rows) = &mut result
@@ -237,6 +245,7 @@ async fn measure(
     messages: &[Msg],
     events: &[Event],
     expected: usize,
+    stored: Option<usize>,
 ) -> anyhow::Result<Vec<Row>> {
     let n = messages.len();
     let mut rows = Vec::new();
@@ -271,7 +280,7 @@ async fn measure(
 
     eprintln!("OCC drain …");
     let db = databases.create("occ").await?;
-    let drain = occ_drain(broker.port, &db, messages, expected).await?;
+    let drain = occ_drain(broker.port, &db, messages, expected, 0).await?;
     rows.push(Row {
         what: format!("OCC drain: {n} queued messages → {expected} events, exactly once"),
         result: format!("{} msg/s", thousands(drain.rate)),
@@ -299,6 +308,34 @@ async fn measure(
         result: format!("{} MiB", drain.peak_rss_kib / 1024),
         baseline: format!("--mqtt-receive-maximum {}", RECEIVE_MAXIMUM),
     });
+    if let Some(stored) = stored {
+        eprintln!("OCC drain with {stored} events stored …");
+        let db = databases.create("occ_stored").await?;
+        let full = occ_drain(broker.port, &db, messages, expected, stored).await?;
+        rows.push(Row {
+            what: format!(
+                "OCC drain with {} events of a year stored (monthly partitions)",
+                thousands(stored as f64)
+            ),
+            result: format!("{} msg/s", thousands(full.rate)),
+            baseline: format!(
+                "empty table {} msg/s ({:.2}×)",
+                thousands(drain.rate),
+                full.rate / drain.rate
+            ),
+        });
+        rows.push(Row {
+            what: format!(
+                "PostgreSQL CPU per message, drain with {} stored",
+                thousands(stored as f64)
+            ),
+            result: format!("{:.1} µs", full.pg_cpu.as_secs_f64() * 1e6 / n as f64),
+            baseline: format!(
+                "empty table {:.1} µs",
+                drain.pg_cpu.as_secs_f64() * 1e6 / n as f64
+            ),
+        });
+    }
     Ok(rows)
 }
 
@@ -1149,6 +1186,7 @@ async fn occ_drain(
     db: &PgConnectOptions,
     messages: &[Msg],
     expected: usize,
+    prefill: usize,
 ) -> anyhow::Result<Drain> {
     let client_id = format!("occ-bench-occ-{}", std::process::id());
     // The first start creates the schema and OCC's session; then OCC is stopped and the
@@ -1156,6 +1194,9 @@ async fn occ_drain(
     let (mut occ, grpc) = start_occ(port, db, &client_id).await?;
     wait_serving(&grpc, &mut occ).await?;
     terminate(&mut occ).await?;
+    if prefill > 0 {
+        prefill_events(db, prefill).await?;
+    }
     publish_all(port, messages).await?;
 
     let mut conn = db.connect().await?;
@@ -1199,8 +1240,9 @@ async fn occ_drain(
     terminate(&mut occ).await?;
     conn.close().await?;
     ensure!(
-        stored == expected,
-        "OCC stored {stored} events, expected {expected}"
+        stored == expected + prefill,
+        "OCC stored {} events, expected {expected}",
+        stored - prefill.min(stored)
     );
     let (t0, n0) = first.context("nothing stored")?;
     let timed = (n as u64).saturating_sub(n0) as f64;
@@ -1210,4 +1252,71 @@ async fn occ_drain(
         occ_cpu,
         peak_rss_kib,
     })
+}
+
+/// Stores `n` events of the past year straight into OCC's tables (a year's partitions made as
+/// OCC makes them; keys for the last week, as OCC keeps them), as a city's cameras and sensors
+/// would have left them: 2,000 sources, a mix of kinds, most in a zone.
+async fn prefill_events(db: &PgConnectOptions, n: usize) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let now = Utc::now();
+    let pool = sqlx::PgPool::connect_with(db.clone()).await?;
+    occ_store::partitions::cover(
+        &pool,
+        occ_domain::retention::Period::Month,
+        now - chrono::TimeDelta::days(366),
+        now,
+    )
+    .await?;
+    let mut conn = db.connect().await?;
+    const CHUNK: usize = 1_000_000;
+    let mut done = 0;
+    while done < n {
+        let count = CHUNK.min(n - done);
+        sqlx::query(
+            r#"
+            INSERT INTO events (id, source_id, idempotency_key, external_id, event_type,
+                                severity, occurred_at, received_at, lat, lon, zone, confidence,
+                                attributes, transport, seen_at)
+            SELECT gen_random_uuid(), 'src-' || (g % 2000), 'id:prefill-' || g,
+                   'prefill-' || g,
+                   (ARRAY['motion.detected', 'object.person', 'object.car', 'lpr.plate',
+                          'temperature.reading', 'noise.level', 'air.pm25',
+                          'door.opened'])[1 + g % 8],
+                   'info', t, t, 51.0 + (g % 1000) / 5000.0, 71.3 + (g % 997) / 5000.0,
+                   'zone_' || (g % 300), 0.8,
+                   CASE WHEN g % 8 = 3 THEN jsonb_build_object('plate', 'P' || (g % 50000))
+                        ELSE '{}'::jsonb END,
+                   'mqtt', t
+              FROM generate_series($1::int8, $2::int8) AS g,
+                   LATERAL (SELECT $3::timestamptz - ((g * $4) % 31536000) * interval '1 second'
+                                   - (g % 1000) * interval '1 millisecond') AS at(t)
+            "#,
+        )
+        .bind(done as i64)
+        .bind((done + count) as i64 - 1)
+        .bind(now - chrono::TimeDelta::minutes(5))
+        // Spread over the year.
+        .bind((31_536_000 / n.max(1)).max(1) as i64)
+        .execute(&mut conn)
+        .await?;
+        done += count;
+        eprintln!("  {done} of {n} events stored …");
+    }
+    sqlx::query(
+        r#"
+        INSERT INTO event_keys (source_id, idempotency_key, event_id, seen_at, used_at)
+        SELECT source_id, idempotency_key, id, seen_at, received_at FROM events
+         WHERE seen_at > now() - interval '7 days'
+        ON CONFLICT DO NOTHING
+        "#,
+    )
+    .execute(&mut conn)
+    .await?;
+    sqlx::query("ANALYZE").execute(&mut conn).await?;
+    sqlx::query("CHECKPOINT").execute(&mut conn).await?;
+    conn.close().await?;
+    pool.close().await;
+    eprintln!("  stored in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
 }

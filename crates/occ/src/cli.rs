@@ -74,6 +74,11 @@ enum Command {
         #[command(subcommand)]
         command: crate::audit::AuditCommand,
     },
+    /// Stored events: their time partitions, retention and legal holds.
+    Events {
+        #[command(subcommand)]
+        command: crate::storage::EventsCommand,
+    },
     /// API keys for gateways, consoles and integrations.
     Keys {
         #[command(subcommand)]
@@ -273,6 +278,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit { command } => {
             let pool = tool_pool(command.database(), &shutdown).await?;
             crate::audit::run(command, &pool).await
+        }
+        Command::Events { command } => {
+            let pool = tool_pool(command.database(), &shutdown).await?;
+            crate::storage::run(command, &pool).await
         }
         Command::Keys { command } => {
             let pool = tool_pool(command.database(), &shutdown).await?;

@@ -99,6 +99,74 @@ fn masked_url<S: Serializer>(value: &str, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&mask_url(value))
 }
 
+/// How events are kept: time partitions, retention, the window of redelivery keys.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct StorageArgs {
+    /// How much time one event partition holds: `monthly` or `daily`.
+    #[arg(
+        long = "event-partition-period",
+        env = "OCC_EVENT_PARTITION_PERIOD",
+        default_value = "monthly"
+    )]
+    pub partition_period: String,
+
+    /// Partitions made ahead of the current one.
+    #[arg(
+        long = "event-partitions-ahead",
+        env = "OCC_EVENT_PARTITIONS_AHEAD",
+        default_value_t = 2
+    )]
+    pub partitions_ahead: u32,
+
+    /// How long events are kept, by event type: `motion.*=30d,lpr.*=2y,default=1y` (the first
+    /// matching pattern wins; `forever` keeps). Events incidents or watch-list hits link to,
+    /// and those under a legal hold, are kept regardless.
+    #[arg(
+        long = "event-retention",
+        env = "OCC_EVENT_RETENTION",
+        default_value = "default=1y"
+    )]
+    pub retention: String,
+
+    /// How long the key of a stored event is remembered to recognise its redeliveries (and an
+    /// evolving event's revisions): at least the broker's session expiry.
+    #[arg(
+        long = "event-key-window",
+        env = "OCC_EVENT_KEY_WINDOW",
+        default_value = "7d"
+    )]
+    pub key_window: Span,
+
+    /// How often partitions are made ahead, retention applied and old keys forgotten.
+    #[arg(
+        long = "event-maintenance-interval",
+        env = "OCC_EVENT_MAINTENANCE_INTERVAL",
+        default_value = "1h"
+    )]
+    pub maintenance_interval: Span,
+}
+
+impl StorageArgs {
+    pub fn partitioning(&self) -> anyhow::Result<occ_store::partitions::Partitioning> {
+        let period = self
+            .partition_period
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--event-partition-period {e}"))?;
+        let retention = self
+            .retention
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--event-retention {e}"))?;
+        let key_window = chrono::TimeDelta::from_std(self.key_window.0)
+            .map_err(|e| anyhow::anyhow!("--event-key-window: {e}"))?;
+        Ok(occ_store::partitions::Partitioning {
+            period,
+            ahead: self.partitions_ahead,
+            retention,
+            key_window,
+        })
+    }
+}
+
 /// PostgreSQL.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct DatabaseArgs {
@@ -454,6 +522,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub auth: AuthArgs,
+
+    #[command(flatten)]
+    pub storage: StorageArgs,
 
     /// Where the gRPC API listens.
     #[arg(

@@ -15,6 +15,7 @@ pub mod metrics;
 mod operators;
 pub mod serve;
 pub mod simulate;
+pub mod storage;
 pub mod telemetry;
 
 pub use config::ServeArgs;

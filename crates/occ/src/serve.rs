@@ -250,6 +250,14 @@ pub async fn start(
         None => None,
     };
     let mqtt_tls = args.broker.tls()?;
+    let partitioning = args.storage.partitioning()?;
+    anyhow::ensure!(
+        partitioning.key_window.to_std().unwrap_or_default() >= args.ingest.session_expiry.0,
+        "--event-key-window {} is shorter than the broker session OCC asks for \
+         (--mqtt-session-expiry {}): a redelivery could come after its key is forgotten",
+        args.storage.key_window,
+        args.ingest.session_expiry
+    );
     let cap = Arc::new(args.cap()?);
     crate::metrics::serve(&args.metrics_listen)?;
     let pool = if args.migrate {
@@ -421,6 +429,12 @@ pub async fn start(
     tokio::spawn(crate::audit::anchor_periodically(
         background_pool.clone(),
         args.audit_anchor_interval.0,
+        shutdown.clone(),
+    ));
+    tokio::spawn(crate::storage::maintain_periodically(
+        background_pool.clone(),
+        partitioning,
+        args.storage.maintenance_interval.0,
         shutdown.clone(),
     ));
     tokio::spawn(occ_store::sweep::run(
