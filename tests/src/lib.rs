@@ -254,13 +254,11 @@ impl Drop for Broker {
     }
 }
 
-/// A URL for the database behind `pool` (a `#[sqlx::test]` database), on the server of
-/// DATABASE_URL.
 /// Makes PostgreSQL refuse events of the source `poison` (a trigger raising
-/// `invalid_parameter_value`), as it would a value no validation foresaw.
+/// `invalid_parameter_value`), as it would a value no validation foresaw. Tried again when it
+/// deadlocks with OCC making its event partitions at start (PostgreSQL then cancels one).
 pub async fn refuse_poison(pool: &PgPool) {
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_source() RETURNS trigger LANGUAGE plpgsql AS $$
+    let sql = "CREATE OR REPLACE FUNCTION refuse_source() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
            IF NEW.source_id = 'poison' THEN
              RAISE EXCEPTION 'refused' USING ERRCODE = '22023';
@@ -268,13 +266,22 @@ pub async fn refuse_poison(pool: &PgPool) {
            RETURN NEW;
          END $$;
          CREATE TRIGGER refuse_source BEFORE INSERT ON events
-           FOR EACH ROW EXECUTE FUNCTION refuse_source();",
-    )
-    .execute(pool)
-    .await
-    .expect("trigger");
+           FOR EACH ROW EXECUTE FUNCTION refuse_source();";
+    for attempt in 1.. {
+        match sqlx::raw_sql(sql).execute(pool).await {
+            Ok(_) => return,
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("40P01") && attempt < 10 =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("trigger: {e}"),
+        }
+    }
 }
 
+/// A URL for the database behind `pool` (a `#[sqlx::test]` database), on the server of
+/// DATABASE_URL.
 pub fn database_url(pool: &PgPool) -> String {
     let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set (see .cargo/config.toml)");
     let mut url = url::Url::parse(&base).expect("DATABASE_URL is a URL");

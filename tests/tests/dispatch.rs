@@ -9,7 +9,7 @@ use occ_proto::v1 as pb;
 use occ_proto::v1::dispatch_service_client::DispatchServiceClient;
 use occ_proto::v1::unit_service_client::UnitServiceClient;
 use occ_tests::{
-    Broker, Occ, Publisher, database_url, eventually, get_incident, incidents, ingest,
+    Broker, Occ, Publisher, database_url, eventually, get_incident, incidents, open_incidents,
     panic_button, rules, serve_args,
 };
 use sqlx::PgPool;
@@ -40,22 +40,6 @@ async fn units(grpc: &str) -> UnitServiceClient<Channel> {
     UnitServiceClient::connect(grpc.to_owned())
         .await
         .expect("gRPC connects")
-}
-
-/// Publishes events over gRPC; returns the numbers of the incidents they opened.
-async fn open(grpc: &str, events: Vec<pb::Event>) -> Vec<String> {
-    ingest(grpc)
-        .await
-        .publish_events(pb::PublishEventsRequest { events })
-        .await
-        .expect("PublishEvents")
-        .into_inner()
-        .results
-        .into_iter()
-        .flat_map(|r| r.incidents)
-        .filter(|i| i.opened)
-        .map(|i| i.number)
-        .collect()
 }
 
 async fn claim_next(grpc: &str, queue: &str, lease_s: i64) -> pb::ClaimNextResponse {
@@ -124,7 +108,7 @@ async fn upsert_unit(grpc: &str, call_sign: &str, agency: &str, lat: f64, lon: f
 async fn twenty_operators_claiming_ten_incidents_never_share_one(pool: PgPool) {
     let broker = Broker::start().await.expect("broker");
     let occ = start(&pool, &broker, "occ-claims").await;
-    let opened = open(&occ.grpc, (0..10).map(panic_button).collect()).await;
+    let opened = open_incidents(&occ.grpc, (0..10).map(panic_button).collect()).await;
     assert_eq!(opened.len(), 10);
 
     let mut calls = Vec::new();
@@ -170,7 +154,7 @@ async fn twenty_operators_claiming_ten_incidents_never_share_one(pool: PgPool) {
 async fn an_expired_lease_returns_the_incident_and_the_old_claim_is_refused(pool: PgPool) {
     let broker = Broker::start().await.expect("broker");
     let occ = start(&pool, &broker, "occ-lease").await;
-    open(&occ.grpc, vec![panic_button(1)]).await;
+    open_incidents(&occ.grpc, vec![panic_button(1)]).await;
     let van = upsert_unit(&occ.grpc, "P-11", "police", 51.13, 71.43).await;
 
     let first = claim_next(&occ.grpc, "police", 1).await;
@@ -267,7 +251,7 @@ async fn escalation_fires_once_with_two_instances(pool: PgPool) {
         let mut event = graffiti.clone();
         async move {
             event.external_id = uuid::Uuid::now_v7().to_string();
-            open(&grpc, vec![event]).await.into_iter().next()
+            open_incidents(&grpc, vec![event]).await.into_iter().next()
         }
     })
     .await;
@@ -325,7 +309,7 @@ async fn a_queue_watcher_sees_changes_made_through_another_instance_in_order(poo
     let a = start(&pool, &broker, "occ-watch-a").await;
     let b = start(&pool, &broker, "occ-watch-b").await;
     // One incident waits before the watch starts: it comes in the snapshot.
-    let before = open(&b.grpc, vec![panic_button(1)]).await;
+    let before = open_incidents(&b.grpc, vec![panic_button(1)]).await;
 
     let mut stream = dispatch(&a.grpc)
         .await
@@ -344,7 +328,7 @@ async fn a_queue_watcher_sees_changes_made_through_another_instance_in_order(poo
     );
 
     // Everything below happens through instance B.
-    let opened = open(&b.grpc, vec![panic_button(2)]).await;
+    let opened = open_incidents(&b.grpc, vec![panic_button(2)]).await;
     let claimed = claim_next(&b.grpc, "police", 60).await;
     let claim = claimed.claim.expect("claim");
     dispatch(&b.grpc)
@@ -370,7 +354,7 @@ async fn a_queue_watcher_sees_changes_made_through_another_instance_in_order(poo
         .await
         .expect("TransferIncident");
     // Not police: the watcher must not see it.
-    open(
+    open_incidents(
         &b.grpc,
         vec![pb::Event {
             source_id: "medalarm-1".into(),
@@ -606,7 +590,9 @@ fn from<T>(operator: &str, message: T) -> tonic::Request<T> {
 async fn only_the_holder_of_a_claim_can_act_on_it(pool: PgPool) {
     let broker = Broker::start().await.expect("broker");
     let occ = start(&pool, &broker, "occ-holder").await;
-    let number = open(&occ.grpc, vec![panic_button(3)]).await.remove(0);
+    let number = open_incidents(&occ.grpc, vec![panic_button(3)])
+        .await
+        .remove(0);
     let patrol = upsert_unit(&occ.grpc, "P-1", "police", 51.13, 71.43).await;
     let mut client = dispatch(&occ.grpc).await;
     let claimed = client

@@ -338,17 +338,11 @@ impl DispatchService for DispatchApi {
         }
         drop(conn);
         let queues = Some(vec![queue.as_str().to_owned()]);
-        let permit = self.state.auth.stream_permit(&who)?;
-        let stream = watch::watch(
-            &self.state.pool,
-            &self.state.feed,
-            queues,
-            permit,
-            Some(self.state.reader(&who, "WatchQueue")),
-            |change| pb::WatchQueueResponse {
+        let stream = watch::watch(&self.state, &who, queues, "WatchQueue", |change| {
+            pb::WatchQueueResponse {
                 change: Some(change),
-            },
-        )
+            }
+        })
         .await?;
         Ok(Response::new(stream))
     }

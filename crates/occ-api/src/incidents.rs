@@ -398,17 +398,11 @@ impl IncidentService for IncidentApi {
             Some(queue)
         };
         let queues = scoped_queues(&who, queue.as_ref())?;
-        let permit = self.state.auth.stream_permit(&who)?;
-        let stream = watch::watch(
-            &self.state.pool,
-            &self.state.feed,
-            queues,
-            permit,
-            Some(self.state.reader(&who, "WatchIncidents")),
-            |change| pb::WatchIncidentsResponse {
+        let stream = watch::watch(&self.state, &who, queues, "WatchIncidents", |change| {
+            pb::WatchIncidentsResponse {
                 change: Some(change),
-            },
-        )
+            }
+        })
         .await?;
         Ok(Response::new(stream))
     }

@@ -35,7 +35,6 @@ use std::sync::Arc;
 
 use occ_adapters::Adapters;
 use occ_domain::Limits;
-use occ_domain::access::Principal;
 use occ_store::PgPool;
 use occ_store::changes::Feed;
 use occ_store::health::ActivityLog;
@@ -68,17 +67,6 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    /// `who` reading through `method`, for the record of reads of a watch stream.
-    pub(crate) fn reader(&self, who: &Principal, method: &'static str) -> watch::Reader {
-        watch::Reader {
-            pool: self.pool.clone(),
-            clock: self.clock.clone(),
-            principal: who.subject.clone(),
-            method,
-            agencies: self.recorded_agencies.clone(),
-        }
-    }
-
     /// Changes the registry in one transaction; this instance takes the change in at once,
     /// the others on its notification.
     pub(crate) async fn change_registry<T>(

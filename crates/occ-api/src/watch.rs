@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use occ_proto::v1 as pb;
 use occ_store::PgPool;
-use occ_store::changes::{self, Feed};
+use occ_store::changes;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -19,7 +19,7 @@ use tonic::Status;
 use occ_domain::IncidentId;
 
 use crate::convert;
-use crate::error::ApiResult;
+use crate::error::ApiError;
 
 /// The most open incidents a snapshot carries; past it, the snapshot says it is truncated.
 const SNAPSHOT_LIMIT: i64 = 10_000;
@@ -32,13 +32,13 @@ const RECORD_EVERY: Duration = Duration::from_secs(5);
 
 /// Who watches, for the record of reads (see [`occ_store::reads`]).
 #[derive(Debug, Clone)]
-pub struct Reader {
-    pub pool: PgPool,
-    pub clock: occ_domain::SharedClock,
-    pub principal: String,
-    pub method: &'static str,
+struct Reader {
+    pool: PgPool,
+    clock: occ_domain::SharedClock,
+    principal: String,
+    method: &'static str,
     /// The agencies whose incidents' reads are recorded.
-    pub agencies: std::sync::Arc<Vec<String>>,
+    agencies: std::sync::Arc<Vec<String>>,
 }
 
 /// The incidents a stream has delivered and not yet recorded.
@@ -48,9 +48,9 @@ struct ReadLog {
 }
 
 impl ReadLog {
-    fn new(reader: Option<Reader>) -> Self {
+    fn new(reader: Reader) -> Self {
         // Nothing to record when no agency's reads are.
-        let reader = reader.filter(|r| !r.agencies.is_empty());
+        let reader = Some(reader).filter(|r| !r.agencies.is_empty());
         Self {
             reader,
             pending: std::collections::HashSet::new(),
@@ -126,7 +126,8 @@ impl<T> Sink<T> {
 
 /// Starts a watch of some queues (`None` for all). `wrap` makes the RPC's response message.
 ///
-/// With a `reader`, what the stream shows is on the record of reads: the snapshot before it
+/// `who` holds one of its places among its streams while the stream lasts. What the stream
+/// shows is on the record of reads (as `method`): the snapshot before it
 /// is sent, then the incidents changes showed every [`RECORD_EVERY`] and when the stream
 /// ends. A stream whose reads cannot be recorded ends (UNAVAILABLE).
 ///
@@ -134,29 +135,38 @@ impl<T> Sink<T> {
 /// the watcher sees of that incident (it says where the incident went), a transfer into them
 /// the first.
 pub async fn watch<T, F>(
-    pool: &PgPool,
-    feed: &Feed,
+    state: &crate::ApiState,
+    who: &crate::principal::Principal,
     queues: Option<Vec<String>>,
-    permit: Option<crate::principal::StreamPermit>,
-    reader: Option<Reader>,
+    method: &'static str,
     wrap: F,
-) -> ApiResult<WatchStream<T>>
+) -> Result<WatchStream<T>, Status>
 where
     T: Send + 'static,
     F: Fn(pb::IncidentChange) -> T + Send + Sync + 'static,
 {
+    let permit = state.auth.stream_permit(who)?;
+    let (pool, feed) = (&state.pool, &state.feed);
     // Subscribe before the snapshot: a change committed in between is then in the feed, or in
     // the snapshot, or both, never in neither; the stream skips what its snapshot shows.
     let stopping = feed.stopping();
     let mut feed = feed.subscribe();
-    let (seen, open) = changes::snapshot(pool, queues.as_deref(), SNAPSHOT_LIMIT + 1).await?;
+    let (seen, open) = changes::snapshot(pool, queues.as_deref(), SNAPSHOT_LIMIT + 1)
+        .await
+        .map_err(ApiError::from)?;
     let (data_tx, data_rx) = mpsc::channel(BUFFER);
     let (end_tx, end_rx) = oneshot::channel::<Status>();
     let mut sink = Sink {
         data: data_tx,
         end: Some(end_tx),
     };
-    let mut reads = ReadLog::new(reader);
+    let mut reads = ReadLog::new(Reader {
+        pool: state.pool.clone(),
+        clock: state.clock.clone(),
+        principal: who.subject.clone(),
+        method,
+        agencies: state.recorded_agencies.clone(),
+    });
     tokio::spawn(async move {
         let truncated = open.len() as i64 > SNAPSHOT_LIMIT;
         for incident in open.iter().take(SNAPSHOT_LIMIT as usize) {
