@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "watchlist",
         "dead_letter",
         "key",
+        "search",
     ]
     .iter()
     .map(|name| root.join(format!("occ/v1/{name}.proto")))

@@ -4,6 +4,8 @@
 //! kill.
 #![forbid(unsafe_code)]
 
+pub mod secure;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -95,6 +97,24 @@ pub async fn open_incidents(grpc: &str, events: Vec<occ_proto::v1::Event>) -> Ve
         .filter(|i| i.opened)
         .map(|i| i.number)
         .collect()
+}
+
+/// Runs `program` (the `occ` binary: `env!("CARGO_BIN_EXE_occ-under-test")` in a test) with
+/// `args` against the test's database: (success, stdout, stderr).
+pub async fn occ_command(program: &str, pool: &PgPool, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(program)
+        .args(args)
+        .args(["--database-url", &database_url(pool)])
+        .env("OCC_LOG", "warn")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .await
+        .expect("occ runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A request carrying an API key, as every client of a secure OCC sends it.

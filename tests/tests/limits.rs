@@ -80,18 +80,7 @@ async fn a_flooding_source_is_throttled_while_others_still_open_incidents(pool: 
 
 /// A secure OCC with `extra` flags; its admin key.
 async fn secure(pool: &PgPool, broker: &Broker, extra: &[&str]) -> (Occ, String) {
-    let file = std::env::temp_dir().join(format!("occ-limits-{}", uuid::Uuid::now_v7().simple()));
-    let mut args: Vec<String> = serve_args(&database_url(pool), broker.port, "occ-limits", extra)
-        .into_iter()
-        .filter(|a| a != "--insecure")
-        .collect();
-    args.extend(["--admin-key-file".into(), file.display().to_string()]);
-    let occ = Occ::start(args).await.expect("OCC starts");
-    let admin = std::fs::read_to_string(&file)
-        .expect("key")
-        .trim()
-        .to_owned();
-    (occ, admin)
+    occ_tests::secure::start(pool, broker, "occ-limits", extra).await
 }
 
 #[sqlx::test(migrations = false)]

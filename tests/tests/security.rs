@@ -3,7 +3,6 @@
 //! exist, keys revoked on every instance, and the first start on a developer's machine.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use occ_proto::v1 as pb;
@@ -12,83 +11,14 @@ use occ_proto::v1::incident_service_client::IncidentServiceClient;
 use occ_proto::v1::ingest_service_client::IngestServiceClient;
 use occ_proto::v1::key_service_client::KeyServiceClient;
 use occ_proto::v1::unit_service_client::UnitServiceClient;
+use occ_tests::secure::{Grant, channel, make_key, secure_args, start};
 use occ_tests::{
-    Broker, Occ, database_url, eventually, health, next_message, panic_button, serve_args, with_key,
+    Broker, Occ, database_url, eventually, health, next_message, panic_button, with_key,
 };
 use sqlx::PgPool;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
-
-/// OCC with authentication (the default): its arguments without `--insecure`, and its admin
-/// key file in a directory of the test's own.
-fn secure_args(pool: &PgPool, broker: &Broker, id: &str, extra: &[&str]) -> (Vec<String>, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("occ-security-{}", uuid::Uuid::now_v7().simple()));
-    let file = dir.join("admin-key");
-    let mut args: Vec<String> = serve_args(&database_url(pool), broker.port, id, extra)
-        .into_iter()
-        .filter(|a| a != "--insecure")
-        .collect();
-    args.extend(["--admin-key-file".into(), file.display().to_string()]);
-    (args, file)
-}
-
-/// A secure OCC and the admin key it made on its first start.
-async fn start(pool: &PgPool, broker: &Broker, id: &str, extra: &[&str]) -> (Occ, String) {
-    let (args, file) = secure_args(pool, broker, id, extra);
-    let occ = Occ::start(args).await.expect("OCC starts");
-    let admin = std::fs::read_to_string(&file)
-        .expect("OCC wrote its admin key")
-        .trim()
-        .to_owned();
-    (occ, admin)
-}
-
-async fn channel(grpc: &str) -> Channel {
-    Channel::from_shared(grpc.to_owned())
-        .expect("URL")
-        .connect()
-        .await
-        .expect("gRPC connects")
-}
-
-/// What a key may do, as an administrator would make it.
-#[derive(Default)]
-struct Grant<'a> {
-    roles: &'a [&'a str],
-    queues: &'a [&'a str],
-    agencies: &'a [&'a str],
-    sources: &'a [&'a str],
-    may_update_status: bool,
-}
-
-impl<'a> Grant<'a> {
-    fn role(role: &'a &'a str) -> Self {
-        Grant {
-            roles: std::slice::from_ref(role),
-            ..Grant::default()
-        }
-    }
-
-    fn queues(self, queues: &'a [&'a str]) -> Self {
-        Grant { queues, ..self }
-    }
-
-    fn agencies(self, agencies: &'a [&'a str]) -> Self {
-        Grant { agencies, ..self }
-    }
-
-    fn sources(self, sources: &'a [&'a str]) -> Self {
-        Grant { sources, ..self }
-    }
-
-    fn updating_status(self) -> Self {
-        Grant {
-            may_update_status: true,
-            ..self
-        }
-    }
-}
 
 /// A dispatcher of `queue`, named `name`.
 async fn desk(grpc: &str, admin: &str, name: &str, queue: &str) -> String {
@@ -100,27 +30,6 @@ async fn desk(grpc: &str, admin: &str, name: &str, queue: &str) -> String {
         Grant::role(&"dispatcher").queues(&queues),
     )
     .await
-}
-
-async fn make_key(grpc: &str, admin: &str, name: &str, grant: Grant<'_>) -> String {
-    let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
-    KeyServiceClient::new(channel(grpc).await)
-        .create_key(with_key(
-            admin,
-            pb::CreateKeyRequest {
-                name: name.into(),
-                roles: strings(grant.roles),
-                queues: strings(grant.queues),
-                agencies: strings(grant.agencies),
-                sources: strings(grant.sources),
-                may_update_status: grant.may_update_status,
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("CreateKey")
-        .into_inner()
-        .secret
 }
 
 fn code<T>(result: Result<T, Status>) -> Code {
@@ -174,26 +83,26 @@ fn api_methods() -> Vec<(String, bool)> {
 }
 
 /// Who may call what: g gateway, d dispatcher, s supervisor, i integration, u integration
-/// granted status updates, a admin. Written from the roles' descriptions, not from OCC's table.
+/// granted status updates, a admin, v investigator. Written from the roles' descriptions, not from OCC's table.
 const EXPECTED: &[(&str, &str)] = &[
     ("IngestService/PublishEvents", "g"),
-    ("IncidentService/GetIncident", "dsiua"),
-    ("IncidentService/GetIncidentCap", "dsiua"),
-    ("IncidentService/GetIncidentEido", "dsiua"),
-    ("IncidentService/ListIncidents", "dsiua"),
-    ("IncidentService/GetTimeline", "dsiua"),
-    ("IncidentService/WatchIncidents", "dsiua"),
+    ("IncidentService/GetIncident", "dsiuav"),
+    ("IncidentService/GetIncidentCap", "dsiuav"),
+    ("IncidentService/GetIncidentEido", "dsiuav"),
+    ("IncidentService/ListIncidents", "dsiuav"),
+    ("IncidentService/GetTimeline", "dsiuav"),
+    ("IncidentService/WatchIncidents", "dsiuav"),
     ("IncidentService/UpdateIncidentStatus", "dsu"),
     ("IncidentService/AcknowledgeIncident", "s"),
     ("IncidentService/AddNote", "dsiu"),
-    ("DispatchService/ListQueues", "dsiua"),
+    ("DispatchService/ListQueues", "dsiuav"),
     ("DispatchService/PutQueue", "a"),
     ("DispatchService/ClaimNext", "ds"),
     ("DispatchService/ReleaseClaim", "ds"),
     ("DispatchService/ExtendClaim", "ds"),
     ("DispatchService/DispatchUnits", "ds"),
     ("DispatchService/TransferIncident", "s"),
-    ("DispatchService/WatchQueue", "dsiua"),
+    ("DispatchService/WatchQueue", "dsiuav"),
     ("UnitService/UpsertUnit", "s"),
     ("UnitService/ListUnits", "ds"),
     ("UnitService/UpdateUnitStatus", "ds"),
@@ -213,15 +122,19 @@ const EXPECTED: &[(&str, &str)] = &[
     ("SourceService/DeleteProfile", "sa"),
     ("ZoneService/PutZone", "a"),
     ("ZoneService/ImportZones", "a"),
-    ("ZoneService/ListZones", "dsiua"),
+    ("ZoneService/ListZones", "dsiuav"),
     ("ZoneService/DeleteZone", "a"),
-    ("ZoneService/LocateZone", "dsiua"),
+    ("ZoneService/LocateZone", "dsiuav"),
     ("WatchlistService/AddWatchlistEntries", "s"),
     ("WatchlistService/RemoveWatchlistEntry", "s"),
     ("WatchlistService/ListWatchlistEntries", "s"),
     ("WatchlistService/ListWatchlistHits", "s"),
     ("DeadLetterService/ListDeadLetters", "s"),
     ("DeadLetterService/ReplayDeadLetters", "s"),
+    ("EventService/SearchEvents", "sv"),
+    ("EventService/GetEvent", "sv"),
+    ("EventService/PlateHistory", "sv"),
+    ("EventService/AroundIncident", "sv"),
     ("KeyService/CreateKey", "a"),
     ("KeyService/ListKeys", "a"),
     ("KeyService/RevokeKey", "a"),
@@ -257,6 +170,11 @@ async fn every_role_may_call_exactly_the_methods_its_row_gives(pool: PgPool) {
                 .updating_status(),
         ),
         ('a', "it", Grant::role(&"admin")),
+        (
+            'v',
+            "police-detective",
+            Grant::role(&"investigator").agencies(&["police"]),
+        ),
     ] {
         principals.insert(letter, make_key(&occ.grpc, &admin, name, grant).await);
     }

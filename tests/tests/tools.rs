@@ -4,24 +4,12 @@
 
 use std::path::PathBuf;
 
-use occ_tests::{database_url, fixture};
+use occ_tests::fixture;
 use sqlx::PgPool;
 
 /// Runs `occ args…` against the test's database: (success, stdout, stderr).
 async fn occ(pool: &PgPool, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_occ-under-test"))
-        .args(args)
-        .args(["--database-url", &database_url(pool)])
-        .env("OCC_LOG", "warn")
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .await
-        .expect("occ runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    occ_tests::occ_command(env!("CARGO_BIN_EXE_occ-under-test"), pool, args).await
 }
 
 fn file(name: &str, content: &str) -> PathBuf {

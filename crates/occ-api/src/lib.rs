@@ -14,6 +14,7 @@ pub mod dead_letters;
 pub mod dispatch;
 pub mod edge;
 pub mod error;
+pub mod events;
 pub mod incidents;
 pub mod ingest;
 pub mod jwt;
@@ -64,6 +65,8 @@ pub struct ApiState {
     pub cap: Arc<occ_domain::cap::CapSender>,
     /// The agencies whose incidents' reads are recorded (who read what, when).
     pub recorded_agencies: Arc<Vec<String>>,
+    /// Which kinds of stored event each agency may search.
+    pub search_grants: Arc<occ_domain::search::SearchGrants>,
 }
 
 impl ApiState {

@@ -31,10 +31,12 @@ impl Access {
     }
 }
 
-use Role::{Admin, Dispatcher, Gateway, Integration, Supervisor};
+use Role::{Admin, Dispatcher, Gateway, Integration, Investigator, Supervisor};
 
 /// Read and watch incidents (an admin only sees those of queues it is granted).
-const READ: &[Role] = &[Dispatcher, Supervisor, Integration, Admin];
+const READ: &[Role] = &[Dispatcher, Supervisor, Integration, Admin, Investigator];
+/// Search stored events (the kinds granted to the caller's agencies, for a named case).
+const SEARCH: &[Role] = &[Investigator, Supervisor];
 /// Work incidents and units.
 const WORK: &[Role] = &[Dispatcher, Supervisor];
 /// Every role but a gateway: reference data (queues, zones).
@@ -146,6 +148,10 @@ pub const METHODS: &[(&str, Access)] = &[
         "/occ.v1.DeadLetterService/ReplayDeadLetters",
         Access::Roles(SUPERVISOR),
     ),
+    ("/occ.v1.EventService/SearchEvents", Access::Roles(SEARCH)),
+    ("/occ.v1.EventService/GetEvent", Access::Roles(SEARCH)),
+    ("/occ.v1.EventService/PlateHistory", Access::Roles(SEARCH)),
+    ("/occ.v1.EventService/AroundIncident", Access::Roles(SEARCH)),
     ("/occ.v1.KeyService/CreateKey", Access::Roles(ADMIN)),
     ("/occ.v1.KeyService/ListKeys", Access::Roles(ADMIN)),
     ("/occ.v1.KeyService/RevokeKey", Access::Roles(ADMIN)),

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use occ_proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use occ_proto::v1::dispatch_service_server::DispatchServiceServer;
+use occ_proto::v1::event_service_server::EventServiceServer;
 use occ_proto::v1::incident_service_server::IncidentServiceServer;
 use occ_proto::v1::ingest_service_server::IngestServiceServer;
 use occ_proto::v1::key_service_server::KeyServiceServer;
@@ -23,6 +24,7 @@ use crate::ApiState;
 use crate::dead_letters::DeadLetterApi;
 use crate::dispatch::DispatchApi;
 use crate::edge::RequestStatusLayer;
+use crate::events::EventApi;
 use crate::incidents::IncidentApi;
 use crate::ingest::IngestApi;
 use crate::keys::KeyApi;
@@ -125,6 +127,7 @@ pub async fn serve(
         .set_serving::<DeadLetterServiceServer<DeadLetterApi>>()
         .await;
     health.set_serving::<KeyServiceServer<KeyApi>>().await;
+    health.set_serving::<EventServiceServer<EventApi>>().await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(occ_proto::v1::FILE_DESCRIPTOR_SET)
@@ -181,6 +184,9 @@ pub async fn serve(
         .add_service(
             DeadLetterServiceServer::new(DeadLetterApi::new(state.clone()))
                 .max_decoding_message_size(max),
+        )
+        .add_service(
+            EventServiceServer::new(EventApi::new(state.clone())).max_decoding_message_size(max),
         )
         .add_service(KeyServiceServer::new(KeyApi::new(state)).max_decoding_message_size(max));
     let max_connections = config.max_connections;

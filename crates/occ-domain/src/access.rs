@@ -28,15 +28,20 @@ pub enum Role {
     /// The city's IT: rules, queues, sources, zones and keys. No incident data unless also
     /// granted queues.
     Admin,
+    /// An investigator of an agency (a police detective): searches stored events of the kinds
+    /// granted to its agencies, for a named case, every search on the record; reads its
+    /// agencies' incidents. Changes nothing.
+    Investigator,
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 6] = [
         Role::Gateway,
         Role::Dispatcher,
         Role::Supervisor,
         Role::Integration,
         Role::Admin,
+        Role::Investigator,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -46,6 +51,7 @@ impl Role {
             Role::Supervisor => "supervisor",
             Role::Integration => "integration",
             Role::Admin => "admin",
+            Role::Investigator => "investigator",
         }
     }
 
@@ -98,7 +104,7 @@ impl Roles {
             let name = name.as_ref().trim();
             Role::parse(name).map(|r| Roles(acc.0 | r.bit())).ok_or_else(|| {
                 format!(
-                    "unknown role {name:?} (roles: gateway, dispatcher, supervisor, integration, admin)"
+                    "unknown role {name:?} (roles: gateway, dispatcher, supervisor, integration, admin, investigator)"
                 )
             })
         })
@@ -234,14 +240,15 @@ impl Principal {
         self.roles.contains(role)
     }
 
-    /// Whether the roles that read incidents (dispatcher, supervisor, integration, or an
-    /// admin granted queues) let it see incidents of `queue`.
+    /// Whether the roles that read incidents (dispatcher, supervisor, integration,
+    /// investigator, or an admin granted queues) let it see incidents of `queue`.
     pub fn sees_queue(&self, queue: &str) -> bool {
         self.roles.any(&[
             Role::Dispatcher,
             Role::Supervisor,
             Role::Integration,
             Role::Admin,
+            Role::Investigator,
         ]) && self.scope.queue(queue)
     }
 

@@ -18,6 +18,7 @@ pub mod rate;
 pub mod registry;
 pub mod retention;
 pub mod rule;
+pub mod search;
 pub mod source;
 pub mod unit;
 pub mod validation;

@@ -27,6 +27,8 @@ pub enum Entity {
     Key(Uuid),
     /// A legal hold on events.
     LegalHold(Uuid),
+    /// An investigation, by [`named_id`] of its case reference: the searches made for it.
+    Case(Uuid),
 }
 
 impl Entity {
@@ -43,6 +45,7 @@ impl Entity {
             Entity::DeadLetter(id) => ("dead_letter", id),
             Entity::Key(id) => ("key", id),
             Entity::LegalHold(id) => ("legal_hold", id),
+            Entity::Case(id) => ("case", id),
         }
     }
 }

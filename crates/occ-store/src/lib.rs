@@ -28,6 +28,7 @@ pub mod queues;
 pub mod reads;
 pub mod registry;
 pub mod rules;
+pub mod search;
 pub mod sessions;
 pub mod slots;
 pub mod sources;

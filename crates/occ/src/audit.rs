@@ -15,8 +15,11 @@ pub enum AuditCommand {
     /// reports the first entry where the record was changed after the fact, and exits 1.
     Verify {
         /// Only this incident's record (its number, INC-2026-000123, or id).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "case")]
         incident: Option<String>,
+        /// Only the record of the searches made for this case.
+        #[arg(long)]
+        case: Option<String>,
         #[command(flatten)]
         database: DatabaseArgs,
     },
@@ -27,6 +30,29 @@ pub enum AuditCommand {
         incident: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: i64,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// The searches of stored events (EventService), newest first, for oversight: when, who,
+    /// for which case, what was asked and how many results went back.
+    Searches {
+        /// Only searches for this case reference.
+        #[arg(long)]
+        case: Option<String>,
+        /// Only searches by this caller (`key:detective-7`, `user:alice`).
+        #[arg(long)]
+        by: Option<String>,
+        /// Only searches at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only searches before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// One JSON object per line, for other tools.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         database: DatabaseArgs,
     },
@@ -43,6 +69,7 @@ impl AuditCommand {
         match self {
             AuditCommand::Verify { database, .. }
             | AuditCommand::Reads { database, .. }
+            | AuditCommand::Searches { database, .. }
             | AuditCommand::Anchor { database } => database,
         }
     }
@@ -51,10 +78,14 @@ impl AuditCommand {
 pub async fn run(command: AuditCommand, pool: &PgPool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match command {
-        AuditCommand::Verify { incident, .. } => {
-            let chain = match incident {
-                None => None,
-                Some(reference) => Some(incident_chain(pool, &reference).await?),
+        AuditCommand::Verify { incident, case, .. } => {
+            let chain = match (incident, case) {
+                (Some(reference), _) => Some(incident_chain(pool, &reference).await?),
+                (None, Some(case)) => Some(ChainId {
+                    entity_type: "case".into(),
+                    entity_id: occ_store::audit::named_id("case", case.trim()),
+                }),
+                (None, None) => None,
             };
             let report = audit_chain::verify(pool, chain.as_ref()).await?;
             writeln!(
@@ -95,6 +126,48 @@ pub async fn run(command: AuditCommand, pool: &PgPool) -> anyhow::Result<()> {
                     r.method,
                     r.incidents.join(",")
                 )?;
+            }
+        }
+        AuditCommand::Searches {
+            case,
+            by,
+            since,
+            until,
+            limit,
+            json,
+            ..
+        } => {
+            let mut conn = occ_store::acquire(pool).await?;
+            let filter = occ_store::search::RecordedFilter {
+                case,
+                actor: by,
+                since,
+                until,
+            };
+            for s in occ_store::search::recorded(&mut conn, &filter, limit).await? {
+                if json {
+                    let line = serde_json::json!({
+                        "audit_id": s.audit_id,
+                        "at": s.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                        "by": s.actor,
+                        "case": s.case,
+                        "method": s.method,
+                        "results": s.results,
+                        "parameters": s.parameters,
+                    });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(
+                        out,
+                        "{} {} case={} {} results={} {}",
+                        s.at.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+                        s.actor,
+                        s.case,
+                        s.method,
+                        s.results,
+                        s.parameters
+                    )?;
+                }
             }
         }
         AuditCommand::Anchor { .. } => match audit_chain::anchor(pool, chrono::Utc::now()).await? {

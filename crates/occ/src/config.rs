@@ -643,6 +643,17 @@ pub struct ServeArgs {
     )]
     pub record_reads_of: Vec<String>,
 
+    /// Which kinds of stored event each agency's investigators and supervisors may search
+    /// (EventService): `agency:event-type-pattern` pairs, comma-separated
+    /// (`police:*,fire:smoke.*,fire:gas.*`). An agency not named searches nothing; a caller
+    /// scoped to every agency searches every kind.
+    #[arg(
+        long = "search-grants",
+        env = "OCC_SEARCH_GRANTS",
+        default_value = "police:*"
+    )]
+    pub search_grants: String,
+
     /// How often the audit log's chains are anchored (each anchor's hash is logged).
     #[arg(
         long = "audit-anchor-interval",

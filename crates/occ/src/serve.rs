@@ -478,6 +478,10 @@ pub async fn start(
         clock,
         auth,
         cap,
+        search_grants: Arc::new(
+            occ_domain::search::SearchGrants::parse(&args.search_grants)
+                .map_err(|e| anyhow::anyhow!("--search-grants: {e}"))?,
+        ),
         recorded_agencies: Arc::new(
             args.record_reads_of
                 .iter()
