@@ -92,6 +92,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("IncidentService/ListIncidents", "dsiuav"),
     ("IncidentService/GetTimeline", "dsiuav"),
     ("IncidentService/WatchIncidents", "dsiuav"),
+    ("IncidentService/ExportIncident", "sv"),
     ("IncidentService/UpdateIncidentStatus", "dsu"),
     ("IncidentService/AcknowledgeIncident", "s"),
     ("IncidentService/AddNote", "dsiu"),

@@ -213,7 +213,7 @@ async fn the_bench_runs_and_cleans_up_after_itself(pool: PgPool) {
             "--live-seconds",
             "2",
             "--stages",
-            "ingest,live,dispatch,stored",
+            "ingest,live,dispatch,stored,search",
             "--stored",
             "3000",
         ],
@@ -232,6 +232,9 @@ async fn the_bench_runs_and_cleans_up_after_itself(pool: PgPool) {
         "| ListIncidents, first page of 50 of 2400 open incidents",
         // 2 × 50 pairs, a fifth of them warm-up (untimed).
         "| ClaimNext + DispatchUnits, 2 operators on one queue, 80 pairs",
+        "| SearchEvents: one zone, one day",
+        "| PlateHistory: one plate, a year",
+        "| AroundIncident: 500 m",
     ] {
         assert!(out.contains(line), "{line} missing from:\n{out}");
     }

@@ -443,6 +443,47 @@ impl IncidentService for IncidentApi {
         Ok(Response::new(self.list(&who, request.into_inner()).await?))
     }
 
+    #[tracing::instrument(skip_all, fields(id = %request.get_ref().incident))]
+    async fn export_incident(
+        &self,
+        request: Request<pb::ExportIncidentRequest>,
+    ) -> Result<Response<pb::ExportIncidentResponse>, Status> {
+        let who = crate::principal::of(&request);
+        let req = request.into_inner();
+        let case = occ_domain::search::CaseRef::parse("case_reference", &req.case_reference)
+            .map_err(|e| ApiError::InvalidArgument(e.into()))?;
+        let incident = {
+            let mut conn = occ_store::acquire(&self.state.pool)
+                .await
+                .map_err(ApiError::from)?;
+            find_visible(&mut conn, &who, &req.incident)
+                .await
+                .map_err(|e| crate::dispatch::rename(e, "incident"))?
+        };
+        let package = occ_store::export::incident(
+            &self.state.pool,
+            incident.id,
+            &case,
+            &who.subject,
+            self.state.clock.now(),
+        )
+        .await
+        .map_err(ApiError::from)?;
+        tracing::info!(incident = %package.number, case = %case, actor = %who.subject,
+            manifest_sha256 = %package.manifest_sha256, "incident exported");
+        Ok(Response::new(pb::ExportIncidentResponse {
+            files: package
+                .files
+                .into_iter()
+                .map(|f| pb::ExportedFile {
+                    path: f.path,
+                    content: f.bytes,
+                })
+                .collect(),
+            manifest_sha256: package.manifest_sha256,
+        }))
+    }
+
     #[tracing::instrument(skip_all, fields(id = %request.get_ref().id))]
     async fn get_timeline(
         &self,

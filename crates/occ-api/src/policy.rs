@@ -70,6 +70,10 @@ pub const METHODS: &[(&str, Access)] = &[
         Access::Roles(READ),
     ),
     (
+        "/occ.v1.IncidentService/ExportIncident",
+        Access::Roles(SEARCH),
+    ),
+    (
         "/occ.v1.IncidentService/UpdateIncidentStatus",
         Access::StatusUpdate,
     ),

@@ -336,7 +336,7 @@ pub async fn rekey_repeats(
 }
 
 /// An event linked to an incident, as its timeline shows it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StoredEvent {
     pub id: EventId,
     pub source_id: String,

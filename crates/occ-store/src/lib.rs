@@ -18,6 +18,7 @@ pub mod dead_letters;
 pub mod dispatch;
 pub mod error;
 pub mod events;
+pub mod export;
 pub mod health;
 pub mod incidents;
 pub mod ingest;

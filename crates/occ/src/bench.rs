@@ -24,6 +24,7 @@
 
 mod dispatch;
 mod live;
+mod search;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -112,6 +113,8 @@ pub enum Stage {
     /// OCC's drain again, with `--stored` events of the past year already stored, beside its
     /// drain into an empty table (with the ingest stage).
     Stored,
+    /// EventService's searches of those stored events (with the stored stage).
+    Search,
 }
 
 /// A configuration for a private Mosquitto on `port`: OCC's settings from
@@ -190,7 +193,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let _ = OCC_PROGRAM.set(program.clone());
     }
     let adapters = default_adapters()?;
-    let ingest = args.stages.contains(&Stage::Ingest) || args.stages.contains(&Stage::Stored);
+    let ingest = args.stages.contains(&Stage::Ingest)
+        || args.stages.contains(&Stage::Stored)
+        || args.stages.contains(&Stage::Search);
     let messages = if ingest {
         mix(&adapters, args.messages)
     } else {
@@ -213,8 +218,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let databases = Databases::new(server.clone());
     let mut result = Ok(Vec::new());
     if ingest {
-        let stored = args.stages.contains(&Stage::Stored).then_some(args.stored);
-        result = measure(&broker, &databases, &messages, &events, expected, stored).await;
+        let stored = (args.stages.contains(&Stage::Stored) || args.stages.contains(&Stage::Search))
+            .then_some(args.stored);
+        let search = args.stages.contains(&Stage::Search);
+        result = measure(
+            &broker, &databases, &messages, &events, expected, stored, search,
+        )
+        .await;
     }
     if args.stages.contains(&Stage::Live)
         && let Ok(rows) = &mut result
@@ -246,6 +256,7 @@ async fn measure(
     events: &[Event],
     expected: usize,
     stored: Option<usize>,
+    search: bool,
 ) -> anyhow::Result<Vec<Row>> {
     let n = messages.len();
     let mut rows = Vec::new();
@@ -335,6 +346,30 @@ async fn measure(
                 drain.pg_cpu.as_secs_f64() * 1e6 / n as f64
             ),
         });
+        if search {
+            eprintln!("searches of the {stored} stored events …");
+            let (mut occ, grpc) = start_occ(
+                broker.port,
+                &db,
+                &format!("occ-bench-search-{}", std::process::id()),
+            )
+            .await?;
+            wait_serving(&grpc, &mut occ).await?;
+            let measured = search::run(&grpc, Utc::now()).await;
+            terminate(&mut occ).await?;
+            for m in measured? {
+                rows.push(Row {
+                    what: format!(
+                        "{} ({:.0} results a call), {} stored",
+                        m.what,
+                        m.results,
+                        thousands(stored as f64)
+                    ),
+                    result: m.latency.show(),
+                    baseline: "target p99 ≤ 200 ms".into(),
+                });
+            }
+        }
     }
     Ok(rows)
 }
@@ -1292,7 +1327,8 @@ async fn prefill_events(db: &PgConnectOptions, n: usize) -> anyhow::Result<()> {
                           'door.opened'])[1 + g % 8],
                    'info', t, t, 51.0 + (g % 1000) / 5000.0, 71.3 + (g % 997) / 5000.0,
                    'zone_' || (g % 300), 0.8,
-                   CASE WHEN g % 8 = 3 THEN jsonb_build_object('plate', 'P' || (g % 50000))
+                   CASE WHEN g % 8 = 3 THEN jsonb_build_object('plate', 'P' || (g % 50000),
+                                                               'plate_normalized', 'P' || (g % 50000))
                         ELSE '{}'::jsonb END,
                    'mqtt', t
               FROM generate_series($1::int8, $2::int8) AS g,

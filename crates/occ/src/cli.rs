@@ -79,6 +79,11 @@ enum Command {
         #[command(subcommand)]
         command: crate::storage::EventsCommand,
     },
+    /// Evidence packages of incidents, for a court: write one, check one.
+    Export {
+        #[command(subcommand)]
+        command: crate::export::ExportCommand,
+    },
     /// API keys for gateways, consoles and integrations.
     Keys {
         #[command(subcommand)]
@@ -283,6 +288,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let pool = tool_pool(command.database(), &shutdown).await?;
             crate::storage::run(command, &pool).await
         }
+        Command::Export { command } => match command {
+            crate::export::ExportCommand::Incident {
+                incident,
+                case,
+                out,
+                by,
+                database,
+            } => {
+                let pool = tool_pool(&database, &shutdown).await?;
+                crate::export::incident(&pool, &incident, &case, &out, by).await
+            }
+            crate::export::ExportCommand::Verify {
+                dir,
+                offline,
+                database,
+            } => {
+                let pool = if offline {
+                    None
+                } else {
+                    Some(tool_pool(&database, &shutdown).await?)
+                };
+                crate::export::verify(&dir, pool.as_ref()).await
+            }
+        },
         Command::Keys { command } => {
             let pool = tool_pool(command.database(), &shutdown).await?;
             crate::keys::run(command, &pool).await

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 mod dead_letters;
+pub mod export;
 pub mod import;
 pub mod keys;
 pub mod metrics;
