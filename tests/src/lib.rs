@@ -171,25 +171,34 @@ impl Broker {
     }
 
     /// Like [`Broker::start`], with more settings: `extra` gets the port and returns lines.
-    pub async fn start_with(extra: impl FnOnce(u16) -> String) -> anyhow::Result<Broker> {
+    pub async fn start_with(extra: impl Fn(u16) -> String) -> anyhow::Result<Broker> {
         Self::start_config(|port| occ::bench::mosquitto_config(port, &extra(port), "stderr")).await
     }
 
     /// A broker with the whole configuration `config` makes for the port it gets.
-    pub async fn start_config(config: impl FnOnce(u16) -> String) -> anyhow::Result<Broker> {
-        let port = free_port();
-        let config = config(port);
-        let path = std::env::temp_dir().join(format!("occ-test-mosquitto-{port}.conf"));
-        std::fs::write(&path, config)?;
-        let child = Self::spawn(&path)?;
-        let broker = Broker {
-            port,
-            child,
-            config: path,
-            data: None,
-        };
-        broker.listening().await?;
-        Ok(broker)
+    pub async fn start_config(config: impl Fn(u16) -> String) -> anyhow::Result<Broker> {
+        let mut attempt = 1;
+        loop {
+            let port = free_port();
+            let path = std::env::temp_dir().join(format!("occ-test-mosquitto-{port}.conf"));
+            std::fs::write(&path, config(port))?;
+            let child = Self::spawn(&path)?;
+            let mut broker = Broker {
+                port,
+                child,
+                config: path,
+                data: None,
+            };
+            match broker.listening().await {
+                Ok(()) => return Ok(broker),
+                // Another broker took the port first: another port.
+                Err(e) if attempt < 5 => {
+                    eprintln!("mosquitto did not start ({e}); another port");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn spawn(config: &Path) -> anyhow::Result<Child> {
@@ -250,18 +259,12 @@ impl Broker {
         self.listening().await
     }
 
-    async fn listening(&self) -> anyhow::Result<()> {
-        let port = self.port;
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!("mosquitto did not start listening on {port}");
+    /// Waits until this broker listens. A port found free may be taken by another test's
+    /// broker before this one binds it: this one then exits at once while the port answers
+    /// all the same, and the test would share (and restart) another's broker. So the broker
+    /// must still run a moment after its port answers.
+    async fn listening(&mut self) -> anyhow::Result<()> {
+        occ::bench::await_mosquitto(&mut self.child, self.port).await
     }
 }
 

@@ -733,5 +733,84 @@ async fn investigators_find_what_the_city_saw_within_their_kinds_and_every_searc
     assert_eq!(plate_search["results"], 3);
     let (ok, out, _) = occ_command(program, &pool, &["audit", "verify", "--case", CASE]).await;
     assert!(ok && out.contains("intact"), "{out}");
+
+    // A legal hold on the block's cameras for the case: placed, listed, released, on the record.
+    let placed = client
+        .place_legal_hold(with_key(
+            &detective,
+            pb::PlaceLegalHoldRequest {
+                case_reference: CASE.into(),
+                reason: "court order 2-114/2026".into(),
+                time_range: data.range(0, 60),
+                source_ids: vec!["cam-5".into(), "cam-6".into()],
+                zones: Vec::new(),
+            },
+        ))
+        .await
+        .expect("PlaceLegalHold")
+        .into_inner()
+        .hold
+        .expect("hold");
+    assert_eq!(placed.created_by, "key:detective-7");
+    let in_force = |include_released| pb::ListLegalHoldsRequest { include_released };
+    let listed = client
+        .list_legal_holds(with_key(&detective, in_force(false)))
+        .await
+        .expect("ListLegalHolds")
+        .into_inner()
+        .holds;
+    assert_eq!(listed, vec![placed.clone()]);
+    let backwards = client
+        .place_legal_hold(with_key(
+            &detective,
+            pb::PlaceLegalHoldRequest {
+                case_reference: CASE.into(),
+                time_range: data.range(60, 0),
+                ..Default::default()
+            },
+        ))
+        .await;
+    assert_eq!(code(backwards), Code::InvalidArgument);
+    let released = client
+        .release_legal_hold(with_key(
+            &detective,
+            pb::ReleaseLegalHoldRequest {
+                id: placed.id.clone(),
+            },
+        ))
+        .await
+        .expect("ReleaseLegalHold")
+        .into_inner()
+        .hold
+        .expect("hold");
+    assert_eq!(released.released_by, "key:detective-7");
+    let again = client
+        .release_legal_hold(with_key(
+            &detective,
+            pb::ReleaseLegalHoldRequest { id: placed.id },
+        ))
+        .await;
+    assert_eq!(code(again), Code::NotFound);
+    let listed = |include_released| {
+        let mut client = client.clone();
+        let detective = detective.clone();
+        async move {
+            client
+                .list_legal_holds(with_key(&detective, in_force(include_released)))
+                .await
+                .expect("ListLegalHolds")
+                .into_inner()
+                .holds
+                .len()
+        }
+    };
+    assert_eq!((listed(false).await, listed(true).await), (0, 1));
+    let actions: Vec<String> = sqlx::query_scalar(
+        "SELECT action FROM audit_log WHERE entity_type = 'legal_hold' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("audit");
+    assert_eq!(actions, ["legal_hold.placed", "legal_hold.released"]);
     occ.stop().await.expect("stop");
 }

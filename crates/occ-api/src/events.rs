@@ -90,6 +90,45 @@ impl EventApi {
     }
 }
 
+/// What a paged search asks, beside its filter.
+struct Paged<'a> {
+    window: Window,
+    area: Option<&'a Area>,
+    order: Order,
+    after: Option<EventCursor>,
+    limit: i64,
+}
+
+impl EventApi {
+    /// A page of events for `method`, run and recorded for `case`.
+    async fn page(
+        &self,
+        who: &Principal,
+        case: &CaseRef,
+        method: &str,
+        parameters: Value,
+        filter: &EventFilter,
+        paged: Paged<'_>,
+    ) -> ApiResult<Page> {
+        self.recorded(who, case, method, parameters, async |conn| {
+            let page = search::events(
+                conn,
+                paged.window,
+                filter,
+                paged.area,
+                paged.order,
+                paged.after,
+                paged.limit,
+                MAX_READ,
+            )
+            .await?;
+            let n = page.found.len();
+            Ok((page, n))
+        })
+        .await
+    }
+}
+
 /// Collects field errors while a request is read.
 #[derive(Default)]
 struct Check(Vec<FieldError>);
@@ -263,8 +302,137 @@ fn sighting(f: &Found) -> pb::Sighting {
     }
 }
 
+/// The longest window a legal hold may cover.
+const HOLD_SPAN: TimeDelta = TimeDelta::days(3660);
+
+fn hold(h: &occ_store::partitions::Hold) -> pb::LegalHold {
+    pb::LegalHold {
+        id: h.id.to_string(),
+        case_reference: h.case_ref.clone(),
+        reason: h.reason.clone(),
+        time_range: Some(pb::TimeRange {
+            start_time: Some(timestamp(h.from)),
+            end_time: Some(timestamp(h.to)),
+        }),
+        source_ids: h.sources.clone(),
+        zones: h.zones.clone(),
+        created_by: h.created_by.clone(),
+        create_time: Some(timestamp(h.created_at)),
+        released_by: h
+            .released
+            .as_ref()
+            .map(|(by, _)| by.clone())
+            .unwrap_or_default(),
+        release_time: h.released.as_ref().map(|(_, at)| timestamp(*at)),
+    }
+}
+
 #[tonic::async_trait]
 impl EventService for EventApi {
+    async fn place_legal_hold(
+        &self,
+        request: Request<pb::PlaceLegalHoldRequest>,
+    ) -> Result<Response<pb::PlaceLegalHoldResponse>, Status> {
+        let who = crate::principal::of(&request);
+        let req = request.into_inner();
+        let mut check = Check::default();
+        let case = check.take(case(&req.case_reference));
+        let window = check.take(window("time_range", req.time_range.as_ref(), HOLD_SPAN));
+        if req.reason.len() > 1000 {
+            check
+                .0
+                .push(FieldError::new("reason", "must be at most 1000 bytes"));
+        }
+        list("source_ids", &req.source_ids, &mut check);
+        list("zones", &req.zones, &mut check);
+        check.finish()?;
+        let (Some(case), Some(window)) = (case, window) else {
+            return Err(ApiError::Internal("a checked field is missing".into()).into());
+        };
+        let placed = occ_store::partitions::Hold {
+            id: Uuid::now_v7(),
+            case_ref: case.as_str().to_owned(),
+            reason: req.reason,
+            from: window.from,
+            to: window.to,
+            sources: req.source_ids,
+            zones: req.zones,
+            created_by: who.subject.clone(),
+            // As PostgreSQL keeps it (microseconds), so the answer is what a list shows later.
+            created_at: {
+                let now = self.state.clock.now();
+                DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+            },
+            released: None,
+        };
+        let mut tx = occ_store::begin(&self.state.pool)
+            .await
+            .map_err(ApiError::from)?;
+        occ_store::partitions::hold(&mut tx, &placed)
+            .await
+            .map_err(ApiError::from)?;
+        occ_store::commit(tx).await.map_err(ApiError::from)?;
+        tracing::info!(hold = %placed.id, case = %case, actor = %who.subject, "legal hold placed");
+        Ok(Response::new(pb::PlaceLegalHoldResponse {
+            hold: Some(hold(&placed)),
+        }))
+    }
+
+    async fn list_legal_holds(
+        &self,
+        request: Request<pb::ListLegalHoldsRequest>,
+    ) -> Result<Response<pb::ListLegalHoldsResponse>, Status> {
+        let req = request.into_inner();
+        let mut conn = occ_store::acquire(&self.state.pool)
+            .await
+            .map_err(ApiError::from)?;
+        let holds = occ_store::partitions::holds(&mut conn)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::ListLegalHoldsResponse {
+            holds: holds
+                .iter()
+                .filter(|h| req.include_released || h.released.is_none())
+                .map(hold)
+                .collect(),
+        }))
+    }
+
+    async fn release_legal_hold(
+        &self,
+        request: Request<pb::ReleaseLegalHoldRequest>,
+    ) -> Result<Response<pb::ReleaseLegalHoldResponse>, Status> {
+        let who = crate::principal::of(&request);
+        let req = request.into_inner();
+        let id = Uuid::parse_str(&req.id).map_err(|_| {
+            ApiError::invalid("id", format!("must be a hold id (UUID), got {:?}", req.id))
+        })?;
+        let mut tx = occ_store::begin(&self.state.pool)
+            .await
+            .map_err(ApiError::from)?;
+        let released =
+            occ_store::partitions::release(&mut tx, id, &who.subject, self.state.clock.now())
+                .await
+                .map_err(ApiError::from)?;
+        occ_store::commit(tx).await.map_err(ApiError::from)?;
+        if !released {
+            return Err(ApiError::NotFound("legal hold in force").into());
+        }
+        let mut conn = occ_store::acquire(&self.state.pool)
+            .await
+            .map_err(ApiError::from)?;
+        let holds = occ_store::partitions::holds(&mut conn)
+            .await
+            .map_err(ApiError::from)?;
+        let Some(h) = holds.iter().find(|h| h.id == id) else {
+            return Err(ApiError::NotFound("legal hold").into());
+        };
+        tracing::info!(hold = %id, actor = %who.subject, "legal hold released");
+        Ok(Response::new(pb::ReleaseLegalHoldResponse {
+            hold: Some(hold(h)),
+        }))
+    }
+
     async fn search_events(
         &self,
         request: Request<pb::SearchEventsRequest>,
@@ -327,21 +495,20 @@ impl EventService for EventApi {
         let mut parameters = filters.clone();
         parameters["page_token"] = json!(req.page_token);
         let page: Page = self
-            .recorded(&who, &case, "SearchEvents", parameters, async |conn| {
-                let page = search::events(
-                    conn,
+            .page(
+                &who,
+                &case,
+                "SearchEvents",
+                parameters,
+                &filter,
+                Paged {
                     window,
-                    &filter,
-                    area.as_ref(),
-                    Order::NewestFirst,
+                    area: area.as_ref(),
+                    order: Order::NewestFirst,
                     after,
                     limit,
-                    MAX_READ,
-                )
-                .await?;
-                let n = page.found.len();
-                Ok((page, n))
-            })
+                },
+            )
             .await?;
         Ok(Response::new(pb::SearchEventsResponse {
             events: page.found.iter().map(|f| stored_event(&f.event)).collect(),
@@ -432,21 +599,20 @@ impl EventService for EventApi {
         let mut parameters = filters.clone();
         parameters["page_token"] = json!(req.page_token);
         let page = self
-            .recorded(&who, &case, "PlateHistory", parameters, async |conn| {
-                let page = search::events(
-                    conn,
+            .page(
+                &who,
+                &case,
+                "PlateHistory",
+                parameters,
+                &filter,
+                Paged {
                     window,
-                    &filter,
-                    None,
-                    Order::OldestFirst,
+                    area: None,
+                    order: Order::OldestFirst,
                     after,
                     limit,
-                    MAX_READ,
-                )
-                .await?;
-                let n = page.found.len();
-                Ok((page, n))
-            })
+                },
+            )
             .await?;
         Ok(Response::new(pb::PlateHistoryResponse {
             plate_normalized: plate.to_string(),
@@ -543,21 +709,20 @@ impl EventService for EventApi {
         let mut parameters = filters.clone();
         parameters["page_token"] = json!(req.page_token);
         let page = self
-            .recorded(&who, &case, "AroundIncident", parameters, async |conn| {
-                let page = search::events(
-                    conn,
+            .page(
+                &who,
+                &case,
+                "AroundIncident",
+                parameters,
+                &filter,
+                Paged {
                     window,
-                    &filter,
-                    Some(&area),
-                    Order::OldestFirst,
+                    area: Some(&area),
+                    order: Order::OldestFirst,
                     after,
                     limit,
-                    MAX_READ,
-                )
-                .await?;
-                let n = page.found.len();
-                Ok((page, n))
-            })
+                },
+            )
             .await?;
         Ok(Response::new(pb::AroundIncidentResponse {
             incident: Some(incident(&found)),

@@ -156,6 +156,12 @@ pub const METHODS: &[(&str, Access)] = &[
     ("/occ.v1.EventService/GetEvent", Access::Roles(SEARCH)),
     ("/occ.v1.EventService/PlateHistory", Access::Roles(SEARCH)),
     ("/occ.v1.EventService/AroundIncident", Access::Roles(SEARCH)),
+    ("/occ.v1.EventService/PlaceLegalHold", Access::Roles(SEARCH)),
+    ("/occ.v1.EventService/ListLegalHolds", Access::Roles(SEARCH)),
+    (
+        "/occ.v1.EventService/ReleaseLegalHold",
+        Access::Roles(SEARCH),
+    ),
     ("/occ.v1.KeyService/CreateKey", Access::Roles(ADMIN)),
     ("/occ.v1.KeyService/ListKeys", Access::Roles(ADMIN)),
     ("/occ.v1.KeyService/RevokeKey", Access::Roles(ADMIN)),

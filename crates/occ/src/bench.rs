@@ -589,28 +589,62 @@ struct Mosquitto {
 
 impl Mosquitto {
     async fn start(program: &Path) -> anyhow::Result<Mosquitto> {
-        let port = free_port()?;
-        let path = std::env::temp_dir().join(format!("occ-bench-mosquitto-{port}.conf"));
-        // Its log, for a run that goes wrong: removed with the broker.
-        let log = path.with_extension("log");
-        let config = mosquitto_config(port, "", &format!("file {}", log.display()));
-        std::fs::write(&path, config)?;
-        let child = Command::new(program)
-            .arg("-c")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {} (the mosquitto package)", program.display()))?;
-        let broker = Mosquitto {
-            port,
-            child,
-            config: path,
-        };
-        wait_for_port(port).await?;
-        Ok(broker)
+        let mut attempt = 1;
+        loop {
+            let port = free_port()?;
+            let path = std::env::temp_dir().join(format!("occ-bench-mosquitto-{port}.conf"));
+            // Its log, for a run that goes wrong: removed with the broker.
+            let log = path.with_extension("log");
+            let config = mosquitto_config(port, "", &format!("file {}", log.display()));
+            std::fs::write(&path, config)?;
+            let child = Command::new(program)
+                .arg("-c")
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| {
+                    format!("starting {} (the mosquitto package)", program.display())
+                })?;
+            let mut broker = Mosquitto {
+                port,
+                child,
+                config: path,
+            };
+            match await_mosquitto(&mut broker.child, port).await {
+                Ok(()) => return Ok(broker),
+                // Another program took the port first: another port.
+                Err(_) if attempt < 5 => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        }
     }
+}
+
+/// Waits until the Mosquitto `child` listens on `port`. A port found free may be taken by
+/// another program before Mosquitto binds it: Mosquitto then exits at once while the port
+/// answers all the same (someone else's broker, whose sessions and restarts are not ours). So
+/// the child must still run a moment after its port answers.
+pub async fn await_mosquitto(child: &mut Child, port: u16) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if let Some(status) = child.try_wait()? {
+            bail!("mosquitto exited ({status}): port {port} taken?");
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            // It fails to bind within milliseconds of starting, if it fails.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if let Some(status) = child.try_wait()? {
+                bail!("mosquitto exited ({status}): port {port} was taken by another program");
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("mosquitto did not start listening on {port}")
 }
 
 impl Drop for Mosquitto {
@@ -625,19 +659,6 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-async fn wait_for_port(port: u16) -> anyhow::Result<()> {
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("nothing listens on port {port}")
 }
 
 fn mqtt_options(client_id: &str, port: u16, persistent: bool) -> MqttOptions {
