@@ -92,40 +92,49 @@ impl EventApi {
 
 /// What a paged search asks, beside its filter.
 struct Paged<'a> {
+    /// Which kind of search its page tokens belong to.
+    tag: &'static str,
+    page_token: &'a str,
+    /// Every filter as given: recorded, and what a page token is bound to.
+    filters: &'a Value,
     window: Window,
     area: Option<&'a Area>,
     order: Order,
-    after: Option<EventCursor>,
     limit: i64,
 }
 
 impl EventApi {
-    /// A page of events for `method`, run and recorded for `case`.
+    /// A page of events for `method`, run and recorded for `case`, and the next page's token.
     async fn page(
         &self,
         who: &Principal,
         case: &CaseRef,
         method: &str,
-        parameters: Value,
         filter: &EventFilter,
         paged: Paged<'_>,
-    ) -> ApiResult<Page> {
-        self.recorded(who, case, method, parameters, async |conn| {
-            let page = search::events(
-                conn,
-                paged.window,
-                filter,
-                paged.area,
-                paged.order,
-                paged.after,
-                paged.limit,
-                MAX_READ,
-            )
+    ) -> ApiResult<(Page, String)> {
+        let after = cursor(paged.tag, paged.page_token, paged.filters)?;
+        let mut parameters = paged.filters.clone();
+        parameters["page_token"] = json!(paged.page_token);
+        let page = self
+            .recorded(who, case, method, parameters, async |conn| {
+                let page = search::events(
+                    conn,
+                    paged.window,
+                    filter,
+                    paged.area,
+                    paged.order,
+                    after,
+                    paged.limit,
+                    MAX_READ,
+                )
+                .await?;
+                let n = page.found.len();
+                Ok((page, n))
+            })
             .await?;
-            let n = page.found.len();
-            Ok((page, n))
-        })
-        .await
+        let next = token(paged.tag, page.next, paged.filters);
+        Ok((page, next))
     }
 }
 
@@ -144,6 +153,12 @@ impl Check {
             None => Ok(()),
         }
     }
+}
+
+/// A page size: 100 when 0, at most 1,000.
+fn page_size(requested: i32) -> Result<i64, FieldError> {
+    paging::page_size(requested, 100, 1000)
+        .map_err(|_| FieldError::new("page_size", "must not be negative"))
 }
 
 fn case(value: &str) -> Result<CaseRef, FieldError> {
@@ -461,10 +476,7 @@ impl EventService for EventApi {
         }
         list("source_ids", &req.source_ids, &mut check);
         list("zones", &req.zones, &mut check);
-        let limit = check.take(
-            paging::page_size(req.page_size, 100, 1000)
-                .map_err(|_| FieldError::new("page_size", "must not be negative")),
-        );
+        let limit = check.take(page_size(req.page_size));
         let kinds = self.kinds(&who)?;
         let types = types(&who, &kinds, &req.types, &mut check)?;
         check.finish()?;
@@ -482,7 +494,6 @@ impl EventService for EventApi {
             "attributes": attributes,
             "min_confidence": req.min_confidence,
         });
-        let after = cursor("s1", &req.page_token, &filters)?;
         let filter = EventFilter {
             types: types.iter().map(Glob::to_like).collect(),
             kinds: kinds.to_like(),
@@ -492,27 +503,26 @@ impl EventService for EventApi {
             attributes: attributes.map(Value::Object),
             min_confidence: req.min_confidence,
         };
-        let mut parameters = filters.clone();
-        parameters["page_token"] = json!(req.page_token);
-        let page: Page = self
+        let (page, next) = self
             .page(
                 &who,
                 &case,
                 "SearchEvents",
-                parameters,
                 &filter,
                 Paged {
+                    tag: "s1",
+                    page_token: &req.page_token,
+                    filters: &filters,
                     window,
                     area: area.as_ref(),
                     order: Order::NewestFirst,
-                    after,
                     limit,
                 },
             )
             .await?;
         Ok(Response::new(pb::SearchEventsResponse {
             events: page.found.iter().map(|f| stored_event(&f.event)).collect(),
-            next_page_token: token("s1", page.next, &filters),
+            next_page_token: next,
         }))
     }
 
@@ -575,10 +585,7 @@ impl EventService for EventApi {
         let case = check.take(case(&req.case_reference));
         let window = check.take(window("time_range", req.time_range.as_ref(), PLATE_SPAN));
         let plate = check.take(parse_plate("plate", &req.plate));
-        let limit = check.take(
-            paging::page_size(req.page_size, 100, 1000)
-                .map_err(|_| FieldError::new("page_size", "must not be negative")),
-        );
+        let limit = check.take(page_size(req.page_size));
         check.finish()?;
         let (Some(case), Some(window), Some(plate), Some(limit)) = (case, window, plate, limit)
         else {
@@ -590,26 +597,24 @@ impl EventService for EventApi {
             "plate_normalized": plate.as_str(),
             "time_range": time_json(&window),
         });
-        let after = cursor("p1", &req.page_token, &filters)?;
         let filter = EventFilter {
             kinds: kinds.to_like(),
             plate: Some(plate.as_str().to_owned()),
             ..EventFilter::default()
         };
-        let mut parameters = filters.clone();
-        parameters["page_token"] = json!(req.page_token);
-        let page = self
+        let (page, next) = self
             .page(
                 &who,
                 &case,
                 "PlateHistory",
-                parameters,
                 &filter,
                 Paged {
+                    tag: "p1",
+                    page_token: &req.page_token,
+                    filters: &filters,
                     window,
                     area: None,
                     order: Order::OldestFirst,
-                    after,
                     limit,
                 },
             )
@@ -617,7 +622,7 @@ impl EventService for EventApi {
         Ok(Response::new(pb::PlateHistoryResponse {
             plate_normalized: plate.to_string(),
             sightings: page.found.iter().map(sighting).collect(),
-            next_page_token: token("p1", page.next, &filters),
+            next_page_token: next,
         }))
     }
 
@@ -646,10 +651,7 @@ impl EventService for EventApi {
         };
         let before = check.take(margin("before", req.before.as_ref()));
         let after_margin = check.take(margin("after", req.after.as_ref()));
-        let limit = check.take(
-            paging::page_size(req.page_size, 100, 1000)
-                .map_err(|_| FieldError::new("page_size", "must not be negative")),
-        );
+        let limit = check.take(page_size(req.page_size));
         if req.incident.is_empty() {
             check.0.push(FieldError::new("incident", "is required"));
         }
@@ -700,26 +702,24 @@ impl EventService for EventApi {
             "types": req.types,
             "time_range": time_json(&window),
         });
-        let after = cursor("a1", &req.page_token, &filters)?;
         let filter = EventFilter {
             types: types.iter().map(Glob::to_like).collect(),
             kinds: kinds.to_like(),
             ..EventFilter::default()
         };
-        let mut parameters = filters.clone();
-        parameters["page_token"] = json!(req.page_token);
-        let page = self
+        let (page, next) = self
             .page(
                 &who,
                 &case,
                 "AroundIncident",
-                parameters,
                 &filter,
                 Paged {
+                    tag: "a1",
+                    page_token: &req.page_token,
+                    filters: &filters,
                     window,
                     area: Some(&area),
                     order: Order::OldestFirst,
-                    after,
                     limit,
                 },
             )
@@ -731,7 +731,7 @@ impl EventService for EventApi {
                 end_time: Some(timestamp(window.to)),
             }),
             events: page.found.iter().map(|f| stored_event(&f.event)).collect(),
-            next_page_token: token("a1", page.next, &filters),
+            next_page_token: next,
         }))
     }
 }

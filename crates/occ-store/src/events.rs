@@ -362,6 +362,56 @@ pub struct StoredEvent {
     pub revised_at: Option<DateTime<Utc>>,
 }
 
+/// A stored event's columns, as every query that reads whole events selects them.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct EventRow {
+    pub id: uuid::Uuid,
+    pub source_id: String,
+    pub external_id: Option<String>,
+    pub event_type: String,
+    pub severity: Option<String>,
+    pub source_kind: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub lat: Option<f64>,
+    pub lon: Option<f64>,
+    pub zone: Option<String>,
+    pub extra_zones: Vec<String>,
+    pub district: Option<String>,
+    pub confidence: Option<f64>,
+    pub measurements: serde_json::Value,
+    pub attributes: serde_json::Value,
+    pub evidence: serde_json::Value,
+    pub revisions: i32,
+    pub revised_at: Option<DateTime<Utc>>,
+}
+
+impl From<EventRow> for StoredEvent {
+    fn from(r: EventRow) -> StoredEvent {
+        StoredEvent {
+            id: EventId(r.id),
+            source_id: r.source_id,
+            external_id: r.external_id,
+            event_type: r.event_type,
+            severity: r.severity,
+            source_kind: r.source_kind,
+            occurred_at: r.occurred_at,
+            received_at: r.received_at,
+            lat: r.lat,
+            lon: r.lon,
+            zone: r.zone,
+            extra_zones: r.extra_zones,
+            district: r.district,
+            confidence: r.confidence,
+            measurements: r.measurements,
+            attributes: r.attributes,
+            evidence: serde_json::from_value(r.evidence).unwrap_or_default(),
+            revisions: r.revisions,
+            revised_at: r.revised_at,
+        }
+    }
+}
+
 /// How many events are stored for a source (operations and tests).
 pub async fn count_for_source(conn: &mut PgConnection, source_id: &str) -> Result<i64> {
     Ok(sqlx::query_scalar!(

@@ -31,7 +31,7 @@ use uuid::Uuid;
 use crate::audit::{self, AuditEntry, Entity};
 use crate::audit_chain;
 use crate::error::{Result, StoreError};
-use crate::events::StoredEvent;
+use crate::events::{EventRow, StoredEvent};
 
 /// The format a manifest names, for tools that read packages.
 pub const FORMAT: &str = "occ-evidence-package/1";
@@ -102,7 +102,8 @@ pub async fn incident(
         o.remove("claim");
     }
 
-    let events: Vec<StoredEvent> = sqlx::query!(
+    let events: Vec<StoredEvent> = sqlx::query_as!(
+        EventRow,
         r#"
         SELECT e.id, e.source_id, e.external_id, e.event_type, e.severity, e.source_kind,
                e.occurred_at, e.received_at, e.lat, e.lon, e.zone, e.extra_zones, e.district,
@@ -116,27 +117,7 @@ pub async fn incident(
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
-    .map(|r| StoredEvent {
-        id: occ_domain::EventId(r.id),
-        source_id: r.source_id,
-        external_id: r.external_id,
-        event_type: r.event_type,
-        severity: r.severity,
-        source_kind: r.source_kind,
-        occurred_at: r.occurred_at,
-        received_at: r.received_at,
-        lat: r.lat,
-        lon: r.lon,
-        zone: r.zone,
-        extra_zones: r.extra_zones,
-        district: r.district,
-        confidence: r.confidence,
-        measurements: r.measurements,
-        attributes: r.attributes,
-        evidence: serde_json::from_value(r.evidence).unwrap_or_default(),
-        revisions: r.revisions,
-        revised_at: r.revised_at,
-    })
+    .map(StoredEvent::from)
     .collect();
 
     let record: Vec<Hashed> = sqlx::query!(

@@ -7,7 +7,6 @@
 //! and recorded in one transaction: what was found was also recorded as found.
 
 use chrono::{DateTime, Utc};
-use occ_domain::EventId;
 use occ_domain::search::{Area, CaseRef, Window};
 use serde_json::json;
 use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Transaction};
@@ -15,7 +14,7 @@ use uuid::Uuid;
 
 use crate::audit::{self, AuditEntry, Entity};
 use crate::error::Result;
-use crate::events::StoredEvent;
+use crate::events::{EventRow, StoredEvent};
 
 /// What to look for. Lists are alternatives (any of them); the fields all apply.
 #[derive(Debug, Clone, Default)]
@@ -79,26 +78,9 @@ pub struct Page {
 
 #[derive(sqlx::FromRow)]
 struct Row {
-    id: Uuid,
-    source_id: String,
+    #[sqlx(flatten)]
+    event: EventRow,
     source_name: Option<String>,
-    external_id: Option<String>,
-    event_type: String,
-    severity: Option<String>,
-    source_kind: Option<String>,
-    occurred_at: DateTime<Utc>,
-    received_at: DateTime<Utc>,
-    lat: Option<f64>,
-    lon: Option<f64>,
-    zone: Option<String>,
-    extra_zones: Vec<String>,
-    district: Option<String>,
-    confidence: Option<f64>,
-    measurements: serde_json::Value,
-    attributes: serde_json::Value,
-    evidence: serde_json::Value,
-    revisions: i32,
-    revised_at: Option<DateTime<Utc>>,
     seen_at: DateTime<Utc>,
 }
 
@@ -107,27 +89,7 @@ impl From<Row> for Found {
         Found {
             seen_at: r.seen_at,
             source_name: r.source_name,
-            event: StoredEvent {
-                id: EventId(r.id),
-                source_id: r.source_id,
-                external_id: r.external_id,
-                event_type: r.event_type,
-                severity: r.severity,
-                source_kind: r.source_kind,
-                occurred_at: r.occurred_at,
-                received_at: r.received_at,
-                lat: r.lat,
-                lon: r.lon,
-                zone: r.zone,
-                extra_zones: r.extra_zones,
-                district: r.district,
-                confidence: r.confidence,
-                measurements: r.measurements,
-                attributes: r.attributes,
-                evidence: serde_json::from_value(r.evidence).unwrap_or_default(),
-                revisions: r.revisions,
-                revised_at: r.revised_at,
-            },
+            event: r.event.into(),
         }
     }
 }

@@ -1,12 +1,12 @@
 //! An incident's timeline: its audit entries and linked events, oldest first, paged.
 
 use chrono::{DateTime, Utc};
-use occ_domain::{EventId, IncidentId};
+use occ_domain::IncidentId;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::error::Result;
-use crate::events::StoredEvent;
+use crate::events::{EventRow, StoredEvent};
 
 /// A stored audit entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,7 +100,8 @@ pub async fn page(
     )
     .fetch_all(&mut *conn)
     .await?;
-    let events = sqlx::query!(
+    let events = sqlx::query_as!(
+        EventRow,
         r#"
         SELECT e.id, e.source_id, e.external_id, e.event_type, e.severity, e.source_kind,
                e.occurred_at, e.received_at, e.lat, e.lon, e.zone, e.extra_zones, e.district,
@@ -125,29 +126,11 @@ pub async fn page(
     let mut entries: Vec<TimelineEntry> = audits
         .into_iter()
         .map(TimelineEntry::Audit)
-        .chain(events.into_iter().map(|r| {
-            TimelineEntry::Event(Box::new(StoredEvent {
-                id: EventId(r.id),
-                source_id: r.source_id,
-                external_id: r.external_id,
-                event_type: r.event_type,
-                severity: r.severity,
-                source_kind: r.source_kind,
-                occurred_at: r.occurred_at,
-                received_at: r.received_at,
-                lat: r.lat,
-                lon: r.lon,
-                zone: r.zone,
-                extra_zones: r.extra_zones,
-                district: r.district,
-                confidence: r.confidence,
-                measurements: r.measurements,
-                attributes: r.attributes,
-                evidence: serde_json::from_value(r.evidence).unwrap_or_default(),
-                revisions: r.revisions,
-                revised_at: r.revised_at,
-            }))
-        }))
+        .chain(
+            events
+                .into_iter()
+                .map(|r| TimelineEntry::Event(Box::new(r.into()))),
+        )
         .collect();
     entries.sort_by_key(TimelineEntry::sort_key);
     entries.truncate(usize::try_from(limit).unwrap_or(0));
