@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dead_letter",
         "key",
         "search",
+        "stats",
     ]
     .iter()
     .map(|name| root.join(format!("occ/v1/{name}.proto")))

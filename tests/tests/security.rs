@@ -139,6 +139,8 @@ const EXPECTED: &[(&str, &str)] = &[
     ("EventService/PlaceLegalHold", "sv"),
     ("EventService/ListLegalHolds", "sv"),
     ("EventService/ReleaseLegalHold", "sv"),
+    ("StatsService/CountEvents", "dsiuav"),
+    ("StatsService/CountIncidents", "dsiuav"),
     ("KeyService/CreateKey", "a"),
     ("KeyService/ListKeys", "a"),
     ("KeyService/RevokeKey", "a"),

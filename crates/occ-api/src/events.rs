@@ -10,7 +10,7 @@ use occ_domain::access::Principal;
 use occ_domain::glob::Glob;
 use occ_domain::search::{Area, CaseRef, Kinds, Window};
 use occ_domain::watchlist::parse_plate;
-use occ_domain::{FieldError, FieldErrors, GeoPoint};
+use occ_domain::{FieldError, GeoPoint};
 use occ_proto::v1::{self as pb, event_service_server::EventService};
 use occ_store::search::{self, EventCursor, EventFilter, Found, Order, Page, Search};
 use serde_json::{Value, json};
@@ -18,8 +18,9 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::ApiState;
-use crate::convert::{from_timestamp, incident, stored_event, struct_to_json, timestamp};
+use crate::convert::{incident, stored_event, struct_to_json, timestamp};
 use crate::error::{ApiError, ApiResult};
+use crate::fields::{self, Check, list, window};
 use crate::paging;
 
 /// The longest window of a search, and of a plate's history.
@@ -33,8 +34,6 @@ const AROUND_DEFAULT_MARGIN: TimeDelta = TimeDelta::minutes(15);
 const AROUND_MAX_MARGIN: TimeDelta = TimeDelta::hours(24);
 /// Rows an area search reads per call, at most (its page may then be short, with a next one).
 const MAX_READ: i64 = 20_000;
-/// Filters of one kind per search.
-const MAX_LIST: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct EventApi {
@@ -138,23 +137,6 @@ impl EventApi {
     }
 }
 
-/// Collects field errors while a request is read.
-#[derive(Default)]
-struct Check(Vec<FieldError>);
-
-impl Check {
-    fn take<T>(&mut self, r: Result<T, FieldError>) -> Option<T> {
-        r.map_err(|e| self.0.push(e)).ok()
-    }
-
-    fn finish(self) -> ApiResult<()> {
-        match FieldErrors::from_vec(self.0) {
-            Some(errors) => Err(ApiError::InvalidArgument(errors)),
-            None => Ok(()),
-        }
-    }
-}
-
 /// A page size: 100 when 0, at most 1,000.
 fn page_size(requested: i32) -> Result<i64, FieldError> {
     paging::page_size(requested, 100, 1000)
@@ -163,20 +145,6 @@ fn page_size(requested: i32) -> Result<i64, FieldError> {
 
 fn case(value: &str) -> Result<CaseRef, FieldError> {
     CaseRef::parse("case_reference", value)
-}
-
-fn window(
-    field: &str,
-    range: Option<&pb::TimeRange>,
-    max: TimeDelta,
-) -> Result<Window, FieldError> {
-    let time = |name: &str, t: Option<&prost_types::Timestamp>| {
-        t.map(|t| from_timestamp(&format!("{field}.{name}"), t))
-            .transpose()
-    };
-    let from = time("start_time", range.and_then(|r| r.start_time.as_ref()))?;
-    let to = time("end_time", range.and_then(|r| r.end_time.as_ref()))?;
-    Window::parse(field, from, to, max)
 }
 
 fn point(field: &str, p: Option<&pb::GeoPoint>) -> Result<GeoPoint, FieldError> {
@@ -218,48 +186,17 @@ fn types(
     requested: &[String],
     check: &mut Check,
 ) -> ApiResult<Vec<Glob>> {
-    let mut globs = Vec::with_capacity(requested.len());
-    if requested.len() > MAX_LIST {
-        check
-            .0
-            .push(FieldError::new("types", format!("at most {MAX_LIST}")));
-    }
-    for (i, t) in requested.iter().enumerate() {
-        let valid = !t.is_empty()
-            && t.len() <= 64
-            && t.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-*".contains(&b));
-        if !valid {
-            check.0.push(FieldError::new(
-                format!("types[{i}]"),
-                format!("must be an event type, `*` standing for any run of characters, got {t:?}"),
-            ));
-            continue;
-        }
-        let glob = Glob::new(t);
-        if !kinds.covers(&glob) {
+    let globs = fields::types("types", requested, check);
+    for (i, glob) in &globs {
+        if !kinds.covers(glob) {
             crate::principal::out_of_scope(who, "event search");
             return Err(ApiError::PermissionDenied(format!(
-                "types[{i}]: {t:?} is outside the kinds of event granted to the caller's agencies"
+                "types[{i}]: {:?} is outside the kinds of event granted to the caller's agencies",
+                glob.as_str()
             )));
         }
-        globs.push(glob);
     }
-    Ok(globs)
-}
-
-fn list(field: &str, values: &[String], check: &mut Check) {
-    if values.len() > MAX_LIST {
-        check
-            .0
-            .push(FieldError::new(field, format!("at most {MAX_LIST}")));
-    }
-    if let Some(i) = values.iter().position(|v| v.is_empty() || v.len() > 128) {
-        check.0.push(FieldError::new(
-            format!("{field}[{i}]"),
-            "must be 1 to 128 characters",
-        ));
-    }
+    Ok(globs.into_iter().map(|(_, g)| g).collect())
 }
 
 fn time_json(w: &Window) -> Value {
@@ -354,9 +291,7 @@ impl EventService for EventApi {
         let case = check.take(case(&req.case_reference));
         let window = check.take(window("time_range", req.time_range.as_ref(), HOLD_SPAN));
         if req.reason.len() > 1000 {
-            check
-                .0
-                .push(FieldError::new("reason", "must be at most 1000 bytes"));
+            check.push(FieldError::new("reason", "must be at most 1000 bytes"));
         }
         list("source_ids", &req.source_ids, &mut check);
         list("zones", &req.zones, &mut check);
@@ -469,7 +404,7 @@ impl EventService for EventApi {
         if let Some(min) = req.min_confidence
             && !(0.0..=1.0).contains(&min)
         {
-            check.0.push(FieldError::new(
+            check.push(FieldError::new(
                 "min_confidence",
                 format!("must be between 0 and 1, got {min}"),
             ));
@@ -653,13 +588,13 @@ impl EventService for EventApi {
         let after_margin = check.take(margin("after", req.after.as_ref()));
         let limit = check.take(page_size(req.page_size));
         if req.incident.is_empty() {
-            check.0.push(FieldError::new("incident", "is required"));
+            check.push(FieldError::new("incident", "is required"));
         }
         let kinds = self.kinds(&who)?;
         let types = types(&who, &kinds, &req.types, &mut check)?;
         // The radius is checked against a point once the incident is known.
         if !(radius.is_finite() && radius > 0.0 && radius <= AROUND_RADIUS_M) {
-            check.0.push(FieldError::new(
+            check.push(FieldError::new(
                 "radius_m",
                 format!("must be above 0 and at most {AROUND_RADIUS_M} m, got {radius}"),
             ));

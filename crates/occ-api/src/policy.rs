@@ -122,6 +122,9 @@ pub const METHODS: &[(&str, Access)] = &[
         "/occ.v1.SourceService/DeleteProfile",
         Access::Roles(SOURCES),
     ),
+    // The wall: event counts for the whole room; incident counts within the caller's queues.
+    ("/occ.v1.StatsService/CountEvents", Access::Roles(READ)),
+    ("/occ.v1.StatsService/CountIncidents", Access::Roles(READ)),
     ("/occ.v1.ZoneService/PutZone", Access::Roles(ADMIN)),
     ("/occ.v1.ZoneService/ImportZones", Access::Roles(ADMIN)),
     ("/occ.v1.ZoneService/ListZones", Access::Roles(STAFF)),

@@ -11,6 +11,7 @@ use occ_proto::v1::ingest_service_server::IngestServiceServer;
 use occ_proto::v1::key_service_server::KeyServiceServer;
 use occ_proto::v1::rule_service_server::RuleServiceServer;
 use occ_proto::v1::source_service_server::SourceServiceServer;
+use occ_proto::v1::stats_service_server::StatsServiceServer;
 use occ_proto::v1::unit_service_server::UnitServiceServer;
 use occ_proto::v1::watchlist_service_server::WatchlistServiceServer;
 use occ_proto::v1::zone_service_server::ZoneServiceServer;
@@ -32,6 +33,7 @@ use crate::metrics::GrpcMetricsLayer;
 use crate::principal::AuthLayer;
 use crate::rules::RuleApi;
 use crate::sources::SourceApi;
+use crate::stats::StatsApi;
 use crate::units::UnitApi;
 use crate::watchlist::WatchlistApi;
 use crate::zones::ZoneApi;
@@ -128,6 +130,7 @@ pub async fn serve(
         .await;
     health.set_serving::<KeyServiceServer<KeyApi>>().await;
     health.set_serving::<EventServiceServer<EventApi>>().await;
+    health.set_serving::<StatsServiceServer<StatsApi>>().await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(occ_proto::v1::FILE_DESCRIPTOR_SET)
@@ -187,6 +190,9 @@ pub async fn serve(
         )
         .add_service(
             EventServiceServer::new(EventApi::new(state.clone())).max_decoding_message_size(max),
+        )
+        .add_service(
+            StatsServiceServer::new(StatsApi::new(state.clone())).max_decoding_message_size(max),
         )
         .add_service(KeyServiceServer::new(KeyApi::new(state)).max_decoding_message_size(max));
     let max_connections = config.max_connections;

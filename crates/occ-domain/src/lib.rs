@@ -22,6 +22,7 @@ pub mod search;
 pub mod source;
 pub mod unit;
 pub mod validation;
+pub mod wall;
 pub mod watchlist;
 pub mod zone;
 

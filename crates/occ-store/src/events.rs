@@ -43,7 +43,8 @@ pub struct Stored {
 /// key.
 ///
 /// Rows are inserted in key order, so two transactions inserting overlapping redeliveries take
-/// their row locks in the same order and cannot deadlock.
+/// their row locks in the same order and cannot deadlock. The events first stored are added to
+/// the wall's counts ([`crate::counts`]) by the same statement.
 pub async fn insert(
     conn: &mut PgConnection,
     events: &[(&Event, i32)],
@@ -178,6 +179,17 @@ pub async fn insert(
               FROM u JOIN k ON k.source_id = u.source_id
                            AND k.idempotency_key = u.idempotency_key
              WHERE k.revised AND e.id = k.event_id AND e.seen_at = k.seen_at
+        ),
+        -- The wall's counts: events first stored, by hour, zone and type (appended, never
+        -- updated: concurrent batches do not wait on each other).
+        counted AS (
+            INSERT INTO event_count_deltas (hour, zone, event_type, n)
+            SELECT date_trunc('hour', u.seen_at, (SELECT time_zone FROM wall_settings)),
+                   coalesce(u.zone, ''), u.event_type, count(*)
+              FROM u JOIN k ON k.source_id = u.source_id
+                           AND k.idempotency_key = u.idempotency_key
+             WHERE NOT k.revised
+             GROUP BY 1, 2, 3
         )
         SELECT event_id AS "id!", source_id AS "source_id!",
                idempotency_key AS "idempotency_key!", revised AS "revised!"

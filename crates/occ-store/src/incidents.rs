@@ -243,14 +243,25 @@ pub async fn insert(
     let number = IncidentNumber::new(new.now, seq);
     let inserted = sqlx::query_scalar!(
         r#"
-        INSERT INTO incidents (id, number, category, queue, priority, status, title, lat, lon,
-                               zone, correlation_key, correlating, rule_id, rule_name,
-                               first_seen, last_seen, event_count, created_at, updated_at,
-                               claim_within_seconds, claim_deadline)
-        VALUES ($1, $2, $3, $4, $5, $19, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                $17, $17, $18, $20)
-        ON CONFLICT (correlation_key) WHERE correlating DO NOTHING
-        RETURNING id
+        WITH opened AS (
+            INSERT INTO incidents (id, number, category, queue, priority, status, title, lat, lon,
+                                   zone, correlation_key, correlating, rule_id, rule_name,
+                                   first_seen, last_seen, event_count, created_at, updated_at,
+                                   claim_within_seconds, claim_deadline)
+            VALUES ($1, $2, $3, $4, $5, $19, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                    $17, $17, $18, $20)
+            ON CONFLICT (correlation_key) WHERE correlating DO NOTHING
+            RETURNING id, zone, category, queue, priority, created_at
+        ),
+        -- The wall's counts: one more incident opened this hour in its zone, category, queue
+        -- and priority (appended, never updated).
+        counted AS (
+            INSERT INTO incident_count_deltas (hour, zone, category, queue, priority, n)
+            SELECT date_trunc('hour', created_at, (SELECT time_zone FROM wall_settings)),
+                   coalesce(zone, ''), category, queue, priority, 1
+              FROM opened
+        )
+        SELECT id AS "id!" FROM opened
         "#,
         new.id.0,
         number.as_str(),

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod audit_chain;
 pub mod cap_alerts;
 pub mod changes;
+pub mod counts;
 pub mod db;
 pub mod dead_letters;
 pub mod dispatch;

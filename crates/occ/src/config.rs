@@ -144,6 +144,19 @@ pub struct StorageArgs {
         default_value = "1h"
     )]
     pub maintenance_interval: Span,
+
+    /// The city's time zone (an IANA name such as `Asia/Almaty`): the hours and days the
+    /// wall's counts are kept in. The same on every instance.
+    #[arg(long = "time-zone", env = "OCC_TIME_ZONE", default_value = "UTC")]
+    pub time_zone: String,
+
+    /// How often the wall's counts take in what committed since (a read always includes it).
+    #[arg(
+        long = "count-compaction-interval",
+        env = "OCC_COUNT_COMPACTION_INTERVAL",
+        default_value = "10s"
+    )]
+    pub count_compaction_interval: Span,
 }
 
 impl StorageArgs {

@@ -267,6 +267,20 @@ pub async fn start(
     };
 
     tokio::spawn(crate::metrics::watch_pool(pool.clone(), shutdown.clone()));
+    let time_zone = args.storage.time_zone.clone();
+    let changed = retry_unavailable(&shutdown, "the city's time zone", || async {
+        let mut conn = occ_store::acquire(&pool).await?;
+        occ_store::counts::set_time_zone(&mut conn, &time_zone).await
+    })
+    .await
+    .context("--time-zone")?;
+    if let Some(before) = changed {
+        tracing::warn!(
+            before,
+            now = %time_zone,
+            "the city's time zone changed: the wall's counts kept so far stay in {before}'s hours and days"
+        );
+    }
     let adapters =
         Arc::new(occ_adapters::build(&args.adapters.config()).context("the adapters' settings")?);
     let rules = retry_unavailable(&shutdown, "rules", || {
@@ -435,6 +449,11 @@ pub async fn start(
         background_pool.clone(),
         partitioning,
         args.storage.maintenance_interval.0,
+        shutdown.clone(),
+    ));
+    tokio::spawn(crate::storage::compact_counts_periodically(
+        background_pool.clone(),
+        args.storage.count_compaction_interval.0,
         shutdown.clone(),
     ));
     tokio::spawn(occ_store::sweep::run(

@@ -216,3 +216,36 @@ pub async fn maintain_periodically(
         }
     }
 }
+
+/// Folds the wall's counts ([`occ_store::counts::compact`]) every `interval` until `shutdown`;
+/// one instance at a time does it.
+pub async fn compact_counts_periodically(
+    pool: PgPool,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        match occ_store::counts::compact(&pool).await {
+            Ok(Some(done)) => {
+                failing = false;
+                tracing::debug!(
+                    event_rows = done.event_rows,
+                    incident_rows = done.incident_rows,
+                    "the wall's counts took in what committed"
+                );
+            }
+            Ok(None) => failing = false,
+            // Reads add what is not folded yet: a run missed costs time, not counts.
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "the wall's counts were not compacted; trying again");
+            }
+            Err(_) => {}
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The wall's counts: events and incidents per zone and type, per hour and per day, kept as
+//! they commit.
+//!
+//! The statement that stores a batch's events (and the one that opens an incident) appends
+//! what it adds to a delta table: one row per hour, zone and type it touched, never an update,
+//! so concurrent batches on any number of instances do not wait on each other. [`compact`]
+//! (one instance at a time) folds the deltas into the hourly and daily counts in one
+//! transaction; a read sums the counts and the deltas not folded yet, in one statement, so it
+//! sees each event exactly once whether or not a compaction ran meanwhile.
+//!
+//! Hours and days are those of the city's time zone ([`set_time_zone`]); a bucket is named by
+//! the instant it begins.
+
+use chrono::{DateTime, Utc};
+use occ_domain::FieldErrors;
+use occ_domain::wall::{Buckets, Granularity, Split};
+use sqlx::{PgConnection, PgPool};
+
+use crate::error::{Result, StoreError};
+
+/// Makes `name` (an IANA time zone PostgreSQL knows) the city's time zone; answers the previous
+/// one when it changed. Counts already kept stay in the buckets of the zone they were kept in.
+pub async fn set_time_zone(conn: &mut PgConnection, name: &str) -> Result<Option<String>> {
+    let known: bool = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = $1) AS "known!""#,
+        name
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if !known {
+        return Err(StoreError::Invalid(FieldErrors::one(
+            "time_zone",
+            format!("{name:?} is not a time zone (an IANA name such as Asia/Almaty, or UTC)"),
+        )));
+    }
+    let before = sqlx::query_scalar!(
+        r#"
+        WITH old AS (SELECT time_zone FROM wall_settings FOR UPDATE)
+        UPDATE wall_settings w SET time_zone = $1
+          FROM old
+         WHERE old.time_zone <> $1
+        RETURNING old.time_zone
+        "#,
+        name
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(before)
+}
+
+/// The city's time zone.
+pub async fn time_zone(conn: &mut PgConnection) -> Result<String> {
+    Ok(sqlx::query_scalar!("SELECT time_zone FROM wall_settings")
+        .fetch_one(conn)
+        .await?)
+}
+
+/// What one compaction folded in: delta rows read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compacted {
+    pub event_rows: i64,
+    pub incident_rows: i64,
+}
+
+/// Folds the deltas committed so far into the hourly and daily counts, unless another instance
+/// is doing it (then `None`). Deltas committed meanwhile stay for the next run.
+pub async fn compact(pool: &PgPool) -> Result<Option<Compacted>> {
+    let mut tx = pool.begin().await?;
+    let mine = sqlx::query_scalar!(
+        r#"SELECT pg_try_advisory_xact_lock(hashtext('occ_wall_counts')) AS "got!""#
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    if !mine {
+        return Ok(None);
+    }
+    // Sums go in key order: two compactions (a lock lost with a connection) cannot deadlock.
+    let event_rows = sqlx::query_scalar!(
+        r#"
+        WITH d AS (
+            DELETE FROM event_count_deltas RETURNING hour, zone, event_type, n
+        ),
+        hourly AS (
+            INSERT INTO event_counts_hourly AS c (bucket, zone, event_type, n)
+            SELECT hour, zone, event_type, sum(n) FROM d GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+            ON CONFLICT (bucket, zone, event_type) DO UPDATE SET n = c.n + EXCLUDED.n
+        ),
+        daily AS (
+            INSERT INTO event_counts_daily AS c (bucket, zone, event_type, n)
+            SELECT date_trunc('day', hour, (SELECT time_zone FROM wall_settings)), zone,
+                   event_type, sum(n)
+              FROM d GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+            ON CONFLICT (bucket, zone, event_type) DO UPDATE SET n = c.n + EXCLUDED.n
+        )
+        SELECT count(*) AS "rows!" FROM d
+        "#
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let incident_rows = sqlx::query_scalar!(
+        r#"
+        WITH d AS (
+            DELETE FROM incident_count_deltas
+            RETURNING hour, zone, category, queue, priority, n
+        ),
+        hourly AS (
+            INSERT INTO incident_counts_hourly AS c (bucket, zone, category, queue, priority, n)
+            SELECT hour, zone, category, queue, priority, sum(n)
+              FROM d GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+            ON CONFLICT (bucket, zone, category, queue, priority)
+               DO UPDATE SET n = c.n + EXCLUDED.n
+        ),
+        daily AS (
+            INSERT INTO incident_counts_daily AS c (bucket, zone, category, queue, priority, n)
+            SELECT date_trunc('day', hour, (SELECT time_zone FROM wall_settings)), zone,
+                   category, queue, priority, sum(n)
+              FROM d GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+            ON CONFLICT (bucket, zone, category, queue, priority)
+               DO UPDATE SET n = c.n + EXCLUDED.n
+        )
+        SELECT count(*) AS "rows!" FROM d
+        "#
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(Compacted {
+        event_rows,
+        incident_rows,
+    }))
+}
+
+/// What to count. Lists are alternatives; `None` for any.
+#[derive(Debug, Clone)]
+pub struct CountQuery {
+    pub buckets: Buckets,
+    pub split: Split,
+    pub zones: Option<Vec<String>>,
+    /// Event types or incident categories, as SQL `LIKE` patterns.
+    pub kinds: Option<Vec<String>>,
+    /// Incidents only: the queues the caller sees (`None` for every queue).
+    pub queues: Option<Vec<String>>,
+    /// Answer at most this many counts.
+    pub limit: i64,
+}
+
+/// One count; a dimension not split by is `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Count {
+    /// When the bucket begins.
+    pub bucket: Option<DateTime<Utc>>,
+    /// `Some("")` for what has no zone.
+    pub zone: Option<String>,
+    pub kind: Option<String>,
+    pub queue: Option<String>,
+    pub priority: Option<i16>,
+    pub n: i64,
+}
+
+/// Events first stored, in buckets beginning within the window; in order of bucket, zone, type.
+pub async fn events(conn: &mut PgConnection, q: &CountQuery) -> Result<Vec<Count>> {
+    let hourly = q.buckets.granularity == Granularity::Hour;
+    let w = q.buckets.window;
+    let rows = sqlx::query!(
+        r#"
+        WITH r AS (
+            SELECT bucket, zone, event_type, n FROM event_counts_hourly
+             WHERE $3 AND bucket >= $1 AND bucket < $2
+            UNION ALL
+            SELECT bucket, zone, event_type, n FROM event_counts_daily
+             WHERE NOT $3 AND bucket >= $1 AND bucket < $2
+            UNION ALL
+            SELECT * FROM (
+                SELECT CASE WHEN $3 THEN hour
+                            ELSE date_trunc('day', hour, (SELECT time_zone FROM wall_settings))
+                       END AS bucket, zone, event_type, n
+                  FROM event_count_deltas
+            ) d
+             WHERE bucket >= $1 AND bucket < $2
+        )
+        SELECT CASE WHEN $6 THEN bucket END AS bucket,
+               CASE WHEN $7 THEN zone END AS zone,
+               CASE WHEN $8 THEN event_type END AS kind,
+               sum(n)::int8 AS "n!"
+          FROM r
+         WHERE ($4::text[] IS NULL OR zone = ANY($4))
+           AND ($5::text[] IS NULL OR event_type LIKE ANY($5))
+         GROUP BY 1, 2, 3
+         ORDER BY 1, 2, 3
+         LIMIT $9
+        "#,
+        w.from,
+        w.to,
+        hourly,
+        q.zones.as_deref(),
+        q.kinds.as_deref(),
+        q.split.time,
+        q.split.zone,
+        q.split.kind,
+        q.limit,
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Count {
+            bucket: r.bucket,
+            zone: r.zone,
+            kind: r.kind,
+            queue: None,
+            priority: None,
+            n: r.n,
+        })
+        .collect())
+}
+
+/// Incidents opened, in buckets beginning within the window, in the queues asked for; in order
+/// of bucket, zone, category, queue, priority.
+pub async fn incidents(conn: &mut PgConnection, q: &CountQuery) -> Result<Vec<Count>> {
+    let hourly = q.buckets.granularity == Granularity::Hour;
+    let w = q.buckets.window;
+    let rows = sqlx::query!(
+        r#"
+        WITH r AS (
+            SELECT bucket, zone, category, queue, priority, n FROM incident_counts_hourly
+             WHERE $3 AND bucket >= $1 AND bucket < $2
+            UNION ALL
+            SELECT bucket, zone, category, queue, priority, n FROM incident_counts_daily
+             WHERE NOT $3 AND bucket >= $1 AND bucket < $2
+            UNION ALL
+            SELECT * FROM (
+                SELECT CASE WHEN $3 THEN hour
+                            ELSE date_trunc('day', hour, (SELECT time_zone FROM wall_settings))
+                       END AS bucket, zone, category, queue, priority, n
+                  FROM incident_count_deltas
+            ) d
+             WHERE bucket >= $1 AND bucket < $2
+        )
+        SELECT CASE WHEN $7 THEN bucket END AS bucket,
+               CASE WHEN $8 THEN zone END AS zone,
+               CASE WHEN $9 THEN category END AS kind,
+               CASE WHEN $10 THEN queue END AS queue,
+               CASE WHEN $11 THEN priority END AS priority,
+               sum(n)::int8 AS "n!"
+          FROM r
+         WHERE ($4::text[] IS NULL OR zone = ANY($4))
+           AND ($5::text[] IS NULL OR category LIKE ANY($5))
+           AND ($6::text[] IS NULL OR queue = ANY($6))
+         GROUP BY 1, 2, 3, 4, 5
+         ORDER BY 1, 2, 3, 4, 5
+         LIMIT $12
+        "#,
+        w.from,
+        w.to,
+        hourly,
+        q.zones.as_deref(),
+        q.kinds.as_deref(),
+        q.queues.as_deref(),
+        q.split.time,
+        q.split.zone,
+        q.split.kind,
+        q.split.queue,
+        q.split.priority,
+        q.limit,
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Count {
+            bucket: r.bucket,
+            zone: r.zone,
+            kind: r.kind,
+            queue: r.queue,
+            priority: r.priority,
+            n: r.n,
+        })
+        .collect())
+}
