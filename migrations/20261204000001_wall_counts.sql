@@ -31,6 +31,18 @@ CREATE TABLE event_counts_hourly (
     PRIMARY KEY (bucket, zone, event_type)
 );
 CREATE TABLE event_counts_daily (LIKE event_counts_hourly INCLUDING ALL);
+-- One zone's trend (the keys above serve a window across zones: a heat map).
+CREATE INDEX event_counts_hourly_by_zone ON event_counts_hourly (zone, bucket);
+CREATE INDEX event_counts_daily_by_zone ON event_counts_daily (zone, bucket);
+-- The same, city-wide: a trend not split by zone reads types × buckets rows, not zones times
+-- as many.
+CREATE TABLE event_counts_city_hourly (
+    bucket      timestamptz NOT NULL,
+    event_type  text NOT NULL,
+    n           bigint NOT NULL,
+    PRIMARY KEY (bucket, event_type)
+);
+CREATE TABLE event_counts_city_daily (LIKE event_counts_city_hourly INCLUDING ALL);
 
 -- Incidents opened, by the hour they were opened in, their zone ('' for none), category, the
 -- queue that opened them and their priority then.

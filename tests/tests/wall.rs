@@ -339,6 +339,19 @@ async fn the_wall_counts_events_and_incidents_per_zone_and_type_in_the_citys_hou
         .unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument);
     assert!(refused.message().contains("31 days"), "{refused:?}");
+    // Hours are kept 90 days by default; their days for good.
+    let forgotten_hours = pb::CountEventsRequest {
+        time_range: range(h0 - TimeDelta::days(100), h0 - TimeDelta::days(99)),
+        ..hourly(&[])
+    };
+    let refused = count_events(&mut client, &fire, forgotten_hours)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("--hourly-count-retention"),
+        "{refused:?}"
+    );
     let no_granularity = pb::CountEventsRequest {
         granularity: 0,
         ..hourly(&[])

@@ -69,6 +69,8 @@ pub struct ApiState {
     pub recorded_agencies: Arc<Vec<String>>,
     /// Which kinds of stored event each agency may search.
     pub search_grants: Arc<occ_domain::search::SearchGrants>,
+    /// How long the wall's hourly counts are kept (`--hourly-count-retention`).
+    pub hourly_counts_kept: chrono::TimeDelta,
 }
 
 impl ApiState {

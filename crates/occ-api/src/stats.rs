@@ -38,7 +38,7 @@ impl StatsApi {
     }
 
     /// The query `asked` makes, or every bad field named.
-    fn query(counted: Counted, asked: &Asked<'_>, check: &mut Check) -> Option<CountQuery> {
+    fn query(&self, counted: Counted, asked: &Asked<'_>, check: &mut Check) -> Option<CountQuery> {
         let granularity = match pb::Granularity::try_from(asked.granularity) {
             Ok(pb::Granularity::Hour) => Some(Granularity::Hour),
             Ok(pb::Granularity::Day) => Some(Granularity::Day),
@@ -52,6 +52,17 @@ impl StatsApi {
         };
         let buckets = granularity.and_then(|g| {
             let window = check.take(fields::window("time_range", asked.time_range, g.longest()))?;
+            let kept = self.state.hourly_counts_kept;
+            if g == Granularity::Hour && window.from < self.state.clock.now() - kept {
+                check.push(FieldError::new(
+                    "time_range.start_time",
+                    format!(
+                        "hours are kept for {} days (--hourly-count-retention); ask for days",
+                        kept.num_days()
+                    ),
+                ));
+                return None;
+            }
             check.take(Buckets::parse(
                 "time_range",
                 Some(window.from),
@@ -157,7 +168,7 @@ impl StatsService for StatsApi {
             types: &req.types,
             group_by: &req.group_by,
         };
-        let q = Self::query(Counted::Events, &asked, &mut check);
+        let q = self.query(Counted::Events, &asked, &mut check);
         check.finish()?;
         let q = q.ok_or_else(|| ApiError::Internal("a checked field is missing".into()))?;
         let answer = self.answer(Counted::Events, &q).await?;
@@ -179,7 +190,7 @@ impl StatsService for StatsApi {
             types: &req.categories,
             group_by: &req.group_by,
         };
-        let q = Self::query(Counted::Incidents, &asked, &mut check);
+        let q = self.query(Counted::Incidents, &asked, &mut check);
         let queues = queues(&who, &req.queues, &mut check)?;
         check.finish()?;
         let mut q = q.ok_or_else(|| ApiError::Internal("a checked field is missing".into()))?;

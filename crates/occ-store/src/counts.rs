@@ -4,8 +4,8 @@
 //! The statement that stores a batch's events (and the one that opens an incident) appends
 //! what it adds to a delta table: one row per hour, zone and type it touched, never an update,
 //! so concurrent batches on any number of instances do not wait on each other. [`compact`]
-//! (one instance at a time) folds the deltas into the hourly and daily counts in one
-//! transaction; a read sums the counts and the deltas not folded yet, in one statement, so it
+//! (one instance at a time) folds the deltas into the hourly and daily counts, per zone and
+//! city-wide, in one transaction; a read sums the counts and the deltas not folded yet, in one statement, so it
 //! sees each event exactly once whether or not a compaction ran meanwhile.
 //!
 //! Hours and days are those of the city's time zone ([`set_time_zone`]); a bucket is named by
@@ -91,6 +91,18 @@ pub async fn compact(pool: &PgPool) -> Result<Option<Compacted>> {
                    event_type, sum(n)
               FROM d GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
             ON CONFLICT (bucket, zone, event_type) DO UPDATE SET n = c.n + EXCLUDED.n
+        ),
+        city_hourly AS (
+            INSERT INTO event_counts_city_hourly AS c (bucket, event_type, n)
+            SELECT hour, event_type, sum(n) FROM d GROUP BY 1, 2 ORDER BY 1, 2
+            ON CONFLICT (bucket, event_type) DO UPDATE SET n = c.n + EXCLUDED.n
+        ),
+        city_daily AS (
+            INSERT INTO event_counts_city_daily AS c (bucket, event_type, n)
+            SELECT date_trunc('day', hour, (SELECT time_zone FROM wall_settings)), event_type,
+                   sum(n)
+              FROM d GROUP BY 1, 2 ORDER BY 1, 2
+            ON CONFLICT (bucket, event_type) DO UPDATE SET n = c.n + EXCLUDED.n
         )
         SELECT count(*) AS "rows!" FROM d
         "#
@@ -130,6 +142,44 @@ pub async fn compact(pool: &PgPool) -> Result<Option<Compacted>> {
     }))
 }
 
+/// Drops hourly counts of hours that began before `before` (their days stay), a slice at a
+/// time (no long transaction, after an upgrade counted a year of hours).
+pub async fn forget_hours(conn: &mut PgConnection, before: DateTime<Utc>) -> Result<u64> {
+    const SLICE: u64 = 10_000;
+    let mut dropped = 0;
+    loop {
+        let n = sqlx::query_scalar!(
+            r#"
+            WITH a AS (
+                DELETE FROM event_counts_hourly WHERE ctid = ANY (ARRAY(
+                    SELECT ctid FROM event_counts_hourly WHERE bucket < $1 LIMIT 10000))
+                RETURNING 1
+            ),
+            b AS (
+                DELETE FROM event_counts_city_hourly WHERE ctid = ANY (ARRAY(
+                    SELECT ctid FROM event_counts_city_hourly WHERE bucket < $1 LIMIT 10000))
+                RETURNING 1
+            ),
+            c AS (
+                DELETE FROM incident_counts_hourly WHERE ctid = ANY (ARRAY(
+                    SELECT ctid FROM incident_counts_hourly WHERE bucket < $1 LIMIT 10000))
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM a) + (SELECT count(*) FROM b)
+                   + (SELECT count(*) FROM c) AS "n!"
+            "#,
+            before
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        let n = u64::try_from(n).unwrap_or(0);
+        dropped += n;
+        if n < SLICE {
+            return Ok(dropped);
+        }
+    }
+}
+
 /// What to count. Lists are alternatives; `None` for any.
 #[derive(Debug, Clone)]
 pub struct CountQuery {
@@ -158,7 +208,11 @@ pub struct Count {
 }
 
 /// Events first stored, in buckets beginning within the window; in order of bucket, zone, type.
+/// A question that neither names zones nor splits by them reads the city-wide counts.
 pub async fn events(conn: &mut PgConnection, q: &CountQuery) -> Result<Vec<Count>> {
+    if q.zones.is_none() && !q.split.zone {
+        return city_events(conn, q).await;
+    }
     let hourly = q.buckets.granularity == Granularity::Hour;
     let w = q.buckets.window;
     let rows = sqlx::query!(
@@ -206,6 +260,59 @@ pub async fn events(conn: &mut PgConnection, q: &CountQuery) -> Result<Vec<Count
         .map(|r| Count {
             bucket: r.bucket,
             zone: r.zone,
+            kind: r.kind,
+            queue: None,
+            priority: None,
+            n: r.n,
+        })
+        .collect())
+}
+
+/// Events first stored, city-wide.
+async fn city_events(conn: &mut PgConnection, q: &CountQuery) -> Result<Vec<Count>> {
+    let hourly = q.buckets.granularity == Granularity::Hour;
+    let w = q.buckets.window;
+    let rows = sqlx::query!(
+        r#"
+        WITH r AS (
+            SELECT bucket, event_type, n FROM event_counts_city_hourly
+             WHERE $3 AND bucket >= $1 AND bucket < $2
+            UNION ALL
+            SELECT bucket, event_type, n FROM event_counts_city_daily
+             WHERE NOT $3 AND bucket >= $1 AND bucket < $2
+            UNION ALL
+            SELECT * FROM (
+                SELECT CASE WHEN $3 THEN hour
+                            ELSE date_trunc('day', hour, (SELECT time_zone FROM wall_settings))
+                       END AS bucket, event_type, n
+                  FROM event_count_deltas
+            ) d
+             WHERE bucket >= $1 AND bucket < $2
+        )
+        SELECT CASE WHEN $5 THEN bucket END AS bucket,
+               CASE WHEN $6 THEN event_type END AS kind,
+               sum(n)::int8 AS "n!"
+          FROM r
+         WHERE ($4::text[] IS NULL OR event_type LIKE ANY($4))
+         GROUP BY 1, 2
+         ORDER BY 1, 2
+         LIMIT $7
+        "#,
+        w.from,
+        w.to,
+        hourly,
+        q.kinds.as_deref(),
+        q.split.time,
+        q.split.kind,
+        q.limit,
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Count {
+            bucket: r.bucket,
+            zone: None,
             kind: r.kind,
             queue: None,
             priority: None,

@@ -30,6 +30,8 @@ pub struct Partitioning {
     /// How long a key is remembered after its event was stored or last revised: a redelivery
     /// or revision later than that is stored as a new event.
     pub key_window: TimeDelta,
+    /// How long the wall's hourly counts are kept (its daily counts are kept for good).
+    pub hourly_counts_kept: TimeDelta,
 }
 
 impl Default for Partitioning {
@@ -39,6 +41,7 @@ impl Default for Partitioning {
             ahead: 2,
             retention: Retention::default(),
             key_window: TimeDelta::days(7),
+            hourly_counts_kept: TimeDelta::days(90),
         }
     }
 }
@@ -52,6 +55,8 @@ pub struct Report {
     pub thinned: Vec<(String, u64, u64)>,
     /// Keys forgotten (past the window).
     pub keys_forgotten: u64,
+    /// The wall's hourly counts dropped (past their keeping).
+    pub hourly_counts_dropped: u64,
 }
 
 /// A partition OCC made.
@@ -105,6 +110,8 @@ pub async fn maintain(
     create_due(&mut conn, config, now, &mut report).await?;
     thin_due(&mut conn, config, now, &mut report).await?;
     report.keys_forgotten = forget_keys(&mut conn, now - config.key_window).await?;
+    report.hourly_counts_dropped =
+        crate::counts::forget_hours(&mut conn, now - config.hourly_counts_kept).await?;
     let _ = conn.close().await;
     Ok(Some(report))
 }

@@ -1,11 +1,14 @@
 //! A year of events, against the real PostgreSQL: partitions made ahead, an event for a time no
 //! partition covers stored all the same and moved once its partition exists, retention by
-//! kind that keeps what incidents link to and what a legal hold covers, and the window of
-//! redelivery keys.
+//! kind that keeps what incidents link to and what a legal hold covers, the window of
+//! redelivery keys, and the wall's counts, which outlive the events (hours for a while, days
+//! for good).
 
 use chrono::{DateTime, TimeDelta, Utc};
 use occ_domain::retention::Period;
+use occ_domain::wall::{Buckets, Granularity, Split};
 use occ_domain::{Enriched, Event, EventInput, Limits, RuleSet, SourceId};
+use occ_store::counts::{self, CountQuery};
 use occ_store::ingest::{Batch, BatchOutcome, commit_batch};
 use occ_store::partitions::{self, Hold, Partitioning};
 use occ_store::{Transport, rules};
@@ -58,6 +61,7 @@ fn config(retention: &str) -> Partitioning {
         ahead: 2,
         retention: retention.parse().expect("retention"),
         key_window: TimeDelta::days(7),
+        hourly_counts_kept: TimeDelta::days(90),
     }
 }
 
@@ -279,4 +283,86 @@ async fn a_redelivery_is_recognised_for_the_key_window_and_not_after(pool: PgPoo
     )
     .await;
     assert_eq!(count(pool.clone()).await, 2);
+}
+
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn the_walls_days_outlive_the_events_and_its_hours_are_kept_as_configured(pool: PgPool) {
+    let now = t("2027-03-10T12:00:00Z");
+    let old = t("2026-10-15T08:10:00Z");
+    let recent = now - TimeDelta::hours(1);
+    commit(
+        &pool,
+        vec![
+            event("mic-1", "n1", "noise.level", "z1", old),
+            event(
+                "mic-1",
+                "n2",
+                "noise.level",
+                "z1",
+                old + TimeDelta::minutes(5),
+            ),
+            event("mic-2", "n3", "noise.level", "z2", recent),
+        ],
+    )
+    .await;
+    counts::compact(&pool)
+        .await
+        .expect("compaction")
+        .expect("no other compaction");
+    let count = async |granularity, from: DateTime<Utc>| {
+        let q = CountQuery {
+            buckets: Buckets::parse(
+                "time_range",
+                Some(from),
+                Some(from + TimeDelta::days(1)),
+                granularity,
+            )
+            .expect("window"),
+            split: Split {
+                time: true,
+                zone: true,
+                ..Split::default()
+            },
+            zones: None,
+            kinds: None,
+            queues: None,
+            limit: 100,
+        };
+        let mut conn = pool.acquire().await.expect("connection");
+        counts::events(&mut conn, &q)
+            .await
+            .expect("counts")
+            .into_iter()
+            .map(|c| (c.bucket.expect("bucket"), c.zone.expect("zone"), c.n))
+            .collect::<Vec<_>>()
+    };
+    let old_day = t("2026-10-15T00:00:00Z");
+    let old_hour = t("2026-10-15T08:00:00Z");
+    let recent_hour = t("2027-03-10T11:00:00Z");
+    assert_eq!(
+        count(Granularity::Hour, old_day).await,
+        [(old_hour, "z1".to_owned(), 2)]
+    );
+
+    // Noise readings are kept a month; hours of counts 90 days; days for good.
+    let report = maintain(&pool, &config("noise.*=30d,default=1y"), now).await;
+    assert_eq!(
+        report.hourly_counts_dropped, 2,
+        "October's hour, in its zone and city-wide"
+    );
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(stored, 1, "October's readings dropped by retention");
+    assert_eq!(count(Granularity::Hour, old_day).await, []);
+    assert_eq!(
+        count(Granularity::Day, old_day).await,
+        [(old_day, "z1".to_owned(), 2)],
+        "their day's count is kept"
+    );
+    assert_eq!(
+        count(Granularity::Hour, recent_hour - TimeDelta::hours(11)).await,
+        [(recent_hour, "z2".to_owned(), 1)]
+    );
 }

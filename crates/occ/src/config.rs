@@ -157,6 +157,14 @@ pub struct StorageArgs {
         default_value = "10s"
     )]
     pub count_compaction_interval: Span,
+
+    /// How long the wall's hourly counts are kept; its daily counts are kept for good.
+    #[arg(
+        long = "hourly-count-retention",
+        env = "OCC_HOURLY_COUNT_RETENTION",
+        default_value = "90d"
+    )]
+    pub hourly_count_retention: Span,
 }
 
 impl StorageArgs {
@@ -171,11 +179,14 @@ impl StorageArgs {
             .map_err(|e| anyhow::anyhow!("--event-retention {e}"))?;
         let key_window = chrono::TimeDelta::from_std(self.key_window.0)
             .map_err(|e| anyhow::anyhow!("--event-key-window: {e}"))?;
+        let hourly_counts_kept = chrono::TimeDelta::from_std(self.hourly_count_retention.0)
+            .map_err(|e| anyhow::anyhow!("--hourly-count-retention: {e}"))?;
         Ok(occ_store::partitions::Partitioning {
             period,
             ahead: self.partitions_ahead,
             retention,
             key_window,
+            hourly_counts_kept,
         })
     }
 }

@@ -251,6 +251,7 @@ pub async fn start(
     };
     let mqtt_tls = args.broker.tls()?;
     let partitioning = args.storage.partitioning()?;
+    let hourly_counts_kept = partitioning.hourly_counts_kept;
     anyhow::ensure!(
         partitioning.key_window.to_std().unwrap_or_default() >= args.ingest.session_expiry.0,
         "--event-key-window {} is shorter than the broker session OCC asks for \
@@ -497,6 +498,7 @@ pub async fn start(
         clock,
         auth,
         cap,
+        hourly_counts_kept,
         search_grants: Arc::new(
             occ_domain::search::SearchGrants::parse(&args.search_grants)
                 .map_err(|e| anyhow::anyhow!("--search-grants: {e}"))?,

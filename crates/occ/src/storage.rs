@@ -116,6 +116,11 @@ pub async fn run(command: EventsCommand, pool: &PgPool) -> anyhow::Result<()> {
                         writeln!(out, "thinned {name}: kept {kept}, dropped {dropped}")?;
                     }
                     writeln!(out, "forgot {} redelivery keys", report.keys_forgotten)?;
+                    writeln!(
+                        out,
+                        "dropped {} hourly counts of the wall",
+                        report.hourly_counts_dropped
+                    )?;
                 }
             }
         }
@@ -205,6 +210,7 @@ pub async fn maintain_periodically(
                     created = report.created.len(),
                     thinned = report.thinned.len(),
                     keys_forgotten = report.keys_forgotten,
+                    hourly_counts_dropped = report.hourly_counts_dropped,
                     "event partitions maintained"
                 );
             }

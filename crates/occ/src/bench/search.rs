@@ -1,6 +1,6 @@
 //! The search stage: EventService's questions asked of the events of a year (the `stored`
 //! stage's database), through OCC's API as an investigator asks them, each call recorded in
-//! the audit log as every search is.
+//! the audit log as every search is; and the wall's counts of them (StatsService).
 
 use std::time::Instant;
 
@@ -9,6 +9,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use occ_proto::v1 as pb;
 use occ_proto::v1::event_service_client::EventServiceClient;
 use occ_proto::v1::incident_service_client::IncidentServiceClient;
+use occ_proto::v1::stats_service_client::StatsServiceClient;
 use tonic::transport::Channel;
 
 use super::dispatch::Latencies;
@@ -190,6 +191,74 @@ pub(super) async fn run(grpc: &str, now: DateTime<Utc>) -> anyhow::Result<Vec<Me
                     .into_inner();
                 Ok(page.sightings.len())
             }
+        })
+        .await?,
+    );
+
+    // The wall: counts, from the counts kept of the year's events.
+    let stats = StatsServiceClient::new(channel.clone());
+    let counts = |range: Option<pb::TimeRange>,
+                  granularity: pb::Granularity,
+                  group_by: &[pb::CountDimension]| pb::CountEventsRequest {
+        time_range: range,
+        granularity: granularity as i32,
+        group_by: group_by.iter().map(|d| *d as i32).collect(),
+        ..Default::default()
+    };
+    let mut dice = Dice(0x5851_f42d_4c95_7f2d);
+    out.push(
+        time("CountEvents: one day per zone (a heat map)", |_| {
+            let (from, to) = day(&mut dice);
+            let request = counts(
+                range(from, to),
+                pb::Granularity::Day,
+                &[pb::CountDimension::Zone],
+            );
+            let mut stats = stats.clone();
+            async move { Ok(stats.count_events(request).await?.into_inner().counts.len()) }
+        })
+        .await?,
+    );
+    let mut dice = Dice(0x6a09_e667_f3bc_c908);
+    out.push(
+        time("CountEvents: a week per hour and type (a trend)", |_| {
+            let from = now - TimeDelta::days(7 + dice.below(80) as i64);
+            let request = counts(
+                range(from, from + TimeDelta::days(7)),
+                pb::Granularity::Hour,
+                &[pb::CountDimension::Time, pb::CountDimension::Type],
+            );
+            let mut stats = stats.clone();
+            async move { Ok(stats.count_events(request).await?.into_inner().counts.len()) }
+        })
+        .await?,
+    );
+    let mut dice = Dice(0xbb67_ae85_84ca_a73b);
+    out.push(
+        time("CountEvents: one zone, a week per hour", |_| {
+            let from = now - TimeDelta::days(7 + dice.below(80) as i64);
+            let request = pb::CountEventsRequest {
+                zones: vec![format!("zone_{}", dice.below(ZONES))],
+                ..counts(
+                    range(from, from + TimeDelta::days(7)),
+                    pb::Granularity::Hour,
+                    &[pb::CountDimension::Time],
+                )
+            };
+            let mut stats = stats.clone();
+            async move { Ok(stats.count_events(request).await?.into_inner().counts.len()) }
+        })
+        .await?,
+    );
+    out.push(
+        time("CountEvents: the year per day", |_| {
+            let request = counts(
+                range(now - TimeDelta::days(366), now),
+                pb::Granularity::Day,
+                &[pb::CountDimension::Time],
+            );
+            let mut stats = stats.clone();
+            async move { Ok(stats.count_events(request).await?.into_inner().counts.len()) }
         })
         .await?,
     );
