@@ -53,9 +53,8 @@ fn event(external_id: &str, kind: &str, zone: &str, at: DateTime<Utc>) -> pb::Ev
 /// Counts as (bucket, zone, type, queue, priority, count), in the answer's order.
 type Row = (Option<DateTime<Utc>>, String, String, String, i32, i64);
 
-fn rows(answer: &pb::CountsResponse) -> Vec<Row> {
-    answer
-        .counts
+fn rows(counts: &[pb::Count]) -> Vec<Row> {
+    counts
         .iter()
         .map(|c| {
             (
@@ -72,6 +71,10 @@ fn rows(answer: &pb::CountsResponse) -> Vec<Row> {
         .collect()
 }
 
+fn rows_of(answer: pb::CountEventsResponse) -> Vec<Row> {
+    rows(&answer.counts)
+}
+
 fn row(bucket: Option<DateTime<Utc>>, zone: &str, kind: &str, n: i64) -> Row {
     (bucket, zone.into(), kind.into(), String::new(), 0, n)
 }
@@ -80,7 +83,7 @@ async fn count_events(
     client: &mut StatsServiceClient<Channel>,
     key: &str,
     request: pb::CountEventsRequest,
-) -> Result<pb::CountsResponse, tonic::Status> {
+) -> Result<pb::CountEventsResponse, tonic::Status> {
     client
         .count_events(with_key(key, request))
         .await
@@ -207,13 +210,13 @@ async fn the_wall_counts_events_and_incidents_per_zone_and_type_in_the_citys_hou
         }
         let answer = count_events(&mut client, &fire, hourly(&[])).await.unwrap();
         assert_eq!(answer.time_zone, "Asia/Kolkata");
-        assert_eq!(rows(&answer), by_hour_zone_type, "{read}");
+        assert_eq!(rows(&answer.counts), by_hour_zone_type, "{read}");
 
         // The day, Kolkata's: it begins at 18:30 UTC.
         let answer = count_events(&mut client, &police, daily(&[pb::CountDimension::Time]))
             .await
             .unwrap();
-        assert_eq!(rows(&answer), by_day, "{read}");
+        assert_eq!(rows(&answer.counts), by_day, "{read}");
         assert_eq!((day + KOLKATA).hour(), 0);
 
         // A heat map of the day: per zone.
@@ -221,7 +224,7 @@ async fn the_wall_counts_events_and_incidents_per_zone_and_type_in_the_citys_hou
             .await
             .unwrap();
         assert_eq!(
-            rows(&answer),
+            rows(&answer.counts),
             vec![
                 row(None, "", "", 1),
                 row(None, "esil_1", "", 4),
@@ -237,7 +240,7 @@ async fn the_wall_counts_events_and_incidents_per_zone_and_type_in_the_citys_hou
             ..hourly(&[pb::CountDimension::Time])
         };
         assert_eq!(
-            rows(&count_events(&mut client, &fire, cars).await.unwrap()),
+            rows_of(count_events(&mut client, &fire, cars).await.unwrap()),
             vec![row(Some(h0), "", "", 3), row(Some(h1), "", "", 2)],
             "{read}"
         );
@@ -246,7 +249,7 @@ async fn the_wall_counts_events_and_incidents_per_zone_and_type_in_the_citys_hou
             ..hourly(&[pb::CountDimension::Type])
         };
         assert_eq!(
-            rows(&count_events(&mut client, &fire, esil_2).await.unwrap()),
+            rows_of(count_events(&mut client, &fire, esil_2).await.unwrap()),
             vec![
                 row(None, "", "object.person", 1),
                 row(None, "", "smoke.detected", 1)
@@ -258,7 +261,7 @@ async fn the_wall_counts_events_and_incidents_per_zone_and_type_in_the_citys_hou
             ..hourly(&[pb::CountDimension::Time])
         };
         assert_eq!(
-            rows(&count_events(&mut client, &fire, first_hour).await.unwrap()),
+            rows_of(count_events(&mut client, &fire, first_hour).await.unwrap()),
             vec![row(Some(h0), "", "", 4)],
             "{read}"
         );
@@ -286,7 +289,7 @@ async fn the_wall_counts_events_and_incidents_per_zone_and_type_in_the_citys_hou
                 client
                     .count_incidents(request)
                     .await
-                    .map(|r| rows(&r.into_inner()))
+                    .map(|r| rows(&r.into_inner().counts))
             }
         };
         assert_eq!(
@@ -424,7 +427,7 @@ async fn counts_taken_while_batches_commit_and_compactions_run_add_up_to_what_wa
         group_by: vec![pb::CountDimension::Type as i32],
         ..Default::default()
     };
-    let sum = |answer: pb::CountsResponse| answer.counts.iter().map(|c| c.count).sum::<i64>();
+    let sum = |answer: pb::CountEventsResponse| answer.counts.iter().map(|c| c.count).sum::<i64>();
     // While they commit, a count never goes down and never exceeds what was sent.
     let mut last = 0;
     while writers.iter().any(|w| !w.is_finished()) {

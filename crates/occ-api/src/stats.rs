@@ -100,8 +100,12 @@ impl StatsApi {
         })
     }
 
-    /// Counts and answers with the city's time zone, refusing an answer too large.
-    async fn answer(&self, counted: Counted, q: &CountQuery) -> ApiResult<pb::CountsResponse> {
+    /// The counts and the city's time zone, refusing an answer too large.
+    async fn answer(
+        &self,
+        counted: Counted,
+        q: &CountQuery,
+    ) -> ApiResult<(Vec<pb::Count>, String)> {
         let mut conn = occ_store::acquire(&self.state.pool).await?;
         let found = match counted {
             Counted::Events => counts::events(&mut conn, q).await?,
@@ -117,10 +121,7 @@ impl StatsApi {
             ));
         }
         let time_zone = counts::time_zone(&mut conn).await?;
-        Ok(pb::CountsResponse {
-            counts: found.into_iter().map(count_of).collect(),
-            time_zone,
-        })
+        Ok((found.into_iter().map(count_of).collect(), time_zone))
     }
 }
 
@@ -157,7 +158,7 @@ impl StatsService for StatsApi {
     async fn count_events(
         &self,
         request: Request<pb::CountEventsRequest>,
-    ) -> Result<Response<pb::CountsResponse>, Status> {
+    ) -> Result<Response<pb::CountEventsResponse>, Status> {
         let req = request.into_inner();
         let mut check = Check::default();
         let asked = Asked {
@@ -171,14 +172,14 @@ impl StatsService for StatsApi {
         let q = self.query(Counted::Events, &asked, &mut check);
         check.finish()?;
         let q = q.ok_or_else(|| ApiError::Internal("a checked field is missing".into()))?;
-        let answer = self.answer(Counted::Events, &q).await?;
-        Ok(Response::new(answer))
+        let (counts, time_zone) = self.answer(Counted::Events, &q).await?;
+        Ok(Response::new(pb::CountEventsResponse { counts, time_zone }))
     }
 
     async fn count_incidents(
         &self,
         request: Request<pb::CountIncidentsRequest>,
-    ) -> Result<Response<pb::CountsResponse>, Status> {
+    ) -> Result<Response<pb::CountIncidentsResponse>, Status> {
         let who = crate::principal::of(&request);
         let req = request.into_inner();
         let mut check = Check::default();
@@ -195,7 +196,10 @@ impl StatsService for StatsApi {
         check.finish()?;
         let mut q = q.ok_or_else(|| ApiError::Internal("a checked field is missing".into()))?;
         q.queues = queues;
-        let answer = self.answer(Counted::Incidents, &q).await?;
-        Ok(Response::new(answer))
+        let (counts, time_zone) = self.answer(Counted::Incidents, &q).await?;
+        Ok(Response::new(pb::CountIncidentsResponse {
+            counts,
+            time_zone,
+        }))
     }
 }
