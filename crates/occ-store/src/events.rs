@@ -178,7 +178,13 @@ pub async fn insert(
                    revised_at = u.received_at
               FROM u JOIN k ON k.source_id = u.source_id
                            AND k.idempotency_key = u.idempotency_key
-             WHERE k.revised AND e.id = k.event_id AND e.seen_at = k.seen_at
+             -- The row by its primary key, in the one partition its time names. Written as
+             -- a range, not `e.seen_at = k.seen_at`: with an equality the planner, which
+             -- takes stored times to be unique, looks the row up through the index on time
+             -- and then reads every event of that same instant (a burst of 20,000 events of
+             -- one timestamp: 20,000 rows read for one update).
+             WHERE k.revised AND e.id = k.event_id
+               AND e.seen_at >= k.seen_at AND e.seen_at <= k.seen_at
         ),
         -- The wall's counts: events first stored, by hour, zone and type (appended, never
         -- updated: concurrent batches do not wait on each other).

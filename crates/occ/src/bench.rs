@@ -1327,6 +1327,8 @@ async fn occ_drain(
 async fn prefill_events(db: &PgConnectOptions, n: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     let now = Utc::now();
+    // Its statements take seconds each, by design: no slow-statement warnings for them.
+    let db = &db.clone().disable_statement_logging();
     let pool = sqlx::PgPool::connect_with(db.clone()).await?;
     occ_store::partitions::cover(
         &pool,

@@ -1024,14 +1024,21 @@ async fn publish(
     Ok(())
 }
 
+/// How many messages a second the city of [`mix`] makes.
+const MIX_RATE: f64 = 10_000.0;
+
 /// `n` messages of the city's day for `occ bench`, in publishing order (delays ignored): its
 /// ordinary readings and detections, and one in twenty from a situation the default rules
-/// turn into an incident (or join to one).
+/// turn into an incident (or join to one). They are dated as a city producing
+/// [`MIX_RATE`] messages a second would have made them, the last now: a backlog is what
+/// producers sent over a while, not a burst of one instant.
 pub(crate) fn mix(seed: u64, n: usize) -> Vec<(String, Vec<u8>)> {
     let mut city = City::new(seed);
-    let now = Utc::now();
+    let start = Utc::now() - chrono::TimeDelta::microseconds((n as f64 * 1e6 / MIX_RATE) as i64);
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
+        let now =
+            start + chrono::TimeDelta::microseconds((out.len() as f64 * 1e6 / MIX_RATE) as i64);
         let steps = if city.rng.random_bool(0.05) {
             city.situation(now).1
         } else {
