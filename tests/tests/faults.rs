@@ -35,9 +35,10 @@ fn rng() -> StdRng {
 }
 
 /// OCC SIGKILLed three times at random moments while a producer streams, each time started
-/// again after a random pause: no acknowledged event is lost, none is counted twice (half the
-/// stream carries no producer id, so only a redelivery may be taken for a duplicate), and the
-/// incident counts each of its events once.
+/// again after a random pause, with three batches committing at once (a kill lands between
+/// their commits and their in-order acks): no acknowledged event is lost, none is counted
+/// twice (half the stream carries no producer id, so only a redelivery may be taken for a
+/// duplicate), and the incident counts each of its events once.
 #[sqlx::test(migrations = false)]
 async fn occ_sigkilled_at_random_moments_stores_each_event_once(pool: PgPool) {
     const N: usize = 4000;
@@ -47,7 +48,14 @@ async fn occ_sigkilled_at_random_moments_stores_each_event_once(pool: PgPool) {
         &database_url(&pool),
         broker.port,
         "occ-faults",
-        &["--batch-size", "50", "--mqtt-slot-lease", "2s"],
+        &[
+            "--batch-size",
+            "50",
+            "--batches-in-flight",
+            "3",
+            "--mqtt-slot-lease",
+            "2s",
+        ],
     );
     let mut occ = OccProcess::start(OCC, &args).await.expect("occ starts");
     let port = broker.port;

@@ -320,6 +320,78 @@ async fn two_instances_sharing_the_subscription_make_one_incident(pool: PgPool) 
     b.stop().await.expect("stop b");
 }
 
+/// One instance committing several small batches at once: correlated events spread over
+/// them still make one incident holding every event, every message is acked (a restart on
+/// the same session gets nothing again), and asking for more batches at once than ingest
+/// has connections stops the start.
+#[sqlx::test(migrations = false)]
+async fn batches_committed_at_once_make_one_incident_and_ack_every_message(pool: PgPool) {
+    let broker = Broker::start().await.expect("broker");
+    let url = database_url(&pool);
+    let concurrent = [
+        "--batch-size",
+        "5",
+        "--batch-deadline",
+        "5ms",
+        "--batches-in-flight",
+        "4",
+    ];
+    let occ = Occ::start(serve_args(&url, broker.port, "occ-e2e-flight", &concurrent))
+        .await
+        .expect("OCC starts");
+    let mut publisher = Publisher::connect(broker.port).await;
+    const N: usize = 300;
+    for i in 0..N {
+        publisher
+            .publish(
+                &format!("occ/v1/events/det-{}", i % 30),
+                smoke(&format!("e{i}"), "esil_residential_2"),
+            )
+            .await;
+    }
+    publisher.flush().await;
+    eventually(Duration::from_secs(20), "all events stored", || async {
+        (event_count(&pool).await == N as i64).then_some(())
+    })
+    .await;
+    let incidents = list_all(&occ.grpc).await;
+    assert_eq!(incidents.len(), 1, "{incidents:#?}");
+    assert_eq!(incidents[0].event_count, N as i64);
+    eventually(Duration::from_secs(10), "every message acked", || async {
+        (occ.ingested() == N as u64).then_some(())
+    })
+    .await;
+    occ.stop().await.expect("clean stop");
+
+    // The same session again: had an ack been left out, the broker would send that message
+    // again at once.
+    let again = Occ::start(serve_args(&url, broker.port, "occ-e2e-flight", &concurrent))
+        .await
+        .expect("OCC starts again");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(again.ingested(), 0, "nothing redelivered");
+    assert_eq!(event_count(&pool).await, N as i64);
+    again.stop().await.expect("clean stop");
+
+    let Err(refused) = Occ::start(serve_args(
+        &url,
+        broker.port,
+        "occ-e2e-flight",
+        &[
+            "--batches-in-flight",
+            "5",
+            "--database-ingest-connections",
+            "4",
+        ],
+    ))
+    .await
+    else {
+        panic!("OCC started with more batches in flight than ingest connections");
+    };
+    let message = format!("{refused:#}");
+    assert!(message.contains("--batches-in-flight 5"), "{message}");
+}
+
 /// A value PostgreSQL refuses (here a trigger stands in for one) fails its batch: OCC then
 /// stores the batch message by message, so only that message becomes a dead letter.
 #[sqlx::test(migrations = false)]

@@ -2,6 +2,13 @@
 //! commits events, incidents and dead letters in one transaction, and only then acks the
 //! messages, in the order they arrived.
 //!
+//! Up to [`BatchConfig::in_flight`] batches commit at once, each on its own connection, while
+//! the next one fills: a batch is acked once it and every batch before it committed, so acks
+//! still leave in arrival order. Concurrent batches meet in PostgreSQL exactly as two
+//! instances' batches do: a redelivery waits for the first delivery's commit and is then
+//! recognised, batches with the same correlation key take turns on its incident (one that
+//! loses the race to open it is retried and joins it).
+//!
 //! When PostgreSQL is down the commit is retried with backoff and nothing is acked; the broker
 //! stops sending once its window of unacknowledged messages is full and holds the rest in
 //! OCC's session. When PostgreSQL comes back, the batch commits and ingest resumes by itself.
@@ -12,6 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use occ_adapters::Message;
 use occ_domain::{Delivery, Enriched};
 use occ_store::StoreError;
@@ -38,6 +47,8 @@ pub struct BatchConfig {
     pub size: usize,
     /// How long the first message of a batch waits for others.
     pub deadline: Duration,
+    /// Most batches committing at once (at least 1).
+    pub in_flight: usize,
     /// How long one commit may take before it is abandoned and retried (a connection that
     /// died without a reset would otherwise hold ingest until TCP gives up).
     pub commit_timeout: Duration,
@@ -134,31 +145,68 @@ impl Commit for Retried<'_> {
 }
 
 impl Batcher {
-    /// Runs until `shutdown`: then commits and acks the batch in hand, queues the DISCONNECT
-    /// behind its acks, and returns.
+    /// Runs until `shutdown`: then commits and acks the batches in hand, queues the DISCONNECT
+    /// behind their acks, and returns.
     pub async fn run(self, inbox: Arc<Inbox>, shutdown: CancellationToken) {
-        loop {
+        let limit = self.parts.batch.in_flight.max(1);
+        let size = self.parts.batch.size;
+        // Committing batches, in arrival order: each yields its messages and whether it
+        // committed, and is acked only when every batch before it was.
+        let mut in_flight = FuturesOrdered::new();
+        let commit = |batch: Vec<Inbound>| {
+            let span = tracing::info_span!("ingest.batch", messages = batch.len());
+            let shutdown = &shutdown;
+            let this = &self;
+            async move {
+                let committed = this.process(&batch, shutdown).await;
+                (batch, committed)
+            }
+            .instrument(span)
+        };
+        let mut filling: Vec<Inbound> = Vec::with_capacity(size);
+        let mut deadline = tokio::time::Instant::now();
+        let mut stopped = false;
+        while !stopped {
             self.send_acks();
-            let first = tokio::select! {
+            let room = in_flight.len() < limit;
+            tokio::select! {
+                biased;
+                Some((batch, committed)) = in_flight.next(), if !in_flight.is_empty() => {
+                    let batch: Vec<Inbound> = batch;
+                    if !self.done(&batch, committed) {
+                        stopped = true;
+                    }
+                    continue;
+                }
                 () = shutdown.cancelled() => break,
-                m = inbox.pop() => m,
+                m = inbox.pop(), if filling.len() < size => {
+                    if filling.is_empty() {
+                        deadline = tokio::time::Instant::now() + self.parts.batch.deadline;
+                    }
+                    filling.push(m);
+                    if filling.len() < size {
+                        continue;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline), if room && !filling.is_empty() => {}
                 // Acks still waiting for room in the request channel go out as it drains.
                 () = tokio::time::sleep(ACK_RETRY), if self.acks_waiting() => continue,
-            };
-            let mut batch = Vec::with_capacity(self.parts.batch.size);
-            batch.push(first);
-            let deadline = tokio::time::Instant::now() + self.parts.batch.deadline;
-            while batch.len() < self.parts.batch.size {
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep_until(deadline) => break,
-                    m = inbox.pop() => batch.push(m),
-                }
             }
-            let span = tracing::info_span!("ingest.batch", messages = batch.len());
-            if !self.process(&batch, &shutdown).instrument(span).await || shutdown.is_cancelled() {
-                break;
+            if room && !filling.is_empty() {
+                let batch = std::mem::replace(&mut filling, Vec::with_capacity(size));
+                in_flight.push_back(commit(batch));
+            }
+        }
+        // The messages in hand commit too; then every batch is acked in order, up to the
+        // first that shutdown interrupted before it committed (it and those after it are
+        // redelivered, and recognised where they were stored).
+        if !stopped && !filling.is_empty() {
+            in_flight.push_back(commit(std::mem::take(&mut filling)));
+        }
+        while let Some((batch, committed)) = in_flight.next().await {
+            let batch: Vec<Inbound> = batch;
+            if !stopped && !self.done(&batch, committed) {
+                stopped = true;
             }
         }
         // Every ack of what was committed goes out before the DISCONNECT, as long as the
@@ -173,6 +221,15 @@ impl Batcher {
             tracing::debug!(error = %e, "event loop already gone");
         }
         tracing::info!("ingest batcher stopped");
+    }
+
+    /// A batch's turn has come, every batch before it acked: acks it if it committed. False
+    /// when it did not (shutdown came first): nothing after it is acked either.
+    fn done(&self, batch: &[Inbound], committed: bool) -> bool {
+        if committed {
+            self.ack(batch);
+        }
+        committed
     }
 
     fn decode(&self, batch: &[Inbound]) -> Decoded {
@@ -285,8 +342,8 @@ impl Batcher {
         )
     }
 
-    /// Commits and acks one batch. Returns false when shutdown interrupted it before commit
-    /// (nothing acked: the broker redelivers).
+    /// Commits one batch (the caller acks it in its turn). Returns false when shutdown
+    /// interrupted it before commit (nothing is acked: the broker redelivers).
     async fn process(&self, batch: &[Inbound], shutdown: &CancellationToken) -> bool {
         let started = Instant::now();
         let decoded = self.decode(batch);
@@ -327,7 +384,6 @@ impl Batcher {
                 None => return false,
             }
         };
-        self.ack(batch);
         decoded.record(&outcome, &self.parts.activity);
         metrics::histogram!("occ_ingest_batch_messages").record(batch.len() as f64);
         metrics::histogram!("occ_ingest_commit_seconds").record(started.elapsed().as_secs_f64());

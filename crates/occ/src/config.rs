@@ -413,6 +413,18 @@ pub struct IngestArgs {
     )]
     pub batch_deadline: Span,
 
+    /// Most batches committing at once, each in its own transaction on its own connection
+    /// (at most --database-ingest-connections); acks still leave in arrival order. 1 commits
+    /// one batch at a time, the fastest on loopback; 2 or more pays when each round trip to
+    /// PostgreSQL is slow (TLS, a network between them).
+    #[arg(
+        long = "batches-in-flight",
+        env = "OCC_BATCHES_IN_FLIGHT",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..=64)
+    )]
+    pub batches_in_flight: u32,
+
     /// Largest event payload; larger ones are dead-lettered.
     #[arg(
         long = "max-payload-bytes",

@@ -259,6 +259,13 @@ pub async fn start(
         args.storage.key_window,
         args.ingest.session_expiry
     );
+    anyhow::ensure!(
+        args.ingest.batches_in_flight <= args.database.ingest_connections,
+        "--batches-in-flight {} is more than the connections ingest has \
+         (--database-ingest-connections {}): each committing batch needs one",
+        args.ingest.batches_in_flight,
+        args.database.ingest_connections
+    );
     let cap = Arc::new(args.cap()?);
     crate::metrics::serve(&args.metrics_listen)?;
     let pool = if args.migrate {
@@ -388,6 +395,7 @@ pub async fn start(
             batch: BatchConfig {
                 size: args.ingest.batch_size as usize,
                 deadline: args.ingest.batch_deadline.0,
+                in_flight: args.ingest.batches_in_flight as usize,
                 commit_timeout: args.database.commit_timeout.0,
             },
             limits: limits.clone(),
