@@ -126,7 +126,7 @@ impl Ingest {
         let done = batcher_done.clone();
         let batcher_inbox = inbox.clone();
         let batcher = tokio::spawn(async move {
-            batcher.run(batcher_inbox, shutdown).await;
+            Arc::new(batcher).run(batcher_inbox, shutdown).await;
             done.cancel();
         });
         let poll_stats = stats;

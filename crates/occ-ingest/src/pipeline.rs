@@ -147,21 +147,33 @@ impl Commit for Retried<'_> {
 impl Batcher {
     /// Runs until `shutdown`: then commits and acks the batches in hand, queues the DISCONNECT
     /// behind their acks, and returns.
-    pub async fn run(self, inbox: Arc<Inbox>, shutdown: CancellationToken) {
+    pub async fn run(self: Arc<Self>, inbox: Arc<Inbox>, shutdown: CancellationToken) {
         let limit = self.parts.batch.in_flight.max(1);
         let size = self.parts.batch.size;
-        // Committing batches, in arrival order: each yields its messages and whether it
-        // committed, and is acked only when every batch before it was.
+        // Committing batches, in arrival order: each a task of its own (decoding one batch
+        // and driving another's statements use both cores), yielding its messages and whether
+        // it committed; a batch is acked only when every batch before it was.
         let mut in_flight = FuturesOrdered::new();
         let commit = |batch: Vec<Inbound>| {
             let span = tracing::info_span!("ingest.batch", messages = batch.len());
-            let shutdown = &shutdown;
-            let this = &self;
+            let shutdown = shutdown.clone();
+            let this = Arc::clone(&self);
+            let task = tokio::spawn(
+                async move {
+                    let committed = this.process(&batch, &shutdown).await;
+                    (batch, committed)
+                }
+                .instrument(span),
+            );
             async move {
-                let committed = this.process(&batch, shutdown).await;
-                (batch, committed)
+                match task.await {
+                    Ok(done) => done,
+                    // A batch that panicked stops ingest, as it would without tasks.
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    // The runtime is going away: nothing more is acked.
+                    Err(_) => (Vec::new(), false),
+                }
             }
-            .instrument(span)
         };
         let mut filling: Vec<Inbound> = Vec::with_capacity(size);
         let mut deadline = tokio::time::Instant::now();
@@ -169,6 +181,12 @@ impl Batcher {
         while !stopped {
             self.send_acks();
             let room = in_flight.len() < limit;
+            // A full batch goes as soon as there is room, whatever its deadline.
+            if room && filling.len() >= size {
+                let batch = std::mem::replace(&mut filling, Vec::with_capacity(size));
+                in_flight.push_back(commit(batch));
+                continue;
+            }
             tokio::select! {
                 biased;
                 Some((batch, committed)) = in_flight.next(), if !in_flight.is_empty() => {
@@ -176,7 +194,6 @@ impl Batcher {
                     if !self.done(&batch, committed) {
                         stopped = true;
                     }
-                    continue;
                 }
                 () = shutdown.cancelled() => break,
                 m = inbox.pop(), if filling.len() < size => {
@@ -184,17 +201,13 @@ impl Batcher {
                         deadline = tokio::time::Instant::now() + self.parts.batch.deadline;
                     }
                     filling.push(m);
-                    if filling.len() < size {
-                        continue;
-                    }
                 }
-                () = tokio::time::sleep_until(deadline), if room && !filling.is_empty() => {}
+                () = tokio::time::sleep_until(deadline), if room && !filling.is_empty() => {
+                    let batch = std::mem::replace(&mut filling, Vec::with_capacity(size));
+                    in_flight.push_back(commit(batch));
+                }
                 // Acks still waiting for room in the request channel go out as it drains.
-                () = tokio::time::sleep(ACK_RETRY), if self.acks_waiting() => continue,
-            }
-            if room && !filling.is_empty() {
-                let batch = std::mem::replace(&mut filling, Vec::with_capacity(size));
-                in_flight.push_back(commit(batch));
+                () = tokio::time::sleep(ACK_RETRY), if self.acks_waiting() => {}
             }
         }
         // The messages in hand commit too; then every batch is acked in order, up to the

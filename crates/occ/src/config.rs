@@ -415,12 +415,11 @@ pub struct IngestArgs {
 
     /// Most batches committing at once, each in its own transaction on its own connection
     /// (at most --database-ingest-connections); acks still leave in arrival order. 1 commits
-    /// one batch at a time, the fastest on loopback; 2 or more pays when each round trip to
-    /// PostgreSQL is slow (TLS, a network between them).
+    /// one batch at a time.
     #[arg(
         long = "batches-in-flight",
         env = "OCC_BATCHES_IN_FLIGHT",
-        default_value_t = 1,
+        default_value_t = 2,
         value_parser = clap::value_parser!(u32).range(1..=64)
     )]
     pub batches_in_flight: u32,
