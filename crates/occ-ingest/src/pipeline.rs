@@ -4,10 +4,11 @@
 //!
 //! Up to [`BatchConfig::in_flight`] batches commit at once, each on its own connection, while
 //! the next one fills: a batch is acked once it and every batch before it committed, so acks
-//! still leave in arrival order. Concurrent batches meet in PostgreSQL exactly as two
-//! instances' batches do: a redelivery waits for the first delivery's commit and is then
-//! recognised, batches with the same correlation key take turns on its incident (one that
-//! loses the race to open it is retried and joins it).
+//! still leave in arrival order. Batches with the same correlation key take turns on its
+//! incident (one that loses the race to open it is retried and joins it); a batch of a newer
+//! MQTT connection waits for the older connection's batches (see [`Batcher::run`]). After a
+//! failed commit, a later batch may still commit before the earlier one: with more than one in
+//! flight, an evolving event's older state in the earlier batch is then taken for a duplicate.
 //!
 //! When PostgreSQL is down the commit is retried with backoff and nothing is acked; the broker
 //! stops sending once its window of unacknowledged messages is full and holds the rest in
@@ -147,6 +148,11 @@ impl Commit for Retried<'_> {
 impl Batcher {
     /// Runs until `shutdown`: then commits and acks the batches in hand, queues the DISCONNECT
     /// behind their acks, and returns.
+    ///
+    /// With several batches in flight, a batch holding messages of a newer connection than
+    /// the batches in flight waits until they have ended: the broker redelivers an unacked
+    /// message on the next connection, and that redelivery must not commit before the first
+    /// delivery's batch, which would then store the message again as a repeat.
     pub async fn run(self: Arc<Self>, inbox: Arc<Inbox>, shutdown: CancellationToken) {
         let limit = self.parts.batch.in_flight.max(1);
         let size = self.parts.batch.size;
@@ -158,15 +164,15 @@ impl Batcher {
             let span = tracing::info_span!("ingest.batch", messages = batch.len());
             let shutdown = shutdown.clone();
             let this = Arc::clone(&self);
-            let task = tokio::spawn(
+            let mut task = Task(tokio::spawn(
                 async move {
                     let committed = this.process(&batch, &shutdown).await;
                     (batch, committed)
                 }
                 .instrument(span),
-            );
+            ));
             async move {
-                match task.await {
+                match (&mut task.0).await {
                     Ok(done) => done,
                     // A batch that panicked stops ingest, as it would without tasks.
                     Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -176,13 +182,18 @@ impl Batcher {
             }
         };
         let mut filling: Vec<Inbound> = Vec::with_capacity(size);
+        // The newest connection among the messages being collected, and among the batches
+        // dispatched so far.
+        let (mut filling_epoch, mut dispatched_epoch) = (0, 0);
         let mut deadline = tokio::time::Instant::now();
         let mut stopped = false;
         while !stopped {
             self.send_acks();
-            let room = in_flight.len() < limit;
+            let room = in_flight.len() < limit
+                && (in_flight.is_empty() || filling_epoch <= dispatched_epoch);
             // A full batch goes as soon as there is room, whatever its deadline.
             if room && filling.len() >= size {
+                dispatched_epoch = dispatched_epoch.max(filling_epoch);
                 let batch = std::mem::replace(&mut filling, Vec::with_capacity(size));
                 in_flight.push_back(commit(batch));
                 continue;
@@ -199,10 +210,13 @@ impl Batcher {
                 m = inbox.pop(), if filling.len() < size => {
                     if filling.is_empty() {
                         deadline = tokio::time::Instant::now() + self.parts.batch.deadline;
+                        filling_epoch = 0;
                     }
+                    filling_epoch = filling_epoch.max(m.epoch);
                     filling.push(m);
                 }
                 () = tokio::time::sleep_until(deadline), if room && !filling.is_empty() => {
+                    dispatched_epoch = dispatched_epoch.max(filling_epoch);
                     let batch = std::mem::replace(&mut filling, Vec::with_capacity(size));
                     in_flight.push_back(commit(batch));
                 }
@@ -210,17 +224,18 @@ impl Batcher {
                 () = tokio::time::sleep(ACK_RETRY), if self.acks_waiting() => {}
             }
         }
-        // The messages in hand commit too; then every batch is acked in order, up to the
-        // first that shutdown interrupted before it committed (it and those after it are
-        // redelivered, and recognised where they were stored).
-        if !stopped && !filling.is_empty() {
-            in_flight.push_back(commit(std::mem::take(&mut filling)));
-        }
+        // Every batch in flight is acked in order, up to the first that shutdown interrupted
+        // before it committed (it and those after it are redelivered, and recognised where
+        // they were stored); then the messages in hand commit too.
         while let Some((batch, committed)) = in_flight.next().await {
             let batch: Vec<Inbound> = batch;
             if !stopped && !self.done(&batch, committed) {
                 stopped = true;
             }
+        }
+        if !stopped && !filling.is_empty() {
+            let (batch, committed) = commit(filling).await;
+            self.done(&batch, committed);
         }
         // Every ack of what was committed goes out before the DISCONNECT, as long as the
         // connection lasts.
@@ -536,6 +551,16 @@ impl Batcher {
                 "messages from a previous connection left for redelivery"
             );
         }
+    }
+}
+
+/// A batch's task, aborted when dropped unfinished: a batcher aborted with its slot leaves no
+/// commit running behind it (the broker redelivers to whoever takes the slot).
+struct Task<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Task<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -415,11 +415,12 @@ pub struct IngestArgs {
 
     /// Most batches committing at once, each in its own transaction on its own connection
     /// (at most --database-ingest-connections); acks still leave in arrival order. 1 commits
-    /// one batch at a time.
+    /// one batch at a time. More drains faster, but after a failed commit a later batch may
+    /// commit before an earlier one (see the README).
     #[arg(
         long = "batches-in-flight",
         env = "OCC_BATCHES_IN_FLIGHT",
-        default_value_t = 2,
+        default_value_t = 1,
         value_parser = clap::value_parser!(u32).range(1..=64)
     )]
     pub batches_in_flight: u32,
