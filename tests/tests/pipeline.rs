@@ -26,6 +26,25 @@ fn smoke(id: &str, zone: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// `n` smoke alarms from thirty detectors in one residential block (one correlation key),
+/// published at once; returns when all are stored.
+async fn smoke_in_one_block(broker_port: u16, pool: &PgPool, n: usize) {
+    let mut publisher = Publisher::connect(broker_port).await;
+    for i in 0..n {
+        publisher
+            .publish(
+                &format!("occ/v1/events/det-{}", i % 30),
+                smoke(&format!("e{i}"), "esil_residential_2"),
+            )
+            .await;
+    }
+    publisher.flush().await;
+    eventually(Duration::from_secs(20), "all events stored", || async {
+        (event_count(pool).await == n as i64).then_some(())
+    })
+    .await;
+}
+
 async fn list_all(grpc: &str) -> Vec<pb::Incident> {
     incidents(grpc)
         .await
@@ -286,23 +305,8 @@ async fn two_instances_sharing_the_subscription_make_one_incident(pool: PgPool) 
         .await
         .expect("second instance");
 
-    let mut publisher = Publisher::connect(broker.port).await;
     const N: usize = 300;
-    for i in 0..N {
-        // Thirty detectors in one residential block.
-        publisher
-            .publish(
-                &format!("occ/v1/events/det-{}", i % 30),
-                smoke(&format!("e{i}"), "esil_residential_2"),
-            )
-            .await;
-    }
-    publisher.flush().await;
-
-    eventually(Duration::from_secs(20), "all events stored", || async {
-        (event_count(&pool).await == N as i64).then_some(())
-    })
-    .await;
+    smoke_in_one_block(broker.port, &pool, N).await;
 
     let incidents = list_all(&a.grpc).await;
     assert_eq!(incidents.len(), 1, "{incidents:#?}");
@@ -339,21 +343,8 @@ async fn batches_committed_at_once_make_one_incident_and_ack_every_message(pool:
     let occ = Occ::start(serve_args(&url, broker.port, "occ-e2e-flight", &concurrent))
         .await
         .expect("OCC starts");
-    let mut publisher = Publisher::connect(broker.port).await;
     const N: usize = 300;
-    for i in 0..N {
-        publisher
-            .publish(
-                &format!("occ/v1/events/det-{}", i % 30),
-                smoke(&format!("e{i}"), "esil_residential_2"),
-            )
-            .await;
-    }
-    publisher.flush().await;
-    eventually(Duration::from_secs(20), "all events stored", || async {
-        (event_count(&pool).await == N as i64).then_some(())
-    })
-    .await;
+    smoke_in_one_block(broker.port, &pool, N).await;
     let incidents = list_all(&occ.grpc).await;
     assert_eq!(incidents.len(), 1, "{incidents:#?}");
     assert_eq!(incidents[0].event_count, N as i64);

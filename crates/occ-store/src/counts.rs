@@ -207,6 +207,25 @@ pub struct Count {
     pub n: i64,
 }
 
+impl Count {
+    /// A count of events (which have no queue or priority).
+    fn of_events(
+        bucket: Option<DateTime<Utc>>,
+        zone: Option<String>,
+        kind: Option<String>,
+        n: i64,
+    ) -> Self {
+        Count {
+            bucket,
+            zone,
+            kind,
+            queue: None,
+            priority: None,
+            n,
+        }
+    }
+}
+
 /// Events first stored, in buckets beginning within the window; in order of bucket, zone, type.
 /// A question that neither names zones nor splits by them reads the city-wide counts.
 pub async fn events(conn: &mut PgConnection, q: &CountQuery) -> Result<Vec<Count>> {
@@ -257,14 +276,7 @@ pub async fn events(conn: &mut PgConnection, q: &CountQuery) -> Result<Vec<Count
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| Count {
-            bucket: r.bucket,
-            zone: r.zone,
-            kind: r.kind,
-            queue: None,
-            priority: None,
-            n: r.n,
-        })
+        .map(|r| Count::of_events(r.bucket, r.zone, r.kind, r.n))
         .collect())
 }
 
@@ -310,14 +322,7 @@ async fn city_events(conn: &mut PgConnection, q: &CountQuery) -> Result<Vec<Coun
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| Count {
-            bucket: r.bucket,
-            zone: None,
-            kind: r.kind,
-            queue: None,
-            priority: None,
-            n: r.n,
-        })
+        .map(|r| Count::of_events(r.bucket, None, r.kind, r.n))
         .collect())
 }
 
