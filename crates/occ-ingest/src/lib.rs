@@ -88,7 +88,9 @@ impl Ingest {
         stale: Vec<String>,
         shutdown: CancellationToken,
     ) -> Ingest {
-        let parts = parts.clone();
+        let mut parts = parts.clone();
+        // The slot's batches commit on connections of their own (see `occ_store::pool_like`).
+        parts.pool = occ_store::pool_like(&parts.pool);
         let window = usize::from(mqtt.receive_maximum).max(1);
         // Requests are acks, subscriptions and the final disconnect. Acks beyond this wait in
         // the batcher (see `Batcher::ack`), so the channel never has to hold a backlog's.

@@ -2,13 +2,15 @@
 //! commits events, incidents and dead letters in one transaction, and only then acks the
 //! messages, in the order they arrived.
 //!
-//! Up to [`BatchConfig::in_flight`] batches commit at once, each on its own connection, while
-//! the next one fills: a batch is acked once it and every batch before it committed, so acks
-//! still leave in arrival order. Batches with the same correlation key take turns on its
-//! incident (one that loses the race to open it is retried and joins it); a batch of a newer
-//! MQTT connection waits for the older connection's batches (see [`Batcher::run`]). After a
-//! failed commit, a later batch may still commit before the earlier one: with more than one in
-//! flight, an evolving event's older state in the earlier batch is then taken for a duplicate.
+//! Up to [`BatchConfig::in_flight`] batches work at once, each on its own connection, while
+//! the next one fills, and they commit in the order they arrived: a batch's transaction, its
+//! statements done, waits for the batch before it to have committed (an earlier batch that
+//! failed and is retried keeps its place), so the store sees every event in the order the
+//! broker delivered it, as with one batch at a time (an evolving event's older state is never
+//! stored after its newer one and taken for a duplicate). A batch waiting for its turn while
+//! the earlier batch waits on one of its rows rolls back and starts again behind it (see
+//! [`CommitOrder`]). Acks leave in arrival order too. A batch of a newer MQTT connection waits for
+//! the older connection's batches (see [`Batcher::run`]).
 //!
 //! When PostgreSQL is down the commit is retried with backoff and nothing is acked; the broker
 //! stops sending once its window of unacknowledged messages is full and holds the rest in
@@ -29,7 +31,8 @@ use occ_store::Transport;
 use occ_store::dead_letters::DeadLetter;
 use occ_store::health::ActivityLog;
 use occ_store::ingest::{
-    Batch, BatchOutcome, Commit, EventOutcome, Parts, commit_batch, commit_parts,
+    Batch, BatchOutcome, Commit, CommitOrder, EventOutcome, InTurn, Parts, commit_batch_in_turn,
+    commit_parts,
 };
 use rumqttc::v5::AsyncClient;
 use rumqttc::v5::mqttbytes::QoS;
@@ -137,11 +140,12 @@ impl Decoded {
 struct Retried<'a> {
     batcher: &'a Batcher,
     shutdown: &'a CancellationToken,
+    turn: &'a InTurn,
 }
 
 impl Commit for Retried<'_> {
     async fn commit(&self, batch: Batch<'_>) -> Option<Result<BatchOutcome, StoreError>> {
-        self.batcher.commit(batch, self.shutdown).await
+        self.batcher.commit(batch, self.shutdown, self.turn).await
     }
 }
 
@@ -160,13 +164,16 @@ impl Batcher {
         // and driving another's statements use both cores), yielding its messages and whether
         // it committed; a batch is acked only when every batch before it was.
         let mut in_flight = FuturesOrdered::new();
-        let commit = |batch: Vec<Inbound>| {
+        let mut order = CommitOrder::default();
+        let mut commit = |batch: Vec<Inbound>| {
             let span = tracing::info_span!("ingest.batch", messages = batch.len());
             let shutdown = shutdown.clone();
             let this = Arc::clone(&self);
+            let (turn, ended) = order.take();
             let mut task = Task(tokio::spawn(
                 async move {
-                    let committed = this.process(&batch, &shutdown).await;
+                    let committed = this.process(&batch, &shutdown, &turn).await;
+                    ended.ended(committed);
                     (batch, committed)
                 }
                 .instrument(span),
@@ -372,7 +379,12 @@ impl Batcher {
 
     /// Commits one batch (the caller acks it in its turn). Returns false when shutdown
     /// interrupted it before commit (nothing is acked: the broker redelivers).
-    async fn process(&self, batch: &[Inbound], shutdown: &CancellationToken) -> bool {
+    async fn process(
+        &self,
+        batch: &[Inbound],
+        shutdown: &CancellationToken,
+        turn: &InTurn,
+    ) -> bool {
         let started = Instant::now();
         let decoded = self.decode(batch);
         let parts = Parts {
@@ -390,6 +402,7 @@ impl Batcher {
                 &Retried {
                     batcher: self,
                     shutdown,
+                    turn,
                 },
                 |i, reason| self.dead_letter(&batch[i], reason),
             )
@@ -437,19 +450,21 @@ impl Batcher {
         true
     }
 
-    /// Commits, retrying with backoff until it succeeds, for as long as the failure is about
-    /// the database (unreachable, a lost race, anything not caused by the data). `None` when
-    /// shutdown came first; `Some(Err)` when the data itself cannot be stored.
+    /// Commits in `turn`, retrying with backoff until it succeeds, for as long as the failure
+    /// is about the database (unreachable, a lost race, anything not caused by the data).
+    /// `None` when shutdown came first, or the batch before this one was given up; `Some(Err)`
+    /// when the data itself cannot be stored.
     async fn commit(
         &self,
         batch: Batch<'_>,
         shutdown: &CancellationToken,
+        turn: &InTurn,
     ) -> Option<Result<BatchOutcome, StoreError>> {
         const MAX_BACKOFF: Duration = Duration::from_secs(10);
         let mut backoff = Duration::from_millis(100);
         loop {
             let rules = self.parts.rules.current();
-            let attempt = commit_batch(&self.parts.pool, batch, &rules);
+            let attempt = commit_batch_in_turn(&self.parts.pool, batch, &rules, turn);
             // Abandoning an attempt is safe: whether or not it committed, the retry is
             // recognised by the idempotency keys.
             let result = tokio::time::timeout(self.parts.batch.commit_timeout, attempt)
@@ -469,6 +484,7 @@ impl Batcher {
                     return Some(Ok(outcome));
                 }
                 Err(e) if e.is_data_error() => return Some(Err(e)),
+                Err(_) if turn.lost() => return None,
                 Err(e) => {
                     if self.status.borrow().database_ok {
                         self.status.send_modify(|s| s.database_ok = false);

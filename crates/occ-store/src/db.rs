@@ -70,6 +70,17 @@ pub fn pool(config: &DbConfig) -> Result<PgPool> {
         .connect_lazy_with(options))
 }
 
+/// A pool of its own with `template`'s settings and size, connecting lazily: what one ingest
+/// slot commits on, so that its batches in flight each have a connection whatever the
+/// instance's other slots are doing (a batch waits for the one before it to commit, and must
+/// never wait on a connection a later batch holds).
+pub fn pool_like(template: &PgPool) -> PgPool {
+    template
+        .options()
+        .clone()
+        .connect_lazy_with(template.connect_options().as_ref().clone())
+}
+
 /// Creates the database named in `url` if it does not exist yet, connecting to the server's
 /// `postgres` database to do so (only then: a database that exists needs no access to any
 /// other). Returns true when it created it.

@@ -36,7 +36,8 @@ pub struct Stored {
     pub revised: bool,
 }
 
-/// Inserts `events` in one statement, returning what was stored by (source, idempotency key).
+/// Inserts `events` in one statement (and brings evolving events already stored to a newer
+/// revision in a second), returning what was stored by (source, idempotency key).
 /// An event whose key is already stored is skipped (a redelivery), unless it is an evolving
 /// event with a newer revision: then the row takes its state. With each event, how many
 /// revisions it stands for (the batch's fresh ones of that event). `events` must not repeat a
@@ -59,59 +60,14 @@ pub async fn insert(
             .cmp(&(b.source_id.as_str(), b.idempotency_key.as_str()))
     });
 
-    let n = sorted.len();
-    let mut ids = Vec::with_capacity(n);
-    let mut sources = Vec::with_capacity(n);
-    let mut keys = Vec::with_capacity(n);
-    let mut external_ids = Vec::with_capacity(n);
-    let mut types = Vec::with_capacity(n);
-    let mut severities = Vec::with_capacity(n);
-    let mut kinds = Vec::with_capacity(n);
-    let mut occurred = Vec::with_capacity(n);
-    let mut received = Vec::with_capacity(n);
-    let mut lats = Vec::with_capacity(n);
-    let mut lons = Vec::with_capacity(n);
-    let mut zones = Vec::with_capacity(n);
-    let mut extra_zones = Vec::with_capacity(n);
-    let mut districts = Vec::with_capacity(n);
-    let mut confidences = Vec::with_capacity(n);
-    let mut measurements = Vec::with_capacity(n);
-    let mut attributes = Vec::with_capacity(n);
-    let mut evidence = Vec::with_capacity(n);
-    let mut revision_at = Vec::with_capacity(n);
-    let mut revision_rank = Vec::with_capacity(n);
-    let mut counts = Vec::with_capacity(n);
-    let mut seen = Vec::with_capacity(n);
-    for (e, count) in sorted {
-        counts.push(count);
-        seen.push(e.observed_at());
-        ids.push(e.id.0);
-        sources.push(e.source_id.as_str());
-        keys.push(e.idempotency_key.as_str());
-        external_ids.push(e.external_id.as_deref());
-        types.push(e.event_type.as_str());
-        severities.push(e.severity.map(|s| s.as_str()));
-        kinds.push(e.source_kind.as_ref().map(|k| k.as_str()));
-        occurred.push(e.occurred_at);
-        received.push(e.received_at);
-        lats.push(e.location.map(|l| l.lat()));
-        lons.push(e.location.map(|l| l.lon()));
-        zones.push(e.zone.as_ref().map(|z| z.as_str()));
-        // One array per row cannot travel through UNNEST; a JSON array can.
-        extra_zones.push(serde_json::to_value(&e.extra_zones).unwrap_or_default());
-        districts.push(e.district.as_ref().map(|d| d.as_str()));
-        confidences.push(e.confidence.map(|c| c.value()));
-        measurements.push(serde_json::to_value(&e.measurements).unwrap_or_default());
-        attributes.push(serde_json::Value::Object(e.attributes.clone()));
-        evidence.push(serde_json::to_value(&e.evidence).unwrap_or_default());
-        revision_at.push(e.revision.map(|r| r.at));
-        revision_rank.push(e.revision.map(|r| r.rank));
+    let mut rows = Columns::with_capacity(sorted.len());
+    for &(e, count) in &sorted {
+        rows.push(e, count);
     }
-
     // The key first: a new key stores the event; a known one is a redelivery, unless it is an
-    // evolving event's newer revision, which the stored row (found through the key, in its
-    // partition) then takes. All three statements run to completion whatever the result reads.
-    let rows = sqlx::query!(
+    // evolving event's newer revision, which the stored row then takes (below). Every part of
+    // the statement runs to completion whatever the result reads.
+    let keyed = sqlx::query!(
         r#"
         WITH u AS (
             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -157,7 +113,69 @@ pub async fn insert(
                            AND k.idempotency_key = u.idempotency_key
              WHERE NOT k.revised
         ),
-        revised AS (
+        -- The wall's counts: events first stored, by hour, zone and type (appended, never
+        -- updated: concurrent batches do not wait on each other).
+        counted AS (
+            INSERT INTO event_count_deltas (hour, zone, event_type, n)
+            SELECT date_trunc('hour', u.seen_at, (SELECT time_zone FROM wall_settings)),
+                   coalesce(u.zone, ''), u.event_type, count(*)
+              FROM u JOIN k ON k.source_id = u.source_id
+                           AND k.idempotency_key = u.idempotency_key
+             WHERE NOT k.revised
+             GROUP BY 1, 2, 3
+        )
+        SELECT event_id AS "id!", source_id AS "source_id!",
+               idempotency_key AS "idempotency_key!", seen_at AS "seen_at!",
+               revised AS "revised!"
+          FROM k
+        "#,
+        &rows.ids,
+        &rows.sources as &[&str],
+        &rows.keys as &[&str],
+        &rows.external_ids as &[Option<&str>],
+        &rows.types as &[&str],
+        &rows.severities as &[Option<&str>],
+        &rows.kinds as &[Option<&str>],
+        &rows.occurred,
+        &rows.received,
+        &rows.lats as &[Option<f64>],
+        &rows.lons as &[Option<f64>],
+        &rows.zones as &[Option<&str>],
+        &rows.extra_zones,
+        &rows.districts as &[Option<&str>],
+        &rows.confidences as &[Option<f64>],
+        &rows.measurements,
+        &rows.attributes,
+        &rows.evidence,
+        &rows.revision_at as &[Option<DateTime<Utc>>],
+        &rows.revision_rank as &[Option<i16>],
+        transport.as_str(),
+        &rows.counts,
+        &rows.seen,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+
+    // The rows that take a newer revision, in a statement of their own: one that began before
+    // another transaction stored the key, and waited for it to commit, does not see that
+    // row (a statement reads the database as it was when it began), so within the statement
+    // above the newer state would be lost.
+    let mut revised = Columns::with_capacity(0);
+    let (mut revised_ids, mut revised_seen) = (Vec::new(), Vec::new());
+    let by_key: HashMap<(&str, &str), (&Event, i32)> = sorted
+        .iter()
+        .map(|&(e, n)| ((e.source_id.as_str(), e.idempotency_key.as_str()), (e, n)))
+        .collect();
+    for r in keyed.iter().filter(|r| r.revised) {
+        if let Some(&(e, n)) = by_key.get(&(r.source_id.as_str(), r.idempotency_key.as_str())) {
+            revised.push(e, n);
+            revised_ids.push(r.id);
+            revised_seen.push(r.seen_at);
+        }
+    }
+    if !revised_ids.is_empty() {
+        sqlx::query!(
+            r#"
             UPDATE events e
                SET event_type = u.event_type,
                    severity = u.severity,
@@ -176,58 +194,46 @@ pub async fn insert(
                    revision_rank = u.revision_rank,
                    revisions = e.revisions + u.revisions,
                    revised_at = u.received_at
-              FROM u JOIN k ON k.source_id = u.source_id
-                           AND k.idempotency_key = u.idempotency_key
+              FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
+                          $6::timestamptz[], $7::timestamptz[], $8::float8[], $9::float8[],
+                          $10::text[], $11::jsonb[], $12::text[], $13::float8[], $14::jsonb[],
+                          $15::jsonb[], $16::jsonb[], $17::timestamptz[], $18::int2[],
+                          $19::int4[])
+                   AS u(id, seen_at, event_type, severity, source_kind, occurred_at,
+                        received_at, lat, lon, zone, extra_zones, district, confidence,
+                        measurements, attributes, evidence, revision_at, revision_rank,
+                        revisions)
              -- The row by its primary key, in the one partition its time names. Written as
-             -- a range, not `e.seen_at = k.seen_at`: with an equality the planner, which
+             -- a range, not `e.seen_at = u.seen_at`: with an equality the planner, which
              -- takes stored times to be unique, looks the row up through the index on time
              -- and then reads every event of that same instant (a burst of 20,000 events of
              -- one timestamp: 20,000 rows read for one update).
-             WHERE k.revised AND e.id = k.event_id
-               AND e.seen_at >= k.seen_at AND e.seen_at <= k.seen_at
-        ),
-        -- The wall's counts: events first stored, by hour, zone and type (appended, never
-        -- updated: concurrent batches do not wait on each other).
-        counted AS (
-            INSERT INTO event_count_deltas (hour, zone, event_type, n)
-            SELECT date_trunc('hour', u.seen_at, (SELECT time_zone FROM wall_settings)),
-                   coalesce(u.zone, ''), u.event_type, count(*)
-              FROM u JOIN k ON k.source_id = u.source_id
-                           AND k.idempotency_key = u.idempotency_key
-             WHERE NOT k.revised
-             GROUP BY 1, 2, 3
+             WHERE e.id = u.id AND e.seen_at >= u.seen_at AND e.seen_at <= u.seen_at
+            "#,
+            &revised_ids,
+            &revised_seen,
+            &revised.types as &[&str],
+            &revised.severities as &[Option<&str>],
+            &revised.kinds as &[Option<&str>],
+            &revised.occurred,
+            &revised.received,
+            &revised.lats as &[Option<f64>],
+            &revised.lons as &[Option<f64>],
+            &revised.zones as &[Option<&str>],
+            &revised.extra_zones,
+            &revised.districts as &[Option<&str>],
+            &revised.confidences as &[Option<f64>],
+            &revised.measurements,
+            &revised.attributes,
+            &revised.evidence,
+            &revised.revision_at as &[Option<DateTime<Utc>>],
+            &revised.revision_rank as &[Option<i16>],
+            &revised.counts,
         )
-        SELECT event_id AS "id!", source_id AS "source_id!",
-               idempotency_key AS "idempotency_key!", revised AS "revised!"
-          FROM k
-        "#,
-        &ids,
-        &sources as &[&str],
-        &keys as &[&str],
-        &external_ids as &[Option<&str>],
-        &types as &[&str],
-        &severities as &[Option<&str>],
-        &kinds as &[Option<&str>],
-        &occurred,
-        &received,
-        &lats as &[Option<f64>],
-        &lons as &[Option<f64>],
-        &zones as &[Option<&str>],
-        &extra_zones,
-        &districts as &[Option<&str>],
-        &confidences as &[Option<f64>],
-        &measurements,
-        &attributes,
-        &evidence,
-        &revision_at as &[Option<chrono::DateTime<Utc>>],
-        &revision_rank as &[Option<i16>],
-        transport.as_str(),
-        &counts,
-        &seen,
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(rows
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(keyed
         .into_iter()
         .map(|r| {
             (
@@ -239,6 +245,92 @@ pub async fn insert(
             )
         })
         .collect())
+}
+
+/// Events as the columns of their rows, one array each, bound to `UNNEST`.
+struct Columns<'a> {
+    ids: Vec<uuid::Uuid>,
+    sources: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    external_ids: Vec<Option<&'a str>>,
+    types: Vec<&'a str>,
+    severities: Vec<Option<&'a str>>,
+    kinds: Vec<Option<&'a str>>,
+    occurred: Vec<DateTime<Utc>>,
+    received: Vec<DateTime<Utc>>,
+    lats: Vec<Option<f64>>,
+    lons: Vec<Option<f64>>,
+    zones: Vec<Option<&'a str>>,
+    extra_zones: Vec<serde_json::Value>,
+    districts: Vec<Option<&'a str>>,
+    confidences: Vec<Option<f64>>,
+    measurements: Vec<serde_json::Value>,
+    attributes: Vec<serde_json::Value>,
+    evidence: Vec<serde_json::Value>,
+    revision_at: Vec<Option<DateTime<Utc>>>,
+    revision_rank: Vec<Option<i16>>,
+    /// How many revisions each row stands for.
+    counts: Vec<i32>,
+    seen: Vec<DateTime<Utc>>,
+}
+
+impl<'a> Columns<'a> {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            ids: Vec::with_capacity(n),
+            sources: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            external_ids: Vec::with_capacity(n),
+            types: Vec::with_capacity(n),
+            severities: Vec::with_capacity(n),
+            kinds: Vec::with_capacity(n),
+            occurred: Vec::with_capacity(n),
+            received: Vec::with_capacity(n),
+            lats: Vec::with_capacity(n),
+            lons: Vec::with_capacity(n),
+            zones: Vec::with_capacity(n),
+            extra_zones: Vec::with_capacity(n),
+            districts: Vec::with_capacity(n),
+            confidences: Vec::with_capacity(n),
+            measurements: Vec::with_capacity(n),
+            attributes: Vec::with_capacity(n),
+            evidence: Vec::with_capacity(n),
+            revision_at: Vec::with_capacity(n),
+            revision_rank: Vec::with_capacity(n),
+            counts: Vec::with_capacity(n),
+            seen: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, e: &'a Event, count: i32) {
+        self.counts.push(count);
+        self.seen.push(e.observed_at());
+        self.ids.push(e.id.0);
+        self.sources.push(e.source_id.as_str());
+        self.keys.push(e.idempotency_key.as_str());
+        self.external_ids.push(e.external_id.as_deref());
+        self.types.push(e.event_type.as_str());
+        self.severities.push(e.severity.map(|s| s.as_str()));
+        self.kinds.push(e.source_kind.as_ref().map(|k| k.as_str()));
+        self.occurred.push(e.occurred_at);
+        self.received.push(e.received_at);
+        self.lats.push(e.location.map(|l| l.lat()));
+        self.lons.push(e.location.map(|l| l.lon()));
+        self.zones.push(e.zone.as_ref().map(|z| z.as_str()));
+        // One array per row cannot travel through UNNEST; a JSON array can.
+        self.extra_zones
+            .push(serde_json::to_value(&e.extra_zones).unwrap_or_default());
+        self.districts.push(e.district.as_ref().map(|d| d.as_str()));
+        self.confidences.push(e.confidence.map(|c| c.value()));
+        self.measurements
+            .push(serde_json::to_value(&e.measurements).unwrap_or_default());
+        self.attributes
+            .push(serde_json::Value::Object(e.attributes.clone()));
+        self.evidence
+            .push(serde_json::to_value(&e.evidence).unwrap_or_default());
+        self.revision_at.push(e.revision.map(|r| r.at));
+        self.revision_rank.push(e.revision.map(|r| r.rank));
+    }
 }
 
 /// The stored id and revision of evolving events already stored, by (source, key).

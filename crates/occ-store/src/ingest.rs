@@ -12,6 +12,7 @@ use occ_domain::{
 };
 use serde_json::json;
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::watch;
 
 use crate::audit::{self, AuditEntry, Entity};
 use crate::changes::{Change, ChangeKind};
@@ -209,21 +210,164 @@ pub async fn commit_parts(
 /// transaction (deadlock, serialization failure, or another instance opening the same
 /// incident at the same moment). Safe to call again with the same batch after any error: a
 /// batch that did commit is recognised by its events' idempotency keys.
-#[tracing::instrument(skip_all, fields(events = batch.events.len(), dead_letters = batch.dead_letters.len()))]
 pub async fn commit_batch(
     pool: &PgPool,
     batch: Batch<'_>,
     rules: &RuleSet,
 ) -> Result<BatchOutcome> {
+    commit_batch_in_turn(pool, batch, rules, &AnyTurn).await
+}
+
+/// What a batch's transaction waits for between its statements and its COMMIT: ingest's
+/// batches in flight commit in the order they arrived (see `occ-ingest`'s pipeline).
+pub trait Turn: Sync {
+    /// Resolves once the transaction on `conn` may commit. An error rolls it back: a
+    /// [`StoreError::Retry`] to start it again (it yielded to an earlier batch waiting on one
+    /// of its rows), any other to give up as the error says.
+    fn wait(&self, conn: &mut PgConnection)
+    -> impl std::future::Future<Output = Result<()>> + Send;
+}
+
+/// Commits whenever the transaction is ready: a call that is alone (`PublishEvents`, a replay).
+#[derive(Debug, Clone, Copy)]
+pub struct AnyTurn;
+
+impl Turn for AnyTurn {
+    async fn wait(&self, _: &mut PgConnection) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The order in which a caller's batches commit, each after the one before it (ingest's
+/// batches in flight: the store sees events in the order the broker delivered them).
+///
+/// A batch's transaction does its statements at once and waits for its turn only to COMMIT.
+/// If the batch before it waits on one of its rows meanwhile (both store the same event, the
+/// later one got there first), the later one rolls back and starts again behind it: checked
+/// after [`TURN_CHECK`] of waiting, and again each time as long. Only the earlier batch, or
+/// someone the later one briefly holds up (an operator on an incident it joined), can be
+/// waiting on it, and the first batch in line never waits for a turn, so it always proceeds.
+#[derive(Debug, Default)]
+pub struct CommitOrder {
+    last: Option<watch::Receiver<Option<bool>>>,
+}
+
+impl CommitOrder {
+    /// The next batch's turn, and how it tells the batch after it that it ended.
+    pub fn take(&mut self) -> (InTurn, TurnEnd) {
+        let (ended, next) = watch::channel(None);
+        (
+            InTurn {
+                before: self.last.replace(next),
+            },
+            TurnEnd(ended),
+        )
+    }
+}
+
+/// How long a batch waits for its turn before asking whether an earlier batch waits on it, and
+/// again between the questions (a commit of a full batch takes some 20 ms on two cores).
+pub const TURN_CHECK: Duration = Duration::from_millis(25);
+
+/// A batch's place in a [`CommitOrder`]: its transaction commits once the batch before it has.
+#[derive(Debug)]
+pub struct InTurn {
+    /// What became of the batch before: `Some(true)` committed, `Some(false)` given up (as
+    /// when its [`TurnEnd`] was dropped unsaid). `None` for the first batch.
+    before: Option<watch::Receiver<Option<bool>>>,
+}
+
+impl InTurn {
+    /// Whether the batch before this one ended without committing: this one must not commit
+    /// either (the caller gives it up, to be delivered again after the earlier one).
+    pub fn lost(&self) -> bool {
+        self.before.as_ref().is_some_and(|b| {
+            let ended = *b.borrow();
+            match ended {
+                Some(committed) => !committed,
+                // Its task ended without saying (its sender is gone, with no value sent).
+                None => b.has_changed().is_err(),
+            }
+        })
+    }
+}
+
+impl Turn for InTurn {
+    async fn wait(&self, conn: &mut PgConnection) -> Result<()> {
+        let Some(before) = &self.before else {
+            return Ok(());
+        };
+        let mut before = before.clone();
+        loop {
+            let ended = async { before.wait_for(Option::is_some).await.map(|e| *e) };
+            tokio::select! {
+                ended = ended => {
+                    return match ended {
+                        Ok(Some(true)) => Ok(()),
+                        _ => Err(StoreError::Precondition(
+                            "the batch before this one was not committed".into(),
+                        )),
+                    };
+                }
+                () = tokio::time::sleep(TURN_CHECK) => {
+                    if blocks_another(conn).await? {
+                        tracing::debug!("batch steps aside for an earlier one waiting on its rows");
+                        return Err(StoreError::Retry(
+                            "stepped aside for an earlier batch waiting on its rows".into(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Held by a batch of a [`CommitOrder`] until it ends.
+#[derive(Debug)]
+pub struct TurnEnd(watch::Sender<Option<bool>>);
+
+impl TurnEnd {
+    /// The batch committed (true) or was given up (false): the batch after it commits, or is
+    /// given up too.
+    pub fn ended(self, committed: bool) {
+        self.0.send_replace(Some(committed));
+    }
+}
+
+/// Whether another transaction waits for one of this connection's locks (a row it inserted or
+/// changed, an incident it holds): a transaction waiting for its turn while an earlier batch
+/// waits on it would otherwise wait forever, unseen by PostgreSQL's deadlock detector.
+pub async fn blocks_another(conn: &mut PgConnection) -> Result<bool> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (
+               SELECT 1 FROM pg_locks l
+               WHERE NOT l.granted AND pg_backend_pid() = ANY (pg_blocking_pids(l.pid))
+           ) AS "blocks!""#
+    )
+    .fetch_one(conn)
+    .await?)
+}
+
+/// [`commit_batch`], with the COMMIT held until `turn` allows it.
+#[tracing::instrument(skip_all, fields(events = batch.events.len(), dead_letters = batch.dead_letters.len()))]
+pub async fn commit_batch_in_turn(
+    pool: &PgPool,
+    batch: Batch<'_>,
+    rules: &RuleSet,
+    turn: &impl Turn,
+) -> Result<BatchOutcome> {
     let mut attempt = 0;
     loop {
         let mut tx = pool.begin().await?;
         let result = match apply(&mut tx, batch, rules).await {
-            Ok(outcome) => tx
-                .commit()
-                .await
-                .map(|()| outcome)
-                .map_err(StoreError::from),
+            Ok(outcome) => match turn.wait(&mut tx).await {
+                Ok(()) => tx
+                    .commit()
+                    .await
+                    .map(|()| outcome)
+                    .map_err(StoreError::from),
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         match result {

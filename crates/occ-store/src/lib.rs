@@ -40,7 +40,7 @@ pub mod units;
 pub mod watchlist;
 pub mod zones;
 
-pub use db::{DbConfig, MIGRATOR, create_database_if_missing, migrate, pool};
+pub use db::{DbConfig, MIGRATOR, create_database_if_missing, migrate, pool, pool_like};
 pub use error::{Result, StoreError};
 pub use events::Transport;
 pub use sqlx::{PgConnection, PgPool};

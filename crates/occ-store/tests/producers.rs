@@ -10,7 +10,9 @@ use occ_domain::{
     SourceStatus,
 };
 use occ_store::health::{ActivityLog, Health};
-use occ_store::ingest::{Batch, BatchOutcome, EventOutcome, commit_batch};
+use occ_store::ingest::{
+    Batch, BatchOutcome, CommitOrder, EventOutcome, commit_batch, commit_batch_in_turn,
+};
 use occ_store::{Transport, incidents, registry, rules, sources};
 use serde_json::json;
 use sqlx::PgPool;
@@ -126,6 +128,94 @@ async fn an_object_that_entered_and_left_a_zone_within_one_batch_still_counts(po
         Some("restricted_substation")
     );
     assert_eq!(open[0].event_count, 1);
+}
+
+async fn stored_events(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+/// Two batches in flight: the later one, holding the object's newer state, stores it first and
+/// waits for its turn; the earlier one, on its way to the same row, must still commit first so
+/// that the rules see the state it holds (the person inside the substation).
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn batches_in_order_show_every_state_even_when_the_later_one_gets_there_first(pool: PgPool) {
+    let rules = rules_of(&pool).await;
+    let inside = [Enriched::plain(person(1, &["restricted_substation"]))];
+    let left = [Enriched::plain(person(2, &[]))];
+    let mut order = CommitOrder::default();
+    let (first_turn, first_end) = order.take();
+    let (second_turn, second_end) = order.take();
+
+    let later = tokio::spawn({
+        let (pool, rules, left) = (pool.clone(), rules.clone(), left.clone());
+        async move {
+            let batch = Batch::new(&left, Transport::Mqtt, &[]);
+            commit_batch_in_turn(&pool, batch, &rules, &second_turn).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!later.is_finished(), "the later batch waits for its turn");
+    assert_eq!(stored_events(&pool).await, 0, "and has committed nothing");
+
+    let earlier = tokio::time::timeout(
+        Duration::from_secs(10),
+        commit_batch_in_turn(
+            &pool,
+            Batch::new(&inside, Transport::Mqtt, &[]),
+            &rules,
+            &first_turn,
+        ),
+    )
+    .await
+    .expect("the later batch steps aside for the earlier one")
+    .expect("the earlier batch commits");
+    first_end.ended(true);
+    let later = tokio::time::timeout(Duration::from_secs(10), later)
+        .await
+        .expect("the later batch commits after the earlier one")
+        .expect("task")
+        .expect("the later batch commits");
+    second_end.ended(true);
+
+    assert!(
+        matches!(earlier.events[0], EventOutcome::Accepted { .. }),
+        "the state inside the substation is news, not a duplicate: {earlier:?}"
+    );
+    assert!(
+        matches!(later.events[0], EventOutcome::Accepted { .. }),
+        "{later:?}"
+    );
+    assert_eq!(police(&pool).await.len(), 1, "the rules saw the intrusion");
+    let (revisions, attributes) = detection(&pool).await;
+    assert_eq!((revisions, attributes["phase"].clone()), (2, json!(2)));
+}
+
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn a_batch_whose_predecessor_was_given_up_is_not_committed(pool: PgPool) {
+    let rules = rules_of(&pool).await;
+    let events = [Enriched::plain(person(2, &[]))];
+    let mut order = CommitOrder::default();
+    let (first_turn, first_end) = order.take();
+    let (second_turn, second_end) = order.take();
+    let (third_turn, _third_end) = order.take();
+    assert!(!first_turn.lost(), "the first batch follows none");
+    first_end.ended(true);
+    assert!(!second_turn.lost(), "its predecessor committed");
+    // The second batch's task ends without saying (aborted): the third is not committed.
+    drop(second_end);
+    let result = commit_batch_in_turn(
+        &pool,
+        Batch::new(&events, Transport::Mqtt, &[]),
+        &rules,
+        &third_turn,
+    )
+    .await;
+    assert!(result.is_err(), "{result:?}");
+    assert!(third_turn.lost());
+    assert_eq!(stored_events(&pool).await, 0);
 }
 
 #[sqlx::test(migrator = "occ_store::MIGRATOR")]
@@ -330,12 +420,15 @@ async fn two_instances_storing_one_new_object_at_once_count_it_once(pool: PgPool
             .all(|(_, count, links)| *count == 1 && *links == 1),
         "{counts:?}"
     );
-    let revisions: Vec<i32> =
-        sqlx::query_scalar("SELECT revisions FROM events WHERE event_type = 'object.person'")
+    let ranks: Vec<i16> =
+        sqlx::query_scalar("SELECT revision_rank FROM events WHERE event_type = 'object.person'")
             .fetch_all(&pool)
             .await
             .expect("events");
-    assert_eq!(revisions.len(), 20);
+    assert_eq!(ranks.len(), 20);
+    // Whichever committed first, each row holds the newer state (also when the newer one's
+    // statement began before the other's row was committed, and waited for it).
+    assert!(ranks.iter().all(|r| *r == 1), "{ranks:?}");
 }
 
 fn report(source: &str, status: SourceStatus, received: chrono::DateTime<Utc>) -> Event {

@@ -212,7 +212,8 @@ pub struct DatabaseArgs {
     )]
     pub max_connections: u32,
 
-    /// Connections kept for MQTT ingest alone, so a burst of API calls cannot starve it.
+    /// Connections each MQTT ingest slot the instance holds has of its own (a batch in
+    /// flight takes one), so a burst of API calls, or another slot, cannot starve it.
     #[arg(
         long = "database-ingest-connections",
         env = "OCC_DATABASE_INGEST_CONNECTIONS",
@@ -413,14 +414,13 @@ pub struct IngestArgs {
     )]
     pub batch_deadline: Span,
 
-    /// Most batches committing at once, each in its own transaction on its own connection
-    /// (at most --database-ingest-connections); acks still leave in arrival order. 1 commits
-    /// one batch at a time. More drains faster, but after a failed commit a later batch may
-    /// commit before an earlier one (see the README).
+    /// Most batches working at once, each in its own transaction on its own connection (at
+    /// most --database-ingest-connections). They still commit, and are acked, in arrival
+    /// order; 1 works on one batch at a time.
     #[arg(
         long = "batches-in-flight",
         env = "OCC_BATCHES_IN_FLIGHT",
-        default_value_t = 1,
+        default_value_t = 2,
         value_parser = clap::value_parser!(u32).range(1..=64)
     )]
     pub batches_in_flight: u32,

@@ -309,6 +309,7 @@ pub async fn start(
     };
 
     // Ingest has connections of its own: API load cannot starve it (nor mark it unhealthy).
+    // Each slot the instance holds gets a pool of these settings (`occ_store::pool_like`).
     let ingest_pool = occ_store::pool(&DbConfig {
         max_connections: args.database.ingest_connections,
         lock_timeout: None,
