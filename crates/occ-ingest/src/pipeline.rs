@@ -210,6 +210,11 @@ impl Batcher {
                 Some((batch, committed)) = in_flight.next(), if !in_flight.is_empty() => {
                     let batch: Vec<Inbound> = batch;
                     if !self.done(&batch, committed) {
+                        // Only shutdown gives a batch up; should anything else, this slot
+                        // reads nothing more until OCC restarts, and says so.
+                        if !shutdown.is_cancelled() {
+                            tracing::error!("an ingest batch was given up without a shutdown; this slot stops reading (nothing was acknowledged past it: restart OCC)");
+                        }
                         stopped = true;
                     }
                 }

@@ -1,8 +1,10 @@
 //! Committing a batch of ingested events: events, dead letters, the incidents they open or join
 //! and the audit entries, all in one transaction.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Range;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -219,13 +221,28 @@ pub async fn commit_batch(
 }
 
 /// What a batch's transaction waits for between its statements and its COMMIT: ingest's
-/// batches in flight commit in the order they arrived (see `occ-ingest`'s pipeline).
+/// batches in flight commit in the order they arrived (see [`CommitOrder`]).
 pub trait Turn: Sync {
-    /// Resolves once the transaction on `conn` may commit. An error rolls it back: a
-    /// [`StoreError::Retry`] to start it again (it yielded to an earlier batch waiting on one
-    /// of its rows), any other to give up as the error says.
-    fn wait(&self, conn: &mut PgConnection)
-    -> impl std::future::Future<Output = Result<()>> + Send;
+    /// Called as each attempt's transaction begins, on its connection.
+    fn begin(
+        &self,
+        conn: &mut PgConnection,
+    ) -> impl std::future::Future<Output = Result<()>> + Send;
+
+    /// Resolves once the transaction on `conn` may commit, or must step aside (roll back and
+    /// start again) for an earlier batch waiting on one of its rows. An error rolls it back
+    /// and is returned.
+    fn wait(
+        &self,
+        conn: &mut PgConnection,
+    ) -> impl std::future::Future<Output = Result<Step>> + Send;
+}
+
+/// What a transaction waiting for its turn does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Commit,
+    StepAside,
 }
 
 /// Commits whenever the transaction is ready: a call that is alone (`PublishEvents`, a replay).
@@ -233,8 +250,12 @@ pub trait Turn: Sync {
 pub struct AnyTurn;
 
 impl Turn for AnyTurn {
-    async fn wait(&self, _: &mut PgConnection) -> Result<()> {
+    async fn begin(&self, _: &mut PgConnection) -> Result<()> {
         Ok(())
+    }
+
+    async fn wait(&self, _: &mut PgConnection) -> Result<Step> {
+        Ok(Step::Commit)
     }
 }
 
@@ -242,26 +263,57 @@ impl Turn for AnyTurn {
 /// batches in flight: the store sees events in the order the broker delivered them).
 ///
 /// A batch's transaction does its statements at once and waits for its turn only to COMMIT.
-/// If the batch before it waits on one of its rows meanwhile (both store the same event, the
-/// later one got there first), the later one rolls back and starts again behind it: checked
-/// after [`TURN_CHECK`] of waiting, and again each time as long. Only the earlier batch, or
-/// someone the later one briefly holds up (an operator on an incident it joined), can be
-/// waiting on it, and the first batch in line never waits for a turn, so it always proceeds.
+/// Two waits can close a circle PostgreSQL's deadlock detector does not see, because one of
+/// them is not in the database: an earlier batch waiting on a row the later one stored first
+/// (both store the same event), directly or through others' locks. So a batch waiting for its
+/// turn asks, after [`TURN_CHECK`] and as often again, whether one of the earlier batches of
+/// its order still at work waits on it, and then steps aside: rolls back and starts again,
+/// behind it. The first batch in line never waits for a turn, so it always goes on. Circles
+/// through another order (an object's messages split between two ingest slots or instances,
+/// each batch held up by the other's predecessor) are broken after [`TURN_PATIENCE`]: a batch
+/// that waited that long steps aside for whoever waits on it, but the later batches of its own
+/// order (they wait for it anyway). Stepping aside is not a failure: it is not counted among a
+/// batch's retries.
 #[derive(Debug, Default)]
 pub struct CommitOrder {
-    last: Option<watch::Receiver<Option<bool>>>,
+    /// The batches taken whose end is not yet known, oldest first (with the last taken, ended
+    /// or not).
+    pending: Arc<Mutex<VecDeque<Place>>>,
+}
+
+/// A batch of a [`CommitOrder`] as the batches after it see it.
+#[derive(Debug, Clone)]
+struct Place {
+    /// Its transaction's backend process (0 until it began).
+    pid: Arc<AtomicI32>,
+    /// `Some(true)` once committed, `Some(false)` given up.
+    ended: watch::Receiver<Option<bool>>,
+}
+
+impl Place {
+    fn at_work(&self) -> bool {
+        self.ended.borrow().is_none()
+    }
 }
 
 impl CommitOrder {
-    /// The next batch's turn, and how it tells the batch after it that it ended.
+    /// The next batch's turn, and how it tells the batches after it that it ended.
     pub fn take(&mut self) -> (InTurn, TurnEnd) {
-        let (ended, next) = watch::channel(None);
-        (
-            InTurn {
-                before: self.last.replace(next),
-            },
-            TurnEnd(ended),
-        )
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = pending.back().map(|p| p.ended.clone());
+        pending.retain(Place::at_work);
+        let (ended, receiver) = watch::channel(None);
+        let place = Place {
+            pid: Arc::new(AtomicI32::new(0)),
+            ended: receiver,
+        };
+        let turn = InTurn {
+            pid: place.pid.clone(),
+            before,
+            order: self.pending.clone(),
+        };
+        pending.push_back(place);
+        (turn, TurnEnd(Some(ended)))
     }
 }
 
@@ -269,52 +321,82 @@ impl CommitOrder {
 /// again between the questions (a commit of a full batch takes some 20 ms on two cores).
 pub const TURN_CHECK: Duration = Duration::from_millis(25);
 
+/// How long a batch waits for its turn before it steps aside for anyone waiting on it.
+pub const TURN_PATIENCE: Duration = Duration::from_secs(1);
+
 /// A batch's place in a [`CommitOrder`]: its transaction commits once the batch before it has.
 #[derive(Debug)]
 pub struct InTurn {
-    /// What became of the batch before: `Some(true)` committed, `Some(false)` given up (as
-    /// when its [`TurnEnd`] was dropped unsaid). `None` for the first batch.
+    /// Its transaction's backend process, once it began.
+    pid: Arc<AtomicI32>,
+    /// What became of the batch before it (`None` for the first).
     before: Option<watch::Receiver<Option<bool>>>,
+    order: Arc<Mutex<VecDeque<Place>>>,
 }
 
 impl InTurn {
     /// Whether the batch before this one ended without committing: this one must not commit
     /// either (the caller gives it up, to be delivered again after the earlier one).
     pub fn lost(&self) -> bool {
-        self.before.as_ref().is_some_and(|b| {
-            let ended = *b.borrow();
-            match ended {
-                Some(committed) => !committed,
-                // Its task ended without saying (its sender is gone, with no value sent).
-                None => b.has_changed().is_err(),
+        self.before
+            .as_ref()
+            .is_some_and(|b| *b.borrow() == Some(false))
+    }
+
+    /// The backend processes of the batches of its order still at work, before and after it.
+    fn neighbours(&self) -> (Vec<i32>, Vec<i32>) {
+        let pending = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut earlier, mut later) = (Vec::new(), Vec::new());
+        let mut after = false;
+        for p in pending.iter() {
+            if Arc::ptr_eq(&p.pid, &self.pid) {
+                after = true;
+                continue;
             }
-        })
+            let pid = p.pid.load(Ordering::Acquire);
+            if pid != 0 && p.at_work() {
+                if after {
+                    later.push(pid)
+                } else {
+                    earlier.push(pid)
+                }
+            }
+        }
+        (earlier, later)
     }
 }
 
 impl Turn for InTurn {
-    async fn wait(&self, conn: &mut PgConnection) -> Result<()> {
-        let Some(before) = &self.before else {
-            return Ok(());
+    async fn begin(&self, conn: &mut PgConnection) -> Result<()> {
+        let pid = sqlx::query_scalar!(r#"SELECT pg_backend_pid() AS "pid!""#)
+            .fetch_one(conn)
+            .await?;
+        self.pid.store(pid, Ordering::Release);
+        Ok(())
+    }
+
+    async fn wait(&self, conn: &mut PgConnection) -> Result<Step> {
+        let Some(mut before) = self.before.clone() else {
+            return Ok(Step::Commit);
         };
-        let mut before = before.clone();
+        let started = tokio::time::Instant::now();
         loop {
             let ended = async { before.wait_for(Option::is_some).await.map(|e| *e) };
             tokio::select! {
                 ended = ended => {
                     return match ended {
-                        Ok(Some(true)) => Ok(()),
+                        Ok(Some(true)) => Ok(Step::Commit),
                         _ => Err(StoreError::Precondition(
                             "the batch before this one was not committed".into(),
                         )),
                     };
                 }
                 () = tokio::time::sleep(TURN_CHECK) => {
-                    if blocks_another(conn).await? {
-                        tracing::debug!("batch steps aside for an earlier one waiting on its rows");
-                        return Err(StoreError::Retry(
-                            "stepped aside for an earlier batch waiting on its rows".into(),
-                        ));
+                    let (earlier, later) = self.neighbours();
+                    let anyone = started.elapsed() >= TURN_PATIENCE;
+                    if blocks(conn, &earlier, anyone, &later).await? {
+                        tracing::debug!(anyone, "batch steps aside for a transaction waiting on its rows");
+                        return Ok(Step::StepAside);
                     }
                 }
             }
@@ -322,27 +404,57 @@ impl Turn for InTurn {
     }
 }
 
-/// Held by a batch of a [`CommitOrder`] until it ends.
+/// Held by a batch of a [`CommitOrder`] until it ends; dropped unsaid (its task aborted), it
+/// says the batch was given up.
 #[derive(Debug)]
-pub struct TurnEnd(watch::Sender<Option<bool>>);
+pub struct TurnEnd(Option<watch::Sender<Option<bool>>>);
 
 impl TurnEnd {
     /// The batch committed (true) or was given up (false): the batch after it commits, or is
     /// given up too.
-    pub fn ended(self, committed: bool) {
-        self.0.send_replace(Some(committed));
+    pub fn ended(mut self, committed: bool) {
+        if let Some(sender) = self.0.take() {
+            sender.send_replace(Some(committed));
+        }
     }
 }
 
-/// Whether another transaction waits for one of this connection's locks (a row it inserted or
-/// changed, an incident it holds): a transaction waiting for its turn while an earlier batch
-/// waits on it would otherwise wait forever, unseen by PostgreSQL's deadlock detector.
-pub async fn blocks_another(conn: &mut PgConnection) -> Result<bool> {
+impl Drop for TurnEnd {
+    fn drop(&mut self) {
+        if let Some(sender) = self.0.take() {
+            sender.send_replace(Some(false));
+        }
+    }
+}
+
+/// Whether one of the transactions `earlier` (backend pids) waits on this connection's
+/// transaction, directly or through others' locks; with `anyone`, whether any transaction
+/// but those `later` (which wait for it anyway) does.
+async fn blocks(
+    conn: &mut PgConnection,
+    earlier: &[i32],
+    anyone: bool,
+    later: &[i32],
+) -> Result<bool> {
     Ok(sqlx::query_scalar!(
-        r#"SELECT EXISTS (
-               SELECT 1 FROM pg_locks l
-               WHERE NOT l.granted AND pg_backend_pid() = ANY (pg_blocking_pids(l.pid))
-           ) AS "blocks!""#
+        r#"
+        WITH RECURSIVE waiting (pid, depth) AS (
+            SELECT w, 0 FROM unnest($1::int4[]) AS w
+            UNION
+            SELECT b, waiting.depth + 1
+              FROM waiting, unnest(pg_blocking_pids(waiting.pid)) AS b
+             WHERE waiting.depth < 8
+        )
+        SELECT EXISTS (SELECT 1 FROM waiting WHERE depth > 0 AND pid = pg_backend_pid())
+            OR ($2 AND EXISTS (
+                SELECT 1 FROM pg_locks l
+                 WHERE NOT l.granted AND l.pid <> ALL ($3::int4[])
+                   AND pg_backend_pid() = ANY (pg_blocking_pids(l.pid))))
+            AS "blocks!"
+        "#,
+        earlier,
+        anyone,
+        later
     )
     .fetch_one(conn)
     .await?)
@@ -359,24 +471,39 @@ pub async fn commit_batch_in_turn(
     let mut attempt = 0;
     loop {
         let mut tx = pool.begin().await?;
-        let result = match apply(&mut tx, batch, rules).await {
-            Ok(outcome) => match turn.wait(&mut tx).await {
-                Ok(()) => tx
-                    .commit()
-                    .await
-                    .map(|()| outcome)
-                    .map_err(StoreError::from),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
+        let done = async {
+            turn.begin(&mut tx).await?;
+            let outcome = apply(&mut tx, batch, rules).await?;
+            Ok(match turn.wait(&mut tx).await? {
+                Step::Commit => Some(outcome),
+                Step::StepAside => None,
+            })
+        }
+        .await;
+        let result = match done {
+            Ok(Some(outcome)) => tx
+                .commit()
+                .await
+                .map(|()| Some(outcome))
+                .map_err(StoreError::from),
+            // Rolled back now, not when the connection returns to the pool: the locks that
+            // hold up another transaction go at once.
+            other => {
+                let _ = tx.rollback().await;
+                other
+            }
         };
         match result {
+            Ok(Some(outcome)) => return Ok(outcome),
+            // Stepped aside for a transaction waiting on it: not a lost race, started again
+            // at once (its statements now wait in PostgreSQL for the other to end).
+            Ok(None) => {}
             Err(StoreError::Retry(reason)) if attempt < MAX_RETRIES => {
                 attempt += 1;
                 tracing::debug!(attempt, %reason, "retrying batch");
                 tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
             }
-            other => return other,
+            Err(e) => return Err(e),
         }
     }
 }

@@ -193,6 +193,75 @@ async fn batches_in_order_show_every_state_even_when_the_later_one_gets_there_fi
     assert_eq!((revisions, attributes["phase"].clone()), (2, json!(2)));
 }
 
+/// Three batches in flight: the third stores the object's newest state first, the second
+/// then waits on it, and the first is slow. The third steps aside for the second; the second,
+/// waiting for the first, never steps aside for the third (which only waits for it, as it
+/// must); all three commit, in order, once the first has.
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn a_later_batch_steps_aside_for_an_earlier_one_and_never_the_other_way(pool: PgPool) {
+    let rules = rules_of(&pool).await;
+    let mut order = CommitOrder::default();
+    let (first_turn, first_end) = order.take();
+    let in_turn =
+        |turn: occ_store::ingest::InTurn, end: occ_store::ingest::TurnEnd, events: Vec<Event>| {
+            let (pool, rules) = (pool.clone(), rules.clone());
+            tokio::spawn(async move {
+                let events: Vec<Enriched> = events.into_iter().map(Enriched::plain).collect();
+                let batch = Batch::new(&events, Transport::Mqtt, &[]);
+                let result = commit_batch_in_turn(&pool, batch, &rules, &turn).await;
+                end.ended(result.is_ok());
+                result
+            })
+        };
+    let (second_turn, second_end) = order.take();
+    let (third_turn, third_end) = order.take();
+    let third = in_turn(third_turn, third_end, vec![person(2, &[])]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = in_turn(
+        second_turn,
+        second_end,
+        vec![person(1, &["restricted_substation"])],
+    );
+    // Past TURN_PATIENCE: the second must not have stepped aside for the third meanwhile.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(!second.is_finished() && !third.is_finished());
+    assert_eq!(stored_events(&pool).await, 0);
+
+    let first = commit_batch_in_turn(
+        &pool,
+        Batch::new(
+            &[Enriched::plain(object("1764081999.000001-other", 0, &[]))],
+            Transport::Mqtt,
+            &[],
+        ),
+        &rules,
+        &first_turn,
+    )
+    .await
+    .expect("the first batch commits");
+    first_end.ended(true);
+    assert!(matches!(first.events[0], EventOutcome::Accepted { .. }));
+    let wait = |task: tokio::task::JoinHandle<_>| async move {
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("commits once the first has")
+            .expect("task")
+    };
+    let second: BatchOutcome = wait(second).await.expect("the second batch commits");
+    let third: BatchOutcome = wait(third).await.expect("the third batch commits");
+    assert!(
+        matches!(second.events[0], EventOutcome::Accepted { .. }),
+        "{second:?}"
+    );
+    assert!(
+        matches!(third.events[0], EventOutcome::Accepted { .. }),
+        "{third:?}"
+    );
+    assert_eq!(police(&pool).await.len(), 1, "the rules saw the intrusion");
+    let (revisions, attributes) = detection(&pool).await;
+    assert_eq!((revisions, attributes["phase"].clone()), (2, json!(2)));
+}
+
 #[sqlx::test(migrator = "occ_store::MIGRATOR")]
 async fn a_batch_whose_predecessor_was_given_up_is_not_committed(pool: PgPool) {
     let rules = rules_of(&pool).await;
