@@ -71,6 +71,14 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(db) => match db.code().as_deref() {
                 // serialization_failure, deadlock_detected
                 Some("40001" | "40P01") => StoreError::Retry(db.message().to_owned()),
+                // check_violation without a constraint's name: a row routed to a partition
+                // that another transaction narrowed meanwhile (a month's partition attached
+                // beside the default one while events of that month went in). Not the data:
+                // the same row goes to the new partition when tried again. A CHECK constraint
+                // that refuses a value always names itself.
+                Some("23514") if db.constraint().is_none() => {
+                    StoreError::Retry(db.message().to_owned())
+                }
                 // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
                 // read_only_sql_transaction (a failover in progress)
                 Some("57P01" | "57P02" | "57P03" | "53300" | "25006") => StoreError::Unavailable(e),
