@@ -165,12 +165,13 @@ pub async fn insert(
     // above the newer state would be lost.
     let mut revised = Columns::with_capacity(0);
     let (mut revised_ids, mut revised_seen) = (Vec::new(), Vec::new());
-    let by_key: HashMap<(&str, &str), (&Event, i32)> = sorted
-        .iter()
-        .map(|&(e, n)| ((e.source_id.as_str(), e.idempotency_key.as_str()), (e, n)))
-        .collect();
     for r in keyed.iter().filter(|r| r.revised) {
-        if let Some(&(e, n)) = by_key.get(&(r.source_id.as_str(), r.idempotency_key.as_str())) {
+        // `sorted` is in key order: found without building a map for every batch.
+        let key = (r.source_id.as_str(), r.idempotency_key.as_str());
+        if let Ok(i) = sorted
+            .binary_search_by(|(e, _)| (e.source_id.as_str(), e.idempotency_key.as_str()).cmp(&key))
+        {
+            let (e, n) = sorted[i];
             revised.push(e, n);
             revised_ids.push(r.id);
             revised_seen.push(r.seen_at);
