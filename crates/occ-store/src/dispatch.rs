@@ -270,7 +270,8 @@ pub async fn claim_next(
             r#"
             WITH next AS (
                 SELECT id FROM incidents
-                 WHERE queue = $1 AND status = 'QUEUED' -- the incidents_waiting index
+                 -- Said as the incidents_waiting index says it (see its migration).
+                 WHERE queue = $1 AND coalesce(status, '') = 'QUEUED'
                  ORDER BY priority, created_at, id
                  LIMIT 1
                    FOR UPDATE SKIP LOCKED
@@ -333,7 +334,7 @@ pub async fn claim_next(
         let waiting = sqlx::query_scalar!(
             r#"
             SELECT id FROM incidents
-             WHERE queue = $1 AND status = 'QUEUED'
+             WHERE queue = $1 AND coalesce(status, '') = 'QUEUED'
              ORDER BY priority, created_at, id
              LIMIT 1
             "#,

@@ -320,3 +320,80 @@ async fn the_change_log_reads_every_change_once_each_incident_in_commit_order(po
         ["committed first", "committed second"]
     );
 }
+
+/// The incidents read (through any index) by the transaction so far.
+async fn incidents_read(conn: &mut PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(idx_tup_fetch, 0) + coalesce(seq_tup_read, 0)
+           FROM pg_stat_xact_user_tables WHERE relname = 'incidents'",
+    )
+    .fetch_one(conn)
+    .await
+    .expect("statistics")
+}
+
+/// A backlog is worked from its head: the incidents claimed and dispatched first are the most
+/// urgent and oldest, so a claim that walked the queue's incidents in queue order (rather than
+/// its waiting ones) would read them all again, each time. PostgreSQL picks the walk by its
+/// statistics, which here (as after a storm) were taken while every incident was waiting.
+#[sqlx::test(migrator = "occ_store::MIGRATOR")]
+async fn a_claim_reads_the_waiting_incidents_not_those_already_dispatched(pool: PgPool) {
+    sqlx::query(
+        "INSERT INTO incidents (id, number, category, queue, priority, status, title,
+                                correlation_key, rule_name, first_seen, last_seen, event_count,
+                                created_at, updated_at, claim_deadline)
+         SELECT gen_random_uuid(), 'INC-' || n, 'security',
+                (ARRAY['police', 'police', 'fire', 'ems'])[n % 4 + 1], 1 + n % 4 / 3, 'QUEUED',
+                'backlog ' || n, 'backlog-' || n, 'r', now(), now(), 1,
+                now() - make_interval(secs => 20000 - n), now(), now() + interval '5 minutes'
+           FROM generate_series(1, 20000) n",
+    )
+    .execute(&pool)
+    .await
+    .expect("a backlog");
+    sqlx::query("ANALYZE incidents")
+        .execute(&pool)
+        .await
+        .expect("analyze");
+    // The head of the police queue worked off: 3,000 dispatched.
+    sqlx::query(
+        "WITH head AS (SELECT id FROM incidents WHERE queue = 'police'
+                        ORDER BY priority, created_at, id LIMIT 3000)
+         UPDATE incidents i SET status = 'DISPATCHED', claim_deadline = NULL
+           FROM head WHERE i.id = head.id",
+    )
+    .execute(&pool)
+    .await
+    .expect("dispatch the head");
+    sqlx::query("VACUUM incidents")
+        .execute(&pool)
+        .await
+        .expect("vacuum");
+
+    for plans in ["force_generic_plan", "force_custom_plan"] {
+        let mut conn = pool.acquire().await.expect("connection");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET plan_cache_mode = {plans}"
+        )))
+        .execute(&mut *conn)
+        .await
+        .expect("plan cache mode");
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.expect("begin");
+        let before = incidents_read(&mut tx).await;
+        let claimed = dispatch::claim_next(&mut tx, "police", "operator:a", lease(60))
+            .await
+            .expect("claim")
+            .expect("a waiting incident");
+        let read = incidents_read(&mut tx).await - before;
+        assert_eq!(
+            claimed.number.to_string(),
+            "INC-6001",
+            "{plans}: the most urgent, oldest waiting"
+        );
+        assert!(
+            read < 50,
+            "{plans}: claiming one incident read {read} incidents (3,000 dispatched ahead of it)"
+        );
+        tx.rollback().await.expect("rollback");
+    }
+}
