@@ -9,7 +9,8 @@
 //! Measures, in order:
 //! - **broker alone**: QoS 1 publish → QoS 1 subscriber, the messages of the run;
 //! - **PostgreSQL alone**: COPY of the events those messages decode to, 1,000 rows a
-//!   transaction, into a table shaped like OCC's `events`;
+//!   transaction, into OCC's own `events` and `event_keys` (its schema, partitions and indexes):
+//!   the least storing them costs PostgreSQL, beside which OCC's PostgreSQL CPU is shown;
 //! - **bare consumer**: the least an ack-after-commit consumer can do: the backlog queued in a
 //!   persistent session, drained with rumqttc (manual acks) into COPY batches of 500, acked
 //!   after each commit;
@@ -20,7 +21,8 @@
 //!   consumer, then OCC, run; the time from publish to visible in PostgreSQL of one message in
 //!   fifty, and everything checked stored exactly once;
 //! - **dispatch** (see [`dispatch`]): `ListIncidents` latency with many incidents stored, and
-//!   operators claiming and dispatching concurrently, beside empty `ClaimNext` calls.
+//!   operators claiming and dispatching concurrently, beside the same writes made by
+//!   PostgreSQL alone (two statements a pair) and empty `ClaimNext` calls.
 
 mod dispatch;
 mod live;
@@ -271,9 +273,11 @@ async fn measure(
 
     eprintln!("PostgreSQL alone …");
     let db = databases.create("copy").await?;
-    let (copy_rate, _) = measure_pg(|| copy_events(&db, events)).await?;
+    let (copy_rate, copy_pg) = measure_pg(|| copy_events(&db, events)).await?;
     rows.push(Row {
-        what: "PostgreSQL alone: COPY of the decoded events, 1,000 a transaction".into(),
+        what: "PostgreSQL alone: COPY of the decoded events into OCC's events and keys tables \
+               (their indexes), 1,000 a transaction"
+            .into(),
         result: format!("{} ev/s", thousands(copy_rate)),
         baseline: "—".into(),
     });
@@ -305,8 +309,11 @@ async fn measure(
         what: "PostgreSQL CPU per message, drain".into(),
         result: format!("{:.1} µs", drain.pg_cpu.as_secs_f64() * 1e6 / n as f64),
         baseline: format!(
-            "bare consumer {:.1} µs",
-            bare_pg.as_secs_f64() * 1e6 / n as f64
+            "bare consumer {:.1} µs ({:.2}×); COPY into OCC's tables alone {:.1} µs ({:.2}×)",
+            bare_pg.as_secs_f64() * 1e6 / n as f64,
+            drain.pg_cpu.as_secs_f64() / bare_pg.as_secs_f64().max(1e-9),
+            copy_pg.as_secs_f64() * 1e6 / n as f64,
+            drain.pg_cpu.as_secs_f64() / copy_pg.as_secs_f64().max(1e-9),
         ),
     });
     rows.push(Row {
@@ -439,6 +446,8 @@ async fn measure_dispatch(
     let peak = peak_rss_kib(pid);
     terminate(&mut occ).await?;
     let f = figures?;
+    eprintln!("  PostgreSQL alone: the pairs' writes …");
+    let floor = dispatch::floor(&db, args.operators, args.pairs).await?;
     Ok(vec![
         Row {
             what: format!(
@@ -471,9 +480,19 @@ async fn measure_dispatch(
             ),
             result: format!("{} pairs/s ({})", thousands(f.pairs_per_s), f.pair.show()),
             baseline: format!(
-                "the same operators' empty ClaimNext: {} calls/s",
+                "PostgreSQL alone {} pairs/s ({:.2}×); the same operators' empty ClaimNext: {} calls/s",
+                thousands(floor),
+                f.pairs_per_s / floor,
                 thousands(f.empty_calls_per_s)
             ),
+        },
+        Row {
+            what: format!(
+                "PostgreSQL alone: the same writes, a pair in two statements, {} connections",
+                f.operators
+            ),
+            result: format!("{} pairs/s", thousands(floor)),
+            baseline: "—".into(),
         },
         Row {
             what: "CPU of the dispatch stage (OCC, PostgreSQL); OCC peak RSS".into(),
@@ -918,13 +937,6 @@ where
     Ok((rate, after.saturating_sub(before)))
 }
 
-const EVENTS_TABLE: &str = "CREATE TABLE events (
-    id uuid PRIMARY KEY, source_id text NOT NULL, idempotency_key text NOT NULL,
-    event_type text NOT NULL, occurred_at timestamptz NOT NULL, received_at timestamptz NOT NULL,
-    lat double precision, lon double precision, zone text, confidence double precision,
-    measurements jsonb NOT NULL, attributes jsonb NOT NULL,
-    UNIQUE (source_id, idempotency_key))";
-
 /// One line of COPY's text format: tabs between fields, `\N` for null, backslash escapes.
 fn copy_field(out: &mut String, value: Option<&str>) {
     if !out.is_empty() && !out.ends_with('\n') {
@@ -946,28 +958,62 @@ fn copy_field(out: &mut String, value: Option<&str>) {
     }
 }
 
+/// An event as a line of COPY into OCC's events table (the columns of [`EVENT_COLUMNS`]).
 fn copy_line(out: &mut String, e: &Event) {
     let measurements = serde_json::to_string(&e.measurements).unwrap_or_else(|_| "{}".into());
     let attributes = serde_json::to_string(&e.attributes).unwrap_or_else(|_| "{}".into());
+    let received = e.received_at.to_rfc3339();
     copy_field(out, Some(&e.id.to_string()));
     copy_field(out, Some(e.source_id.as_str()));
     copy_field(out, Some(e.idempotency_key.as_str()));
+    copy_field(out, e.external_id.as_deref());
     copy_field(out, Some(e.event_type.as_str()));
+    copy_field(out, e.severity.map(|s| s.as_str()));
+    copy_field(out, e.source_kind.as_ref().map(|k| k.as_str()));
     copy_field(out, Some(&e.occurred_at.to_rfc3339()));
-    copy_field(out, Some(&e.received_at.to_rfc3339()));
+    copy_field(out, Some(&received));
     copy_field(out, e.location.map(|l| l.lat().to_string()).as_deref());
     copy_field(out, e.location.map(|l| l.lon().to_string()).as_deref());
     copy_field(out, e.zone.as_ref().map(|z| z.as_str()));
     copy_field(out, e.confidence.map(|c| c.value().to_string()).as_deref());
     copy_field(out, Some(&measurements));
     copy_field(out, Some(&attributes));
+    copy_field(out, Some("mqtt"));
+    copy_field(out, Some(&received));
     out.push('\n');
 }
 
+const EVENT_COLUMNS: &str = "id, source_id, idempotency_key, external_id, event_type, severity, \
+     source_kind, occurred_at, received_at, lat, lon, zone, confidence, measurements, \
+     attributes, transport, seen_at";
+
+/// An event's key as a line of COPY into OCC's keys table.
+fn copy_key_line(out: &mut String, e: &Event) {
+    let received = e.received_at.to_rfc3339();
+    copy_field(out, Some(e.source_id.as_str()));
+    copy_field(out, Some(e.idempotency_key.as_str()));
+    copy_field(out, Some(&e.id.to_string()));
+    copy_field(out, Some(&received));
+    copy_field(out, Some(&received));
+    out.push('\n');
+}
+
+/// The decoded events (one row per evolving event, as OCC keeps them) copied into OCC's own
+/// events and keys tables, with their indexes, 1,000 a transaction: what storing them costs
+/// PostgreSQL with none of OCC's work around it. Events a second.
 async fn copy_events(db: &PgConnectOptions, events: &[Event]) -> anyhow::Result<f64> {
+    let pool = sqlx::PgPool::connect_with(db.clone()).await?;
+    occ_store::migrate(&pool).await?;
+    let now = Utc::now();
+    occ_store::partitions::cover(
+        &pool,
+        occ_domain::retention::Period::Month,
+        now - chrono::TimeDelta::days(1),
+        now + chrono::TimeDelta::days(1),
+    )
+    .await?;
+    pool.close().await;
     let mut conn = db.connect().await?;
-    sqlx::raw_sql(EVENTS_TABLE).execute(&mut conn).await?;
-    // Revisions of one evolving event are one row, as in OCC.
     let mut seen = HashSet::new();
     let rows: Vec<&Event> = events
         .iter()
@@ -976,17 +1022,24 @@ async fn copy_events(db: &PgConnectOptions, events: &[Event]) -> anyhow::Result<
     let start = Instant::now();
     for chunk in rows.chunks(1000) {
         let mut text = String::new();
+        let mut keys = String::new();
         for e in chunk {
             copy_line(&mut text, e);
+            copy_key_line(&mut keys, e);
         }
         let mut tx = conn.begin().await?;
         let mut copy = tx
-            .copy_in_raw(
-                "COPY events (id, source_id, idempotency_key, event_type, occurred_at, \
-                 received_at, lat, lon, zone, confidence, measurements, attributes) FROM STDIN",
-            )
+            .copy_in_raw(&format!("COPY events ({EVENT_COLUMNS}) FROM STDIN"))
             .await?;
         copy.send(text.as_bytes()).await?;
+        copy.finish().await?;
+        let mut copy = tx
+            .copy_in_raw(
+                "COPY event_keys (source_id, idempotency_key, event_id, seen_at, used_at) \
+                 FROM STDIN",
+            )
+            .await?;
+        copy.send(keys.as_bytes()).await?;
         copy.finish().await?;
         tx.commit().await?;
     }

@@ -4,7 +4,8 @@
 //! Everything goes through OCC's gRPC API, as consoles use it: incidents are opened with
 //! `PublishEvents`, units declared with `UpsertUnit`, then each operator (its own connection,
 //! named in `x-occ-operator`) repeats `ClaimNext` on one shared queue and `DispatchUnits` with
-//! a unit of its own.
+//! a unit of its own. Once OCC has stopped, [`floor`] makes the same writes on the same
+//! database straight in SQL, as few statements as they can be: the most PostgreSQL allows.
 
 use std::time::{Duration, Instant};
 
@@ -407,4 +408,171 @@ async fn operator(
         samples.push(t.elapsed());
     }
     Ok(samples)
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL alone: the floor under ClaimNext + DispatchUnits
+
+/// A claim's writes in one statement, as few as OCC's: the most urgent waiting incident of the
+/// queue claimed, its claim, its audit entry (through the audit chain's trigger) and its
+/// change-log entry. Returns the claim's id.
+const FLOOR_CLAIM: &str = r#"
+WITH next AS (
+    SELECT id FROM incidents
+     WHERE queue = $1 AND coalesce(status, '') = 'QUEUED' -- as ClaimNext says it
+     ORDER BY priority, created_at, id
+     LIMIT 1
+       FOR UPDATE SKIP LOCKED
+), taken AS (
+    UPDATE incidents i
+       SET status = 'CLAIMED', claim_deadline = NULL, updated_at = clock_timestamp()
+      FROM next
+     WHERE i.id = next.id
+    RETURNING i.id, i.queue, i.updated_at
+), claimed AS (
+    INSERT INTO claims (id, incident_id, holder, claimed_at, lease_until)
+    SELECT $3, id, $2, updated_at, updated_at + interval '5 minutes' FROM taken
+    RETURNING id, incident_id, holder, claimed_at, lease_until
+), audited AS (
+    INSERT INTO audit_log (entity_type, entity_id, at, actor, action, before, after, detail)
+    SELECT 'incident', incident_id, claimed_at, holder, 'incident.claimed',
+           jsonb_build_object('status', 'QUEUED'),
+           jsonb_build_object('status', 'CLAIMED', 'holder', holder, 'lease_until', lease_until),
+           'claim ' || id
+      FROM claimed
+), logged AS (
+    INSERT INTO incident_changes (incident_id, queues, kind, at, actor, detail)
+    SELECT id, ARRAY[queue], 'claimed', updated_at, $2, '' FROM taken
+)
+SELECT id FROM claimed
+"#;
+
+/// A dispatch's writes in one statement: the claim ended, the incident dispatched, the unit
+/// assigned, their audit entries and the change-log entry. Returns the units dispatched.
+const FLOOR_DISPATCH: &str = r#"
+WITH ended AS (
+    UPDATE claims SET ended_at = clock_timestamp(), end_reason = 'dispatched'
+     WHERE id = $1 AND ended_at IS NULL
+    RETURNING incident_id, ended_at
+), incident AS (
+    UPDATE incidents i SET status = 'DISPATCHED', updated_at = e.ended_at
+      FROM ended e
+     WHERE i.id = e.incident_id
+    RETURNING i.id, i.queue, i.updated_at
+), unit AS (
+    UPDATE units u SET status = 'DISPATCHED', incident_id = i.id, updated_at = i.updated_at
+      FROM incident i
+     WHERE u.id = $2 AND u.status = 'AVAILABLE'
+    RETURNING u.id, u.call_sign, u.updated_at
+), audited AS (
+    INSERT INTO audit_log (entity_type, entity_id, at, actor, action, before, after, detail)
+    SELECT 'unit', id, updated_at, $3, 'unit.status_changed',
+           jsonb_build_object('status', 'AVAILABLE'),
+           jsonb_build_object('status', 'DISPATCHED'), 'dispatched'
+      FROM unit
+    UNION ALL
+    SELECT 'incident', i.id, i.updated_at, $3, 'incident.dispatched',
+           jsonb_build_object('status', 'CLAIMED'),
+           jsonb_build_object('status', 'DISPATCHED', 'units', jsonb_build_array(u.call_sign)),
+           u.call_sign
+      FROM incident i, unit u
+), logged AS (
+    INSERT INTO incident_changes (incident_id, queues, kind, at, actor, detail)
+    SELECT i.id, ARRAY[i.queue], 'dispatched', i.updated_at, $3, u.call_sign
+      FROM incident i, unit u
+)
+SELECT count(*) FROM unit
+"#;
+
+/// The same writes as the operators' pairs, on the same database once OCC has stopped, with no
+/// API, no pool and no decision in between: each pair two statements on a connection of its
+/// own, `operators` connections at once, the first fifth of each one's pairs untimed. Pairs a
+/// second: what PostgreSQL on this machine allows OCC's schema at best.
+pub(super) async fn floor(
+    db: &sqlx::postgres::PgConnectOptions,
+    operators: usize,
+    pairs_each: usize,
+) -> anyhow::Result<f64> {
+    let mut conn = sqlx::ConnectOptions::connect(db).await?;
+    // Units of their own, each with its chain head, as OCC's were declared.
+    sqlx::query(
+        "WITH declared AS (
+             INSERT INTO units (id, call_sign, agency, home_station, status, created_at,
+                                updated_at)
+             SELECT gen_random_uuid(), 'FLOOR-' || op || '-' || i, $1, 'floor-' || op,
+                    'AVAILABLE', now(), now()
+               FROM generate_series(0, $2 - 1) op, generate_series(0, $3 - 1) i
+             RETURNING id
+         )
+         INSERT INTO audit_log (entity_type, entity_id, at, actor, action, detail)
+         SELECT 'unit', id, now(), 'bench', 'unit.created', '' FROM declared",
+    )
+    .bind(QUEUE)
+    .bind(operators as i32)
+    .bind(pairs_each as i32)
+    .execute(&mut conn)
+    .await?;
+    sqlx::query("ANALYZE units").execute(&mut conn).await?;
+
+    let mut units = Vec::with_capacity(operators);
+    for op in 0..operators {
+        let mine: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT id FROM units WHERE call_sign LIKE 'FLOOR-' || $1 || '-%' ORDER BY id",
+        )
+        .bind(op.to_string())
+        .fetch_all(&mut conn)
+        .await?;
+        ensure!(
+            mine.len() == pairs_each,
+            "the floor's units were not declared"
+        );
+        units.push(mine);
+    }
+    sqlx::Connection::close(conn).await?;
+    let warm_up: Vec<Vec<uuid::Uuid>> = units
+        .iter_mut()
+        .map(|u| u.split_off(u.len() - u.len() / 5))
+        .collect();
+    floor_pairs(db, warm_up).await?;
+    let started = Instant::now();
+    let pairs = floor_pairs(db, units).await?;
+    Ok(pairs as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Each operator's pairs on a connection of its own, all at once; how many pairs were made.
+async fn floor_pairs(
+    db: &sqlx::postgres::PgConnectOptions,
+    units: Vec<Vec<uuid::Uuid>>,
+) -> anyhow::Result<usize> {
+    let mut desks = Vec::new();
+    for (op, units) in units.into_iter().enumerate() {
+        let mut conn = sqlx::ConnectOptions::connect(db).await?;
+        desks.push(tokio::spawn(async move {
+            let holder = format!("operator:floor-{op}");
+            let pairs = units.len();
+            for unit in units {
+                let claim: uuid::Uuid = sqlx::query_scalar(FLOOR_CLAIM)
+                    .bind(QUEUE)
+                    .bind(&holder)
+                    .bind(uuid::Uuid::now_v7())
+                    .fetch_optional(&mut conn)
+                    .await?
+                    .context("the queue ran out of incidents")?;
+                let dispatched: i64 = sqlx::query_scalar(FLOOR_DISPATCH)
+                    .bind(claim)
+                    .bind(unit)
+                    .bind(&holder)
+                    .fetch_one(&mut conn)
+                    .await?;
+                ensure!(dispatched == 1, "a floor dispatch wrote nothing");
+            }
+            sqlx::Connection::close(conn).await?;
+            anyhow::Ok(pairs)
+        }));
+    }
+    let mut pairs = 0;
+    for desk in desks {
+        pairs += desk.await??;
+    }
+    Ok(pairs)
 }
