@@ -1,4 +1,4 @@
--- ClaimNext walks the waiting incidents' index, never the queue's history.
+-- ClaimNext walks the waiting incidents, never the queue's history.
 --
 -- Both `incidents_waiting` (the waiting incidents of a queue, in claim order) and
 -- `incidents_by_queue` (all of a queue's incidents, in the same order) can answer "the most
@@ -11,10 +11,11 @@
 -- after them reads all of them again: a backlog is worked in quadratic time, in a storm, when
 -- it matters most.
 --
--- The predicate is written as an expression PostgreSQL keeps no statistics for (`status` is
--- NOT NULL, so it means `status = 'QUEUED'`): the planner then takes the index to hold a small
--- part of the table, whatever `status` looked like at the last ANALYZE, and the claim (which
--- says the same) always walks it.
-DROP INDEX incidents_waiting;
-CREATE INDEX incidents_waiting ON incidents (queue, priority, created_at, id)
+-- The claim walks an index of its own, whose predicate is an expression PostgreSQL keeps no
+-- statistics for (`status` is NOT NULL, so it means `status = 'QUEUED'`): the planner takes it to
+-- hold a small part of the table, whatever `status` looked like at the last ANALYZE, and the
+-- claim, which says the same, always walks it. `incidents_waiting` stays for the queries that
+-- name the status plainly (a console listing a queue's waiting incidents). Both hold waiting
+-- incidents only: an entry each when an incident starts or goes back to waiting.
+CREATE INDEX incidents_claim_order ON incidents (queue, priority, created_at, id)
     WHERE coalesce(status, '') = 'QUEUED';

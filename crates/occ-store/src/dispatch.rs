@@ -270,7 +270,7 @@ pub async fn claim_next(
             r#"
             WITH next AS (
                 SELECT id FROM incidents
-                 -- Said as the incidents_waiting index says it (see its migration).
+                 -- Said as the incidents_claim_order index says it (see its migration).
                  WHERE queue = $1 AND coalesce(status, '') = 'QUEUED'
                  ORDER BY priority, created_at, id
                  LIMIT 1
