@@ -16,6 +16,9 @@
 -- hold a small part of the table, whatever `status` looked like at the last ANALYZE, and the
 -- claim, which says the same, always walks it. `incidents_waiting` stays for the queries that
 -- name the status plainly (a console listing a queue's waiting incidents). Both hold waiting
--- incidents only: an entry each when an incident starts or goes back to waiting.
+-- incidents only: an entry each when an incident starts or goes back to waiting. A PostgreSQL
+-- that learned to fold `coalesce` over a NOT NULL column would undo this; the test
+-- `a_claim_reads_the_waiting_incidents_not_those_already_dispatched` would then fail. Writes to
+-- incidents wait while the index is built (140 ms at 100,000 waiting incidents, measured).
 CREATE INDEX incidents_claim_order ON incidents (queue, priority, created_at, id)
     WHERE coalesce(status, '') = 'QUEUED';

@@ -222,7 +222,8 @@ async fn the_bench_runs_and_cleans_up_after_itself(pool: PgPool) {
     assert!(ok, "{err}");
     for line in [
         "| broker alone",
-        "| PostgreSQL alone",
+        "| PostgreSQL alone: COPY of the decoded events into OCC's events",
+        "| PostgreSQL alone: the same writes",
         "| bare consumer",
         "| OCC drain: 400 queued messages",
         "| OCC peak RSS",

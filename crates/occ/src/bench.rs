@@ -273,6 +273,7 @@ async fn measure(
 
     eprintln!("PostgreSQL alone …");
     let db = databases.create("copy").await?;
+    copy_schema(&db, events).await?;
     let (copy_rate, copy_pg) = measure_pg(|| copy_events(&db, events)).await?;
     rows.push(Row {
         what: "PostgreSQL alone: COPY of the decoded events into OCC's events and keys tables \
@@ -434,6 +435,15 @@ async fn measure_dispatch(
     databases: &Databases,
 ) -> anyhow::Result<Vec<Row>> {
     eprintln!("dispatch …");
+    // Half the incidents are the police's; OCC's operators, then PostgreSQL alone, each claim
+    // --operators × --pairs of them.
+    ensure!(
+        args.incidents / 2 >= 2 * args.operators * args.pairs,
+        "--incidents {} leaves {} police incidents; the dispatch stage claims {} (--operators × --pairs, twice)",
+        args.incidents,
+        args.incidents / 2,
+        2 * args.operators * args.pairs
+    );
     let db = databases.create("dispatch").await?;
     let (mut occ, grpc) = start_occ(broker.port, &db, "occ-bench-dispatch").await?;
     wait_serving(&grpc, &mut occ).await?;
@@ -448,6 +458,11 @@ async fn measure_dispatch(
     let f = figures?;
     eprintln!("  PostgreSQL alone: the pairs' writes …");
     let floor = dispatch::floor(&db, args.operators, args.pairs).await?;
+    let of_floor = if floor > 0.0 {
+        format!("{:.2}×", f.pairs_per_s / floor)
+    } else {
+        "—".into()
+    };
     Ok(vec![
         Row {
             what: format!(
@@ -480,9 +495,8 @@ async fn measure_dispatch(
             ),
             result: format!("{} pairs/s ({})", thousands(f.pairs_per_s), f.pair.show()),
             baseline: format!(
-                "PostgreSQL alone {} pairs/s ({:.2}×); the same operators' empty ClaimNext: {} calls/s",
+                "PostgreSQL alone {} pairs/s ({of_floor}); the same operators' empty ClaimNext: {} calls/s",
                 thousands(floor),
-                f.pairs_per_s / floor,
                 thousands(f.empty_calls_per_s)
             ),
         },
@@ -963,6 +977,7 @@ fn copy_line(out: &mut String, e: &Event) {
     let measurements = serde_json::to_string(&e.measurements).unwrap_or_else(|_| "{}".into());
     let attributes = serde_json::to_string(&e.attributes).unwrap_or_else(|_| "{}".into());
     let received = e.received_at.to_rfc3339();
+    let seen = e.observed_at().to_rfc3339();
     copy_field(out, Some(&e.id.to_string()));
     copy_field(out, Some(e.source_id.as_str()));
     copy_field(out, Some(e.idempotency_key.as_str()));
@@ -979,7 +994,7 @@ fn copy_line(out: &mut String, e: &Event) {
     copy_field(out, Some(&measurements));
     copy_field(out, Some(&attributes));
     copy_field(out, Some("mqtt"));
-    copy_field(out, Some(&received));
+    copy_field(out, Some(&seen));
     out.push('\n');
 }
 
@@ -989,30 +1004,37 @@ const EVENT_COLUMNS: &str = "id, source_id, idempotency_key, external_id, event_
 
 /// An event's key as a line of COPY into OCC's keys table.
 fn copy_key_line(out: &mut String, e: &Event) {
-    let received = e.received_at.to_rfc3339();
     copy_field(out, Some(e.source_id.as_str()));
     copy_field(out, Some(e.idempotency_key.as_str()));
     copy_field(out, Some(&e.id.to_string()));
-    copy_field(out, Some(&received));
-    copy_field(out, Some(&received));
+    copy_field(out, Some(&e.observed_at().to_rfc3339()));
+    copy_field(out, Some(&e.received_at.to_rfc3339()));
     out.push('\n');
+}
+
+/// OCC's schema, and partitions for the events of the run, made before the COPY is measured.
+async fn copy_schema(db: &PgConnectOptions, events: &[Event]) -> anyhow::Result<()> {
+    let pool = sqlx::PgPool::connect_with(db.clone()).await?;
+    occ_store::migrate(&pool).await?;
+    let seen = events.iter().map(|e| e.observed_at());
+    let (from, to) = (seen.clone().min(), seen.max());
+    if let (Some(from), Some(to)) = (from, to) {
+        occ_store::partitions::cover(
+            &pool,
+            occ_domain::retention::Period::Month,
+            from,
+            to + chrono::TimeDelta::seconds(1),
+        )
+        .await?;
+    }
+    pool.close().await;
+    Ok(())
 }
 
 /// The decoded events (one row per evolving event, as OCC keeps them) copied into OCC's own
 /// events and keys tables, with their indexes, 1,000 a transaction: what storing them costs
 /// PostgreSQL with none of OCC's work around it. Events a second.
 async fn copy_events(db: &PgConnectOptions, events: &[Event]) -> anyhow::Result<f64> {
-    let pool = sqlx::PgPool::connect_with(db.clone()).await?;
-    occ_store::migrate(&pool).await?;
-    let now = Utc::now();
-    occ_store::partitions::cover(
-        &pool,
-        occ_domain::retention::Period::Month,
-        now - chrono::TimeDelta::days(1),
-        now + chrono::TimeDelta::days(1),
-    )
-    .await?;
-    pool.close().await;
     let mut conn = db.connect().await?;
     let mut seen = HashSet::new();
     let rows: Vec<&Event> = events
