@@ -972,44 +972,45 @@ fn copy_field(out: &mut String, value: Option<&str>) {
     }
 }
 
-/// An event as a line of COPY into OCC's events table (the columns of [`EVENT_COLUMNS`]).
-fn copy_line(out: &mut String, e: &Event) {
-    let measurements = serde_json::to_string(&e.measurements).unwrap_or_else(|_| "{}".into());
-    let attributes = serde_json::to_string(&e.attributes).unwrap_or_else(|_| "{}".into());
-    let received = e.received_at.to_rfc3339();
-    let seen = e.observed_at().to_rfc3339();
-    copy_field(out, Some(&e.id.to_string()));
-    copy_field(out, Some(e.source_id.as_str()));
-    copy_field(out, Some(e.idempotency_key.as_str()));
-    copy_field(out, e.external_id.as_deref());
-    copy_field(out, Some(e.event_type.as_str()));
-    copy_field(out, e.severity.map(|s| s.as_str()));
-    copy_field(out, e.source_kind.as_ref().map(|k| k.as_str()));
-    copy_field(out, Some(&e.occurred_at.to_rfc3339()));
-    copy_field(out, Some(&received));
-    copy_field(out, e.location.map(|l| l.lat().to_string()).as_deref());
-    copy_field(out, e.location.map(|l| l.lon().to_string()).as_deref());
-    copy_field(out, e.zone.as_ref().map(|z| z.as_str()));
-    copy_field(out, e.confidence.map(|c| c.value().to_string()).as_deref());
-    copy_field(out, Some(&measurements));
-    copy_field(out, Some(&attributes));
-    copy_field(out, Some("mqtt"));
-    copy_field(out, Some(&seen));
-    out.push('\n');
-}
-
 const EVENT_COLUMNS: &str = "id, source_id, idempotency_key, external_id, event_type, severity, \
      source_kind, occurred_at, received_at, lat, lon, zone, confidence, measurements, \
      attributes, transport, seen_at";
 
-/// An event's key as a line of COPY into OCC's keys table.
-fn copy_key_line(out: &mut String, e: &Event) {
-    copy_field(out, Some(e.source_id.as_str()));
-    copy_field(out, Some(e.idempotency_key.as_str()));
-    copy_field(out, Some(&e.id.to_string()));
-    copy_field(out, Some(&e.observed_at().to_rfc3339()));
-    copy_field(out, Some(&e.received_at.to_rfc3339()));
-    out.push('\n');
+/// An event as a line of COPY into OCC's events table (the columns of [`EVENT_COLUMNS`]), and
+/// its key as a line of COPY into OCC's keys table.
+fn copy_lines(events: &mut String, keys: &mut String, e: &Event) {
+    let measurements = serde_json::to_string(&e.measurements).unwrap_or_else(|_| "{}".into());
+    let attributes = serde_json::to_string(&e.attributes).unwrap_or_else(|_| "{}".into());
+    let id = e.id.to_string();
+    let received = e.received_at.to_rfc3339();
+    let seen = e.observed_at().to_rfc3339();
+    copy_field(events, Some(&id));
+    copy_field(events, Some(e.source_id.as_str()));
+    copy_field(events, Some(e.idempotency_key.as_str()));
+    copy_field(events, e.external_id.as_deref());
+    copy_field(events, Some(e.event_type.as_str()));
+    copy_field(events, e.severity.map(|s| s.as_str()));
+    copy_field(events, e.source_kind.as_ref().map(|k| k.as_str()));
+    copy_field(events, Some(&e.occurred_at.to_rfc3339()));
+    copy_field(events, Some(&received));
+    copy_field(events, e.location.map(|l| l.lat().to_string()).as_deref());
+    copy_field(events, e.location.map(|l| l.lon().to_string()).as_deref());
+    copy_field(events, e.zone.as_ref().map(|z| z.as_str()));
+    copy_field(
+        events,
+        e.confidence.map(|c| c.value().to_string()).as_deref(),
+    );
+    copy_field(events, Some(&measurements));
+    copy_field(events, Some(&attributes));
+    copy_field(events, Some("mqtt"));
+    copy_field(events, Some(&seen));
+    events.push('\n');
+    copy_field(keys, Some(e.source_id.as_str()));
+    copy_field(keys, Some(e.idempotency_key.as_str()));
+    copy_field(keys, Some(&id));
+    copy_field(keys, Some(&seen));
+    copy_field(keys, Some(&received));
+    keys.push('\n');
 }
 
 /// OCC's schema, and partitions for the events of the run, made before the COPY is measured.
@@ -1046,8 +1047,7 @@ async fn copy_events(db: &PgConnectOptions, events: &[Event]) -> anyhow::Result<
         let mut text = String::new();
         let mut keys = String::new();
         for e in chunk {
-            copy_line(&mut text, e);
-            copy_key_line(&mut keys, e);
+            copy_lines(&mut text, &mut keys, e);
         }
         let mut tx = conn.begin().await?;
         let mut copy = tx

@@ -535,9 +535,7 @@ pub(super) async fn floor(
         .collect();
     floor_pairs(db, warm_up).await?;
     // Analysed as OCC's run was after its warm-up.
-    let mut conn = sqlx::ConnectOptions::connect(db).await?;
-    sqlx::query("ANALYZE").execute(&mut conn).await?;
-    sqlx::Connection::close(conn).await?;
+    analyze(db).await?;
     let started = Instant::now();
     let pairs = floor_pairs(db, units).await?;
     Ok(pairs as f64 / started.elapsed().as_secs_f64())
