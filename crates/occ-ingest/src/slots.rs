@@ -294,6 +294,10 @@ impl Manager {
         let reading = self.held.values().filter(|h| !h.retiring).count();
         let live = usize::try_from(renewed.live_instances.max(1)).unwrap_or(1);
         let share = self.config.client_ids.len().div_ceil(live);
+        // Until the slots this instance should read are taken, it is not ready: a take that
+        // failed leaves the first round unsettled, so health does not say SERVING while no
+        // session reads.
+        let mut took = true;
         if reading < share {
             let free: Vec<String> = self
                 .config
@@ -302,7 +306,7 @@ impl Manager {
                 .filter(|id| !self.held.contains_key(*id))
                 .cloned()
                 .collect();
-            self.take(&free, share - reading, false).await;
+            took = self.take(&free, share - reading, false).await;
         } else if reading > share
             && let Some(id) = self
                 .held
@@ -316,13 +320,18 @@ impl Manager {
         }
         // One retiring slot at a time per instance.
         if !renewed.free_retiring.is_empty() && !self.held.values().any(|h| h.retiring) {
-            self.take(&renewed.free_retiring, 1, true).await;
+            // A retiring slot not taken now is tried again next round; readiness is about the
+            // slots read.
+            let _ = self.take(&renewed.free_retiring, 1, true).await;
         }
-        self.statuses.update(|s| s.settled = true);
+        if took {
+            self.statuses.update(|s| s.settled = true);
+        }
         metrics::gauge!("occ_ingest_slots_held").set(self.held.len() as f64);
     }
 
-    async fn take(&mut self, among: &[String], n: usize, retiring: bool) {
+    /// Takes up to `n` of `among`; false when the database could not be asked.
+    async fn take(&mut self, among: &[String], n: usize, retiring: bool) -> bool {
         match slots::take(
             &self.pool,
             self.me,
@@ -338,8 +347,12 @@ impl Manager {
                 for t in taken {
                     self.start_slot(t, retiring);
                 }
+                true
             }
-            Err(e) => tracing::warn!(error = %e, "cannot take ingest slots"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take ingest slots");
+                false
+            }
         }
     }
 
@@ -415,6 +428,13 @@ impl Manager {
             stop.clone(),
         );
         let mut status = ingest.status();
+        // Counted from the moment it is taken, not from when `follow` first runs: until then
+        // the instance would look ready with a slot that has not subscribed yet, and whatever
+        // is published meanwhile would reach no session.
+        let now = *status.borrow();
+        self.statuses.update(|s| {
+            s.slots.insert(client_id.clone(), now);
+        });
         let statuses = self.statuses.clone();
         let pool = self.pool.clone();
         let id = client_id.clone();
@@ -488,6 +508,114 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A manager whose broker and database nobody answers at: what it decides alone.
+    fn unreachable_manager() -> Manager {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let pool = occ_store::db::pool(&occ_store::db::DbConfig {
+            url: format!("postgres://postgres@127.0.0.1:{closed}/occ"),
+            max_connections: 1,
+            acquire_timeout: Duration::from_secs(1),
+            statement_timeout: None,
+            lock_timeout: None,
+        })
+        .expect("a lazy pool");
+        let (status, _) = watch::channel(IngestStatus {
+            subscribed: false,
+            database_ok: true,
+        });
+        Manager {
+            me: Uuid::now_v7(),
+            mqtt: MqttConfig {
+                host: "127.0.0.1".into(),
+                port: closed,
+                username: None,
+                password: None,
+                client_id: "occ".into(),
+                share_group: String::new(),
+                keep_alive: Duration::from_secs(30),
+                session_expiry: Duration::from_secs(3600),
+                receive_maximum: 100,
+                max_packet_size: 1 << 20,
+                tls: None,
+            },
+            config: SlotConfig {
+                client_ids: vec!["occ".into()],
+                lease: Duration::from_secs(8),
+                instance_name: "test".into(),
+                grace: Duration::from_secs(1),
+            },
+            parts: IngestParts {
+                batch: crate::BatchConfig {
+                    size: 100,
+                    deadline: Duration::from_millis(50),
+                    in_flight: 1,
+                    commit_timeout: Duration::from_secs(5),
+                },
+                limits: occ_domain::Limits::default(),
+                adapters: Arc::default(),
+                pool: pool.clone(),
+                rules: occ_store::live::Live::fixed(Default::default()),
+                registry: occ_store::live::Live::fixed(Default::default()),
+                activity: Default::default(),
+                clock: occ_domain::SystemClock::shared(),
+                source_rates: Arc::new(Mutex::new(occ_domain::rate::SourceRates::new(0.0, 0.0))),
+            },
+            pool,
+            stats: Arc::default(),
+            held: BTreeMap::new(),
+            statuses: Arc::new(Statuses {
+                status,
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// The bench's drain once stalled on this: `occ serve` answered SERVING between taking its
+    /// slot and that slot's first status, was stopped as ready, and had never subscribed, so
+    /// the backlog published next reached no session.
+    #[tokio::test]
+    async fn a_slot_taken_keeps_the_instance_not_ready_until_it_has_subscribed() {
+        let mut manager = unreachable_manager();
+        manager.start_slot(
+            Taken {
+                client_id: "occ".into(),
+                subscriptions: Vec::new(),
+            },
+            false,
+        );
+        // The end of the first round, before any other task has run.
+        manager.statuses.update(|s| s.settled = true);
+        assert!(
+            !manager.statuses.status.borrow().subscribed,
+            "ready with a slot whose session has not subscribed"
+        );
+        manager.drop_slot("occ");
+        // Holding no slot while another instance holds them all is ready.
+        assert!(manager.statuses.status.borrow().subscribed);
+    }
+
+    #[tokio::test]
+    async fn a_round_that_could_not_take_its_slots_leaves_the_instance_not_ready() {
+        let mut manager = unreachable_manager();
+        // Renewed, then PostgreSQL went away before the free slot could be taken.
+        manager
+            .round(Renewed {
+                held: Vec::new(),
+                held_retiring: Vec::new(),
+                free_retiring: Vec::new(),
+                live_instances: 1,
+            })
+            .await;
+        assert!(manager.held.is_empty());
+        assert!(
+            !manager.statuses.status.borrow().subscribed,
+            "ready while the slot nobody holds is read by no session"
+        );
+    }
 
     #[test]
     fn one_slot_keeps_the_client_id_and_more_only_add_ids() {

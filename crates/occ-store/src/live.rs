@@ -65,6 +65,16 @@ impl<T: Send + Sync + 'static> Live<T> {
         })
     }
 
+    /// A snapshot that never changes, kept by nothing: for a part run without its tables
+    /// (its own tests).
+    pub fn fixed(value: T) -> Self {
+        let (_, current) = watch::channel(Arc::new(value));
+        Self {
+            current,
+            reload: Arc::new(Notify::new()),
+        }
+    }
+
     pub fn current(&self) -> Arc<T> {
         self.current.borrow().clone()
     }
