@@ -411,18 +411,26 @@ async fn measure_live(
                 args.live_seconds
             )
         };
+        let shown = |l: &live::Live| {
+            format!(
+                "{} · PostgreSQL CPU {:.1} µs a message",
+                l.latency.show(),
+                micros(l.pg_cpu_per_message)
+            )
+        };
         rows.push(Row {
             what: what("bare consumer", bare.published_per_s),
-            result: bare.latency.show(),
+            result: shown(&bare),
             baseline: "—".into(),
         });
         rows.push(Row {
             what: what("OCC, exactly once,", occ.published_per_s),
-            result: occ.latency.show(),
+            result: shown(&occ),
             baseline: format!(
-                "bare consumer p99 {} ({:.2}×)",
+                "bare consumer p99 {} ({:.2}×), PostgreSQL CPU {:.2}×",
                 dispatch::millis(bare.latency.p99),
-                occ.latency.p99.as_secs_f64() / bare.latency.p99.as_secs_f64().max(1e-9)
+                occ.latency.p99.as_secs_f64() / bare.latency.p99.as_secs_f64().max(1e-9),
+                micros(occ.pg_cpu_per_message) / micros(bare.pg_cpu_per_message).max(1e-9)
             ),
         });
     }
@@ -543,6 +551,10 @@ fn print_table(args: &BenchArgs, rows: &[Row], took: Duration) {
     }
     println!();
     println!("(the run took {:.0} s)", took.as_secs_f64());
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
 }
 
 fn thousands(v: f64) -> String {

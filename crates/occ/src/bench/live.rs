@@ -33,6 +33,37 @@ pub(super) struct Live {
     /// The rate the publisher reached (it may fall short of the one asked on a busy machine).
     pub published_per_s: f64,
     pub latency: Latencies,
+    /// PostgreSQL's CPU from the first message published to the last probe seen, per message.
+    pub pg_cpu_per_message: Duration,
+}
+
+/// Publishes `messages` paced and waits for the watcher to see every probe: the rate reached,
+/// the probes' latencies, and PostgreSQL's CPU per message meanwhile.
+async fn publish_watched(
+    port: u16,
+    db: &PgConnectOptions,
+    table: Table,
+    messages: &[Msg],
+    probes: usize,
+    rate: u32,
+) -> anyhow::Result<Live> {
+    let sent: Sent = Arc::new(Mutex::new(vec![None; probes]));
+    let watcher = tokio::spawn(watch(
+        db.connect().await?,
+        table,
+        sent.clone(),
+        probes,
+        PATIENCE,
+    ));
+    let pg_before = super::cpu_of_processes("postgres");
+    let published_per_s = publish_paced(port, messages, rate, sent).await?;
+    let samples = watcher.await.context("watcher")??;
+    let pg_cpu = super::cpu_of_processes("postgres").saturating_sub(pg_before);
+    Ok(Live {
+        published_per_s,
+        latency: Latencies::of(samples),
+        pg_cpu_per_message: pg_cpu / u32::try_from(messages.len().max(1)).unwrap_or(u32::MAX),
+    })
 }
 
 /// `messages` with every [`PROBE_EVERY`]th replaced by a probe; and how many probes.
@@ -178,16 +209,7 @@ pub(super) async fn occ(
     let client_id = format!("occ-bench-live-{rate}-{}", std::process::id());
     let (mut child, grpc) = super::start_occ(port, db, &client_id).await?;
     super::wait_serving(&grpc, &mut child).await?;
-    let sent: Sent = Arc::new(Mutex::new(vec![None; probes]));
-    let watcher = tokio::spawn(watch(
-        db.connect().await?,
-        Table::Events,
-        sent.clone(),
-        probes,
-        PATIENCE,
-    ));
-    let published_per_s = publish_paced(port, messages, rate, sent).await?;
-    let samples = watcher.await.context("watcher")??;
+    let live = publish_watched(port, db, Table::Events, messages, probes, rate).await?;
     // Everything else the messages hold, exactly once.
     let mut conn = db.connect().await?;
     let deadline = Instant::now() + PATIENCE;
@@ -214,10 +236,7 @@ pub(super) async fn occ(
     }
     conn.close().await?;
     super::terminate(&mut child).await?;
-    Ok(Live {
-        published_per_s,
-        latency: Latencies::of(samples),
-    })
+    Ok(live)
 }
 
 /// The bare consumer at `rate`, its session made and its consumer running before the first
@@ -234,22 +253,10 @@ pub(super) async fn bare(
     let client_id = format!("occ-bench-live-bare-{rate}-{}", std::process::id());
     make_session(&client_id, port, vec![Filter::new("#", QoS::AtLeastOnce)]).await?;
     let consumer = tokio::spawn(bare_consume(port, client_id, conn, messages.len()));
-    let sent: Sent = Arc::new(Mutex::new(vec![None; probes]));
-    let watcher = tokio::spawn(watch(
-        db.connect().await?,
-        Table::Messages,
-        sent.clone(),
-        probes,
-        PATIENCE,
-    ));
-    let published_per_s = publish_paced(port, messages, rate, sent).await?;
-    let samples = watcher.await.context("watcher")??;
+    let live = publish_watched(port, db, Table::Messages, messages, probes, rate).await?;
     let (_, conn) = consumer.await.context("bare consumer")??;
     conn.close().await?;
-    Ok(Live {
-        published_per_s,
-        latency: Latencies::of(samples),
-    })
+    Ok(live)
 }
 
 #[cfg(test)]
