@@ -133,9 +133,13 @@ struct Statuses {
 
 #[derive(Debug, Default)]
 struct State {
-    /// The first round of taking slots is done.
+    /// A round of taking slots has succeeded since the instance started, or since it last
+    /// stopped reading because its leases could not be renewed.
     settled: bool,
-    slots: BTreeMap<String, IngestStatus>,
+    /// Each slot held: which taking of it (a slot given up and taken again is another), and
+    /// its status.
+    slots: BTreeMap<String, (u64, IngestStatus)>,
+    takings: u64,
 }
 
 impl Statuses {
@@ -143,14 +147,35 @@ impl Statuses {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         change(&mut state);
         let merged = IngestStatus {
-            subscribed: state.settled && state.slots.values().all(|s| s.subscribed),
-            database_ok: state.slots.values().all(|s| s.database_ok),
+            subscribed: state.settled && state.slots.values().all(|(_, s)| s.subscribed),
+            database_ok: state.slots.values().all(|(_, s)| s.database_ok),
         };
         drop(state);
         self.status.send_if_modified(|s| {
             let changed = *s != merged;
             *s = merged;
             changed
+        });
+    }
+
+    /// Counts a slot just taken, with its first status; returns which taking it is.
+    fn taken(&self, client_id: &str, status: IngestStatus) -> u64 {
+        let mut taking = 0;
+        self.update(|s| {
+            s.takings += 1;
+            taking = s.takings;
+            s.slots.insert(client_id.to_owned(), (taking, status));
+        });
+        taking
+    }
+
+    /// A newer status of a slot, unless that taking of it has ended: a `follow` task aborted
+    /// while it was running may still get here, and must not bring back a slot given up.
+    fn changed(&self, client_id: &str, taking: u64, status: IngestStatus) {
+        self.update(|s| {
+            if let Some(slot) = s.slots.get_mut(client_id).filter(|(t, _)| *t == taking) {
+                slot.1 = status;
+            }
         });
     }
 }
@@ -234,6 +259,8 @@ impl Manager {
                 for id in self.held.keys().cloned().collect::<Vec<_>>() {
                     self.drop_slot(&id);
                 }
+                // Reading nothing now: not ready until a round has taken slots again.
+                self.statuses.update(|s| s.settled = false);
             }
             tokio::select! {
                 () = tokio::time::sleep(tick) => {}
@@ -431,10 +458,7 @@ impl Manager {
         // Counted from the moment it is taken, not from when `follow` first runs: until then
         // the instance would look ready with a slot that has not subscribed yet, and whatever
         // is published meanwhile would reach no session.
-        let now = *status.borrow();
-        self.statuses.update(|s| {
-            s.slots.insert(client_id.clone(), now);
-        });
+        let taking = self.statuses.taken(&client_id, *status.borrow());
         let statuses = self.statuses.clone();
         let pool = self.pool.clone();
         let id = client_id.clone();
@@ -445,9 +469,7 @@ impl Manager {
             let mut recorded = same(&recorded, &wanted);
             loop {
                 let now = *status.borrow_and_update();
-                statuses.update(|s| {
-                    s.slots.insert(id.clone(), now);
-                });
+                statuses.changed(&id, taking, now);
                 // Subscribed, with earlier filters dropped: what the session holds now.
                 if now.subscribed && !recorded {
                     match slots::subscribed(&pool, &id, &wanted).await {
@@ -614,6 +636,45 @@ mod tests {
         assert!(
             !manager.statuses.status.borrow().subscribed,
             "ready while the slot nobody holds is read by no session"
+        );
+    }
+
+    #[test]
+    fn a_status_from_a_taking_that_has_ended_changes_nothing() {
+        let (status, ready) = watch::channel(IngestStatus {
+            subscribed: false,
+            database_ok: true,
+        });
+        let statuses = Statuses {
+            status,
+            state: Mutex::new(State {
+                settled: true,
+                ..State::default()
+            }),
+        };
+        let (waiting, reading) = (
+            IngestStatus {
+                subscribed: false,
+                database_ok: true,
+            },
+            IngestStatus {
+                subscribed: true,
+                database_ok: true,
+            },
+        );
+        let first = statuses.taken("occ", waiting);
+        statuses.update(|s| {
+            s.slots.remove("occ");
+        });
+        // The first taking's `follow`, aborted while running, reports late.
+        statuses.changed("occ", first, waiting);
+        assert!(ready.borrow().subscribed, "a slot given up came back");
+        let second = statuses.taken("occ", waiting);
+        statuses.changed("occ", second, reading);
+        statuses.changed("occ", first, waiting);
+        assert!(
+            ready.borrow().subscribed,
+            "an ended taking's status replaced the current one's"
         );
     }
 

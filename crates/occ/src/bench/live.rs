@@ -33,7 +33,8 @@ pub(super) struct Live {
     /// The rate the publisher reached (it may fall short of the one asked on a busy machine).
     pub published_per_s: f64,
     pub latency: Latencies,
-    /// PostgreSQL's CPU from the first message published to the last probe seen, per message.
+    /// PostgreSQL's CPU from the first message published to the last probe seen, per message,
+    /// but for the watcher's own backend.
     pub pg_cpu_per_message: Duration,
 }
 
@@ -48,17 +49,21 @@ async fn publish_watched(
     rate: u32,
 ) -> anyhow::Result<Live> {
     let sent: Sent = Arc::new(Mutex::new(vec![None; probes]));
-    let watcher = tokio::spawn(watch(
-        db.connect().await?,
-        table,
-        sent.clone(),
-        probes,
-        PATIENCE,
-    ));
+    let mut conn = db.connect().await?;
+    // The watcher's polling is the bench's, not the consumer's: its backend's CPU is left out.
+    let watcher_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut conn)
+        .await?;
+    let watcher_pid = u32::try_from(watcher_pid)?;
+    let watcher = tokio::spawn(watch(conn, table, sent.clone(), probes, PATIENCE));
     let pg_before = super::cpu_of_processes("postgres");
+    let watcher_before = super::cpu_of_pid(watcher_pid);
     let published_per_s = publish_paced(port, messages, rate, sent).await?;
-    let samples = watcher.await.context("watcher")??;
-    let pg_cpu = super::cpu_of_processes("postgres").saturating_sub(pg_before);
+    let (samples, conn) = watcher.await.context("watcher")??;
+    let pg_cpu = super::cpu_of_processes("postgres")
+        .saturating_sub(pg_before)
+        .saturating_sub(super::cpu_of_pid(watcher_pid).saturating_sub(watcher_before));
+    conn.close().await?;
     Ok(Live {
         published_per_s,
         latency: Latencies::of(samples),
@@ -137,14 +142,14 @@ enum Table {
 }
 
 /// Polls until every probe is visible, or `patience` after the last was sent; returns each
-/// probe's time from sent to seen.
+/// probe's time from sent to seen, and the connection.
 async fn watch(
     mut conn: PgConnection,
     table: Table,
     sent: Sent,
     probes: usize,
     patience: Duration,
-) -> anyhow::Result<Vec<Duration>> {
+) -> anyhow::Result<(Vec<Duration>, PgConnection)> {
     let mut seen: Vec<Option<Duration>> = vec![None; probes];
     let mut oldest = 0;
     let mut last_sent_at: Option<Instant> = None;
@@ -191,7 +196,7 @@ async fn watch(
         }
         tokio::time::sleep(POLL).await;
     }
-    Ok(seen.into_iter().flatten().collect())
+    Ok((seen.into_iter().flatten().collect(), conn))
 }
 
 /// How long a consumer may take to show the last probe after it was sent.
