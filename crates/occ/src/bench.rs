@@ -308,18 +308,18 @@ async fn measure(
     });
     rows.push(Row {
         what: "PostgreSQL CPU per message, drain".into(),
-        result: format!("{:.1} µs", drain.pg_cpu.as_secs_f64() * 1e6 / n as f64),
+        result: format!("{:.1} µs", micros(drain.pg_cpu) / n as f64),
         baseline: format!(
             "bare consumer {:.1} µs ({:.2}×); COPY into OCC's tables alone {:.1} µs ({:.2}×)",
-            bare_pg.as_secs_f64() * 1e6 / n as f64,
+            micros(bare_pg) / n as f64,
             drain.pg_cpu.as_secs_f64() / bare_pg.as_secs_f64().max(1e-9),
-            copy_pg.as_secs_f64() * 1e6 / n as f64,
+            micros(copy_pg) / n as f64,
             drain.pg_cpu.as_secs_f64() / copy_pg.as_secs_f64().max(1e-9),
         ),
     });
     rows.push(Row {
         what: "OCC CPU per message, drain".into(),
-        result: format!("{:.1} µs", drain.occ_cpu.as_secs_f64() * 1e6 / n as f64),
+        result: format!("{:.1} µs", micros(drain.occ_cpu) / n as f64),
         baseline: "—".into(),
     });
     rows.push(Row {
@@ -348,11 +348,8 @@ async fn measure(
                 "PostgreSQL CPU per message, drain with {} stored",
                 thousands(stored as f64)
             ),
-            result: format!("{:.1} µs", full.pg_cpu.as_secs_f64() * 1e6 / n as f64),
-            baseline: format!(
-                "empty table {:.1} µs",
-                drain.pg_cpu.as_secs_f64() * 1e6 / n as f64
-            ),
+            result: format!("{:.1} µs", micros(full.pg_cpu) / n as f64),
+            baseline: format!("empty table {:.1} µs", micros(drain.pg_cpu) / n as f64),
         });
         if search {
             eprintln!("searches of the {stored} stored events …");
